@@ -1,0 +1,126 @@
+"""The k-CLIP codebook file: centroids plus everything `tokenize` needs to rebuild the encoder.
+
+One safetensors file (no pickle, nothing executes on load): tensor `centroids` (K, C) float32, and the
+metadata key `tokenkit` holding JSON: format_version, the encoder spec (model, weights id, layer, image size,
+grid, normalisation), the k-means config, the final objective, the cluster sizes, the features store it was
+fitted on, and `sha256` of the centroids' little-endian float32 bytes (the id stores are checked against).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save
+
+from tokenkit.clip_encoder import EncoderSpec
+from tokenkit.errors import CodebookError
+from tokenkit.journal import FORMAT_VERSION, atomic_write_bytes
+
+
+def centroids_sha256(centroids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(centroids, dtype="<f4").tobytes()).hexdigest()
+
+
+@dataclass
+class Codebook:
+    centroids: np.ndarray  # (K, C) float32
+    encoder: EncoderSpec
+    meta: dict  # kmeans config, objective, sizes, fitted_on, backend
+
+    @property
+    def k(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def metric(self) -> str:
+        return self.meta["kmeans"]["metric"]
+
+    @property
+    def sha256(self) -> str:
+        return centroids_sha256(self.centroids)
+
+    @property
+    def token_dtype(self) -> str:
+        return "uint16" if self.k <= 65535 else "int32"  # uint16 holds ids < 2**16
+
+    def header(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "codebook",
+            "encoder": self.encoder.to_dict(),
+            "k": self.k,
+            "dim": self.dim,
+            "sha256": self.sha256,
+            **self.meta,
+        }
+
+    def save(self, path: Path) -> None:
+        data = save({"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)},
+                    metadata={"tokenkit": json.dumps(self.header(), sort_keys=True)})
+        atomic_write_bytes(Path(path), data)
+
+    @classmethod
+    def load(cls, path: Path) -> Codebook:
+        path = Path(path)
+        if not path.is_file():
+            raise CodebookError(f"{path}: codebook not found; build one with 'tokenkit codebook'")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CodebookError(
+                f"{path}: not a safetensors codebook ({e}); pickled or damaged files are refused, "
+                "rebuild it with 'tokenkit codebook'"
+            ) from e
+        if "tokenkit" not in metadata or "centroids" not in tensors:
+            raise CodebookError(f"{path}: safetensors file without tokenkit metadata; build it with 'tokenkit codebook'")
+        header = json.loads(metadata["tokenkit"])
+        if header.get("format_version", 10**9) > FORMAT_VERSION:
+            raise CodebookError(f"{path}: format_version {header.get('format_version')} is newer than this tokenkit")
+        centroids = tensors["centroids"]
+        if centroids_sha256(centroids) != header["sha256"]:
+            raise CodebookError(f"{path}: centroids sha256 does not match its header; the file is damaged, rebuild it")
+        meta = {k: v for k, v in header.items() if k not in ("format_version", "kind", "encoder", "k", "dim", "sha256")}
+        return cls(centroids, EncoderSpec.from_dict(header["encoder"]), meta)
+
+
+def build_codebook(features: Path, out: Path, cfg, device: str | None = None, progress: bool = True) -> Codebook:
+    """`tokenkit codebook`: k-means over a sample of a features store, saved as a codebook file.
+
+    Reads at most k * max_points_per_centroid vectors (float16 on disk -> float32), so memory is bounded by
+    the k-means sample, not by the store.
+    """
+    from tokenkit.features import FeatureStore
+    from tokenkit.kmeans import fit
+
+    cfg.validate()
+    store = FeatureStore.open(features)
+    x = store.sample(cfg.k * cfg.max_points_per_centroid, seed=cfg.seed)  # (M, C) float32
+    if progress:
+        print(f"k-means: {x.shape[0]} x {x.shape[1]} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts")
+    result = fit(x, cfg, device=device)
+    from dataclasses import asdict
+
+    meta = {
+        "kmeans": asdict(cfg),
+        "backend": result.backend,
+        "objective": result.objective,
+        "n_train": int(x.shape[0]),
+        "sizes": result.sizes.tolist(),
+        "fitted_on": {"path": str(Path(features).resolve()), "job": store.manifest["job"]["source"]},
+    }
+    cb = Codebook(result.centroids, store.encoder, meta)
+    cb.save(Path(out))
+    return cb

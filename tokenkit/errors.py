@@ -1,0 +1,32 @@
+"""Errors raised at tokenkit's boundaries.
+
+Each message names the offending value, the file and the fix, on one line, so the CLI can print it as is.
+"""
+
+
+class TokenkitError(Exception):
+    """Base class: a user-facing error that the CLI prints on one line and exits with status 2."""
+
+
+class ConfigError(TokenkitError):
+    """A flag or config value that cannot work (K <= 1, a grid that does not divide the image size, ...)."""
+
+
+class ImageError(TokenkitError):
+    """An image that cannot be decoded or used (truncated, not an image, smaller than the grid, ...)."""
+
+
+class SourceError(TokenkitError):
+    """An image source (folder or tar shards) that cannot be listed or holds hostile / duplicate entries."""
+
+
+class CodebookError(TokenkitError):
+    """A codebook file that is missing, not a safetensors codebook, or does not match the model."""
+
+
+class StoreError(TokenkitError):
+    """A feature or token store that is incomplete, corrupted, of another format version, or of another job."""
+
+
+class MissingDependencyError(TokenkitError):
+    """An optional dependency (faiss) that is not installed."""

@@ -1,0 +1,175 @@
+"""`tokenkit features`: CLIP grid features of an image source, streamed to a float16 zarr store.
+
+Each image's central square is encoded; P = min(G*G, ceil(max_patches / N)) of its G*G patch features,
+chosen by a generator keyed by (seed, key), are kept, so the store holds about `max_patches` vectors for
+k-means without ever holding them in RAM. Store arrays (N rows, source order):
+  features (N, P, C) float16, patch (N, P) int16 grid index of each kept patch, keys (N,) str,
+  status (N,) uint8 (0 stored, 1 skipped).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokenkit.clip_encoder import EncoderSpec, load_encoder
+from tokenkit.errors import ConfigError, ImageError
+from tokenkit.images import list_source
+from tokenkit.journal import FORMAT_VERSION, Journal, shard_ranges
+from tokenkit.loader import ViewDataset, autocast, iter_shard_batches, pick_device
+from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, RowStore, create_arrays, write_shard
+from tokenkit.views import ViewConfig, key_generator
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    max_patches: int = 4_194_304  # the paper fits k-means on ~4.2M patch features
+    shard_size: int = 1024
+    seed: int = 0
+    on_error: str = "skip"  # "skip": list bad images in the manifest; "raise": stop at the first one
+    batch_size: int = 64
+    workers: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        if self.max_patches < 1:
+            raise ConfigError(f"--max-patches {self.max_patches}: must be >= 1")
+        if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ConfigError("--shard-size and --batch-size must be >= 1, --workers >= 0")
+        if self.on_error not in ("skip", "raise"):
+            raise ConfigError(f"--on-error {self.on_error}: choose skip or raise")
+
+    def job_fields(self) -> dict:
+        """The fields that change the output (batch size, workers and device do not)."""
+        d = asdict(self)
+        return {k: d[k] for k in ("max_patches", "shard_size", "seed", "on_error")}
+
+
+def no_barrier() -> None:
+    pass
+
+
+class FeatureStore(RowStore):
+    kind = "features"
+
+    @property
+    def encoder(self) -> EncoderSpec:
+        return EncoderSpec.from_dict(self.manifest["job"]["encoder"])
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["dim"]
+
+    def sample(self, max_points: int, seed: int = 0) -> np.ndarray:
+        """Up to max_points stored feature vectors, (M, C) float32, read shard by shard."""
+        status = self.status()
+        feats = self.group["features"]
+        P = feats.shape[1]
+        ok_rows = np.flatnonzero(status == STATUS_OK)
+        total = len(ok_rows) * P
+        rng = np.random.default_rng(seed)
+        take = np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)
+        rows, cols = ok_rows[take // P], take % P
+        out = np.empty((len(take), feats.shape[2]), dtype=np.float32)
+        S = feats.shards[0]
+        pos = 0
+        for s in range(0, feats.shape[0], S):
+            sel = (rows >= s) & (rows < s + S)
+            if not sel.any():
+                continue
+            block = feats[s : s + S]  # (S, P, C) one whole shard
+            m = int(sel.sum())
+            out[pos : pos + m] = block[rows[sel] - s, cols[sel]]
+            pos += m
+        return out
+
+
+def extract_features(
+    images: str | Path,
+    out: Path,
+    spec: EncoderSpec,
+    cfg: FeaturesConfig = FeaturesConfig(),
+    resume: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = no_barrier,
+    progress: bool = True,
+) -> Path:
+    """Write the features store of `images` to `out` (resumable; ranks split the work shards)."""
+    cfg.validate()
+    out = Path(out)
+    source = list_source(images)
+    n, G = len(source), spec.grid
+    P = min(G * G, math.ceil(cfg.max_patches / n))
+    job = {"job": "features", "encoder": spec.to_dict(), "config": cfg.job_fields(), "source": source.fingerprint()}
+    device = pick_device(cfg.device)
+    encoder = load_encoder(spec, device)
+    C = encoder.dim
+    journal = Journal(out)
+
+    def init():
+        create_arrays(out, n, cfg.shard_size, {
+            "features": ((P, C), "float16"), "patch": ((P,), "int16"), "keys": ((), "str"), "status": ((), "uint8"),
+        })
+
+    complete = journal.begin(job, resume, init) if rank == 0 else None
+    barrier()
+    if complete or journal.is_complete():
+        return out
+    ranges = shard_ranges(n, cfg.shard_size)
+    pending = journal.pending(len(ranges), rank, world)
+    dataset = ViewDataset(source, ViewConfig(1, "center"), spec.image_size, spec.mean, spec.std, min_side=G)
+    todo = [(i, *ranges[i]) for i in pending]
+    bar = tqdm(total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"features[{rank}]")
+    buf = None
+    for sid, items, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers):
+        start, stop = ranges[sid]
+        if buf is None:
+            rows = stop - start
+            buf = {
+                "features": np.zeros((rows, P, C), np.float16), "patch": np.zeros((rows, P), np.int16),
+                "keys": np.asarray(source.keys[start:stop]), "status": np.full(rows, STATUS_SKIPPED, np.uint8),
+                "skipped": [],
+            }
+        ok = [it for it in items if it["error"] is None]
+        for it in items:
+            if it["error"] is not None:
+                if cfg.on_error == "raise":
+                    raise ImageError(f"{it['error']} (or pass --on-error skip)")
+                buf["skipped"].append([source.keys[it["index"]], it["error"]])
+        if ok:
+            x = torch.cat([it["pixels"] for it in ok]).to(device)  # (b, 3, S, S)
+            with autocast(device, cfg.precision):
+                f = encoder(x).float().cpu().numpy()  # (b, G*G, C)
+            for j, it in enumerate(ok):
+                r = it["index"] - start
+                pick = np.sort(key_generator(cfg.seed, source.keys[it["index"]]).choice(G * G, P, replace=False))
+                buf["features"][r] = f[j, pick].astype(np.float16)
+                buf["patch"][r] = pick
+                buf["status"][r] = STATUS_OK
+        bar.update(len(items))
+        if last:
+            skipped = buf.pop("skipped")
+            sums = write_shard(out, sid, start, buf)
+            journal.commit(sid, {"shard": sid, "rows": [start, stop], "ok": int((buf["status"] == 0).sum()),
+                                 "sha256": sums, "skipped": skipped})
+            buf = None
+    bar.close()
+    barrier()
+    if rank == 0:
+        records = journal.records(len(ranges))
+        journal.finish({
+            "format_version": FORMAT_VERSION, "kind": "features", "job": job, "source": source.describe(),
+            "n": n, "n_ok": sum(r["ok"] for r in records), "patches_per_image": P, "dim": C,
+            "shards": [{"rows": r["rows"], "ok": r["ok"], "sha256": r["sha256"]} for r in records],
+            "skipped": [s for r in records for s in r["skipped"]],
+        })
+    barrier()
+    return out

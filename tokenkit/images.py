@@ -1,0 +1,239 @@
+"""Image sources (a folder or webdataset tar shards) and the one image decoder everything shares.
+
+A source is listed once into a `SampleIndex`: for every sample a stable key, an integer label (-1 when
+unlabelled) and a locator that reads its bytes back without scanning: a path relative to the folder, or
+`tar_index:offset:size` inside one of the listed tars. The index order is the sorted order of the source,
+so every job and every rank sees the same rows.
+
+`decode_image` is used by tokenize and by the trainer alike: the pixels a view is rendered from must be the
+same in both, so there is exactly one decoder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tokenkit.errors import ImageError, SourceError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+# Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    """The listed samples of a source. `root` is the folder, or `tars` the shard paths (absolute)."""
+
+    kind: str  # "folder" | "tars"
+    root: str
+    tars: tuple[str, ...]
+    keys: tuple[str, ...]
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    locators: tuple[str, ...]
+    classes: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def fingerprint(self) -> dict:
+        """What a resumed job must find unchanged: the kind, the count and a hash of keys and locators."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, loc in zip(self.keys, self.locators, strict=True):
+            h.update(f"{k}\0{loc}\n".encode())
+        return {"kind": self.kind, "n": len(self.keys), "sha256": h.hexdigest()}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "root": self.root, "tars": list(self.tars), "classes": list(self.classes)}
+
+    def read_bytes(self, i: int) -> bytes:
+        return read_locator(self.kind, self.root, self.tars, self.locators[i])
+
+
+def read_locator(kind: str, root: str, tars: tuple[str, ...] | list[str], locator: str) -> bytes:
+    if kind == "folder":
+        return (Path(root) / locator).read_bytes()
+    t, offset, size = (int(x) for x in locator.split(":"))
+    with open(tars[t], "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise ImageError(f"{tars[t]}: member at offset {offset} is truncated; re-create the shard")
+    return data
+
+
+def sanitize_key(stem: str) -> str:
+    """webdataset groups members by the basename up to its first dot: dots in a key would split a sample."""
+    head, _, base = stem.rpartition("/")
+    base = base.replace(".", "_")
+    return f"{head}/{base}" if head else base
+
+
+def check_member_name(name: str, where: str) -> None:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise SourceError(f"{where}: member '{name}' has an absolute or '..' path; the archive is hostile, remove it")
+
+
+def list_folder(root: Path) -> SampleIndex:
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a folder; pass an image folder or tar shards")
+    files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    )
+    if not files:
+        raise SourceError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found; pass a folder of images")
+    # class sub-folders give integer labels only when every image sits in one
+    labelled = all("/" in f for f in files)
+    classes = tuple(sorted({f.split("/", 1)[0] for f in files})) if labelled else ()
+    cls_idx = {c: i for i, c in enumerate(classes)}
+    keys, labels, seen = [], [], {}
+    for f in files:
+        key = sanitize_key(f.rsplit(".", 1)[0])
+        if key in seen:
+            raise SourceError(f"{root}: '{f}' and '{seen[key]}' map to the same key '{key}'; rename one of them")
+        seen[key] = f
+        keys.append(key)
+        labels.append(cls_idx[f.split("/", 1)[0]] if labelled else -1)
+    return SampleIndex(
+        "folder", str(root), (), tuple(keys), np.asarray(labels, dtype=np.int64), tuple(files), classes
+    )
+
+
+def expand_tars(spec: str) -> list[str]:
+    paths = [str(Path(p).resolve()) for p in braceexpand(spec)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SourceError(f"{missing[0]}: tar shard not found ({len(missing)} missing); check the path or pattern")
+    return paths
+
+
+def list_tars(spec: str) -> SampleIndex:
+    """List webdataset shards: members grouped by key (path up to the basename's first dot).
+
+    The image is the member with an image extension; `cls` (a decimal integer) gives the label.
+    """
+    tars = expand_tars(spec)
+    keys, labels, locators, seen = [], [], [], {}
+    for t, path in enumerate(tars):
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    check_member_name(m.name, path)
+                    d, _, base = m.name.rpartition("/")
+                    if "." not in base:
+                        continue
+                    stem, ext = base.split(".", 1)
+                    key = f"{d}/{stem}" if d else stem
+                    if key not in groups:
+                        groups[key] = {}
+                        order.append(key)
+                    if ext in groups[key]:
+                        raise SourceError(f"{path}: duplicate member '{m.name}' (key '{key}'); fix the shard")
+                    groups[key][ext.lower()] = m
+                cls_vals = {}
+                for key in order:
+                    if "cls" in groups[key]:
+                        m = groups[key]["cls"]
+                        raw = tf.extractfile(m).read().decode().strip()
+                        try:
+                            cls_vals[key] = int(raw)
+                        except ValueError as e:
+                            raise SourceError(f"{path}: '{m.name}' holds '{raw}', not an integer label") from e
+        except tarfile.TarError as e:
+            raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from e
+        for key in order:
+            img = next((m for e, m in groups[key].items() if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
+            if img is None:
+                continue
+            if key in seen:
+                raise SourceError(f"{path}: key '{key}' also appears in {seen[key]}; keys must be unique")
+            seen[key] = path
+            keys.append(key)
+            labels.append(cls_vals.get(key, -1))
+            locators.append(f"{t}:{img.offset_data}:{img.size}")
+    if not keys:
+        raise SourceError(f"{spec}: the shards hold no images; pass webdataset shards with image members")
+    n_cls = max(labels) + 1 if max(labels) >= 0 else 0
+    return SampleIndex(
+        "tars", "", tuple(tars), tuple(keys), np.asarray(labels, dtype=np.int64), tuple(locators),
+        tuple(str(i) for i in range(n_cls)),
+    )
+
+
+def list_source(spec: str | Path) -> SampleIndex:
+    """A folder path, or one tar path / brace pattern of tar paths."""
+    s = str(spec)
+    if s.endswith(".tar") or "{" in s:
+        return list_tars(s)
+    return list_folder(Path(s))
+
+
+def source_from_manifest(desc: dict, keys, labels, locators) -> SampleIndex:
+    return SampleIndex(
+        desc["kind"], desc["root"], tuple(desc["tars"]), tuple(keys), np.asarray(labels), tuple(locators),
+        tuple(desc.get("classes", ())),
+    )
+
+
+def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 1) -> Image.Image:
+    """Decode image bytes into an RGB PIL image, the same way everywhere.
+
+    EXIF orientation is applied; 16-bit and 32-bit grey are scaled (not clipped) to 8 bits; palette and
+    alpha images are composited over white; CMYK is converted by Pillow. Images larger than Pillow's
+    decompression-bomb limit, or with a side below `min_side`, raise ImageError.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file; remove it or re-download it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{name}: {img.width}x{img.height} pixels exceeds the decompression-bomb limit")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: not a usable image ({e}); remove or replace the file") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: truncated or corrupt image ({e}); remove or replace the file") from e
+    img = to_rgb(img)
+    if min(img.size) < min_side:
+        raise ImageError(f"{name}: {img.width}x{img.height} is smaller than the {min_side}-pixel minimum side")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img

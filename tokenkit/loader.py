@@ -1,0 +1,88 @@
+"""Decoding and rendering views in DataLoader workers, batched within work shards.
+
+Batches never cross a work shard, so a shard's results are complete as soon as its last batch arrives and
+every shard is computed from the same batches however many shards or ranks the job has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tokenkit.errors import ConfigError, ImageError
+from tokenkit.images import SampleIndex, decode_image
+from tokenkit.views import ViewConfig, draw_views, render_view, to_tensor
+
+
+class ViewDataset(Dataset):
+    """Item i: the V rendered views of source sample i, or the reason it was skipped.
+
+    Returns a dict: index, error (str or None), pixels (V, 3, S, S) float32, views (V, 5) int32,
+    and data (the original bytes) when keep_bytes.
+    """
+
+    def __init__(self, source: SampleIndex, views: ViewConfig, size: int, mean, std, min_side: int,
+                 keep_bytes: bool = False):
+        self.source, self.views, self.size, self.mean, self.std = source, views, size, mean, std
+        self.min_side, self.keep_bytes = min_side, keep_bytes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        name = self.source.locators[i] if self.source.kind == "folder" else f"{self.source.keys[i]} (tar)"
+        try:
+            data = self.source.read_bytes(i)
+            img = decode_image(data, name, self.min_side)
+        except (ImageError, OSError) as e:
+            return {"index": i, "error": str(e).splitlines()[0]}
+        views = draw_views(self.views, self.source.keys[i], img.width, img.height)  # (V, 5)
+        pixels = torch.stack([to_tensor(render_view(img, v, self.size), self.mean, self.std) for v in views])
+        item = {"index": i, "error": None, "pixels": pixels, "views": views}  # pixels (V, 3, S, S)
+        if self.keep_bytes:
+            item["data"] = data
+        return item
+
+
+def _as_list(batch):
+    return batch
+
+
+def iter_shard_batches(
+    dataset: ViewDataset, shards: list[tuple[int, int, int]], batch_size: int, workers: int
+) -> Iterator[tuple[int, list[dict], bool]]:
+    """Yield (shard id, items of one batch, is_last_batch_of_shard) over shards [(id, start, stop)] in order."""
+    plan = []  # (shard id, indices, last)
+    for sid, start, stop in shards:
+        for s in range(start, stop, batch_size):
+            plan.append((sid, list(range(s, min(s + batch_size, stop))), s + batch_size >= stop))
+    if not plan:
+        return
+    loader = DataLoader(
+        dataset, batch_sampler=[p[1] for p in plan], num_workers=workers, collate_fn=_as_list,
+        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+    )
+    for (sid, _, last), items in zip(plan, loader, strict=True):
+        yield sid, items, last
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible; pass --device cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA (the default there is bf16), plain fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise ConfigError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
