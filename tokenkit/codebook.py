@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from tokenkit.clip_encoder import EncoderSpec
 from tokenkit.errors import CodebookError
+from tokenkit.features import FeatureStore
 from tokenkit.journal import FORMAT_VERSION, atomic_write_bytes
+from tokenkit.kmeans import KMeansConfig, fit
 
 
 def centroids_sha256(centroids: np.ndarray) -> str:
@@ -74,8 +76,6 @@ class Codebook:
         if not path.is_file():
             raise CodebookError(f"{path}: codebook not found; build one with 'tokenkit codebook'")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="numpy") as f:
                 metadata = f.metadata() or {}
             tensors = load_file(str(path))
@@ -96,23 +96,18 @@ class Codebook:
         return cls(centroids, EncoderSpec.from_dict(header["encoder"]), meta)
 
 
-def build_codebook(features: Path, out: Path, cfg, device: str | None = None, progress: bool = True) -> Codebook:
+def build_codebook(features: Path, out: Path, cfg: KMeansConfig, device: str | None = None, progress: bool = True) -> Codebook:
     """`tokenkit codebook`: k-means over a sample of a features store, saved as a codebook file.
 
     Reads at most k * max_points_per_centroid vectors (float16 on disk -> float32), so memory is bounded by
     the k-means sample, not by the store.
     """
-    from tokenkit.features import FeatureStore
-    from tokenkit.kmeans import fit
-
     cfg.validate()
     store = FeatureStore.open(features)
     x = store.sample(cfg.k * cfg.max_points_per_centroid, seed=cfg.seed)  # (M, C) float32
     if progress:
         print(f"k-means: {x.shape[0]} x {x.shape[1]} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts")
     result = fit(x, cfg, device=device)
-    from dataclasses import asdict
-
     meta = {
         "kmeans": asdict(cfg),
         "backend": result.backend,

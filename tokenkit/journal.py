@@ -116,7 +116,7 @@ class Journal:
             return False
         if self.out.exists() and any(self.out.iterdir()):
             # a job killed while initialising leaves arrays but no _job.json: start it again
-            if not (resume and (self.out / "zarr.json").exists()):
+            if not (resume and any((self.out / m).exists() for m in ("zarr.json", "codebook.safetensors"))):
                 raise StoreError(f"{self.out}: folder is not empty and holds no tokenkit job; choose an empty folder")
         self.out.mkdir(parents=True, exist_ok=True)
         init()

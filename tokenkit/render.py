@@ -1,0 +1,57 @@
+"""`tokenkit show`: one stored image with its token map drawn over each of its views, as a PNG."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tokenkit.store import TokenStore
+from tokenkit.views import render_view
+
+
+def code_color(code: int) -> tuple[int, int, int]:
+    """A stable, well-spread colour per token id (the same id is the same colour in every picture)."""
+    h = hashlib.blake2b(int(code).to_bytes(4, "little"), digest_size=3).digest()
+    return tuple(64 + b % 192 for b in h)
+
+
+def token_overlay(view_img: Image.Image, tokens: np.ndarray, alpha: float = 0.45, labels: bool = True) -> Image.Image:
+    """view_img (S, S) RGB, tokens (G, G) -> the view with one coloured, labelled cell per token."""
+    G = tokens.shape[0]
+    S = view_img.width
+    cell = S / G
+    layer = Image.new("RGB", view_img.size)
+    draw = ImageDraw.Draw(layer)
+    for r in range(G):
+        for c in range(G):
+            box = (round(c * cell), round(r * cell), round((c + 1) * cell) - 1, round((r + 1) * cell) - 1)
+            draw.rectangle(box, fill=code_color(tokens[r, c]))
+    out = Image.blend(view_img, layer, alpha)
+    if labels and cell >= 18:
+        d = ImageDraw.Draw(out)
+        for r in range(G):
+            for c in range(G):
+                d.text((c * cell + 2, r * cell + 2), str(int(tokens[r, c])), fill=(0, 0, 0))
+    return out
+
+
+def show(store: TokenStore, key: str, out: Path, size: int = 224, source_root: str | None = None) -> Path:
+    """Write a PNG: for each stored view of `key`, the rendered view and the view with its tokens."""
+    pos = store.index_of(key)
+    sample = store.read([pos])
+    img = store.image(pos, source_root)
+    views, tokens = sample["views"][0], sample["tokens"][0]  # (V, 5), (V, G, G)
+    V = len(views)
+    sheet = Image.new("RGB", (2 * size + 12, V * (size + 6) + 6), (255, 255, 255))
+    for v in range(V):
+        view = render_view(img, views[v], size)
+        y = 6 + v * (size + 6)
+        sheet.paste(view, (4, y))
+        sheet.paste(token_overlay(view, tokens[v]), (size + 8, y))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out

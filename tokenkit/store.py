@@ -1,0 +1,199 @@
+"""Reading a token store: tokens + views (+ image) by index or key, in blocks; verify; statistics.
+
+A store is the folder `tokenkit tokenize` wrote: manifest.json, codebook.safetensors, the zarr arrays
+(tokens (N, V, G, G), views (N, V, 5), labels, keys, locators, status) and/or wds/shard-*.tar.
+Positions 0..len-1 address the stored (not skipped) rows in source order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tokenkit.codebook import Codebook
+from tokenkit.errors import CodebookError, StoreError, TokenkitError
+from tokenkit.images import decode_image, read_locator
+from tokenkit.rowstore import STATUS_OK, RowStore
+from tokenkit.wds import iter_tar
+
+
+class TokenStore(RowStore):
+    kind = "tokens"
+
+    def __init__(self, root: Path, manifest: dict):
+        super().__init__(root, manifest)
+        self._rows = None
+        self._key_index = None
+        self._codebook = None
+
+    @property
+    def has_zarr(self) -> bool:
+        return "zarr" in self.manifest["formats"]
+
+    @property
+    def grid(self) -> int:
+        return self.manifest["grid"]
+
+    @property
+    def num_views(self) -> int:
+        return self.manifest["num_views"]
+
+    @property
+    def k(self) -> int:
+        return self.manifest["codebook"]["k"]
+
+    @property
+    def codebook_sha256(self) -> str:
+        return self.manifest["codebook"]["sha256"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["source"]["classes"]
+
+    @property
+    def codebook(self) -> Codebook:
+        if self._codebook is None:
+            self._codebook = Codebook.load(self.root / self.manifest["codebook"]["file"])
+        return self._codebook
+
+    def tar_paths(self) -> list[Path]:
+        return [self.root / s["tar"]["path"] for s in self.manifest["shards"] if "tar" in s]
+
+    def _need_zarr(self):
+        if not self.has_zarr:
+            raise StoreError(f"{self.root}: this store has only wds shards; stream them or re-run tokenize --format zarr")
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(len,) int64 source rows of the stored samples."""
+        if self._rows is None:
+            self._need_zarr()
+            self._rows = np.flatnonzero(self.status() == STATUS_OK)
+        return self._rows
+
+    def __len__(self) -> int:
+        return self.manifest["n_ok"]
+
+    def read(self, positions) -> dict:
+        """Read a block of stored samples by position.
+
+        Returns tokens (b, V, G, G) int64, views (b, V, 5) int32, labels (b,) int64, keys list[str],
+        in the order of `positions`. Rows are fetched with one sorted orthogonal read per array.
+        """
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
+            raise IndexError(f"positions out of range [0, {len(self)})")
+        rows = self.rows[pos]
+        uniq, inv = np.unique(rows, return_inverse=True)
+        g = self.group
+        out = {name: g[name].get_orthogonal_selection((uniq,))[inv] for name in ("tokens", "views", "labels", "keys")}
+        out["tokens"] = out["tokens"].astype(np.int64)  # embeddings index with int64; uint16 is the disk dtype
+        out["keys"] = [str(k) for k in out["keys"]]
+        return out
+
+    def index_of(self, key: str) -> int:
+        if self._key_index is None:
+            self._need_zarr()
+            keys = self.group["keys"].get_orthogonal_selection((self.rows,))
+            self._key_index = {str(k): i for i, k in enumerate(keys)}
+        try:
+            return self._key_index[key]
+        except KeyError:
+            raise StoreError(f"{self.root}: no stored sample with key '{key}'") from None
+
+    def image_bytes(self, position: int, source_root: str | None = None) -> bytes:
+        """The original image bytes, read from the source the store records (or `source_root`)."""
+        row = int(self.rows[position])
+        loc = str(self.group["locators"][row])
+        src = self.manifest["source"]
+        root = source_root or src["root"]
+        try:
+            return read_locator(src["kind"], root, src["tars"], loc)
+        except OSError as e:
+            raise StoreError(f"{root}: cannot read source image '{loc}' ({e}); pass the moved source folder") from e
+
+    def image(self, position: int, source_root: str | None = None):
+        return decode_image(self.image_bytes(position, source_root), f"{self.root}[{position}]")
+
+    def check_compatible(self, codebook_sha256: str | None = None, k: int | None = None, grid: int | None = None,
+                         num_views: int | None = None) -> None:
+        """Refuse a store whose codebook, K, grid or views differ from what the caller was configured for."""
+        for name, want, have in (("codebook sha256", codebook_sha256, self.codebook_sha256), ("K", k, self.k),
+                                 ("grid", grid, self.grid), ("views", num_views, self.num_views)):
+            if want is not None and want != have:
+                raise StoreError(f"{self.root}: store {name} {have} != expected {want}; "
+                                 "tokenize with the matching codebook or change the run's config")
+
+    def stats(self) -> dict:
+        """What `tokenkit inspect` prints: counts, codebook usage, labels, shards."""
+        counts = np.asarray(self.manifest["code_counts"], dtype=np.float64)
+        total = counts.sum()
+        p = counts[counts > 0] / max(total, 1)
+        label_counts = self.manifest["label_counts"]
+        labels = {"unlabelled": label_counts[0]} if label_counts[0] else {}
+        names = self.classes or [str(i) for i in range(len(label_counts) - 1)]
+        labels.update({names[i]: c for i, c in enumerate(label_counts[1:])})
+        return {
+            "path": str(self.root), "format_version": self.manifest["format_version"],
+            "formats": self.manifest["formats"], "images": len(self), "source_images": self.manifest["n"],
+            "skipped": len(self.manifest["skipped"]), "views": self.num_views, "grid": self.grid, "k": self.k,
+            "token_dtype": self.manifest["token_dtype"], "codebook_sha256": self.codebook_sha256,
+            "encoder": self.manifest["job"]["encoder"]["model"],
+            "codebook_usage": {
+                "used_codes": int((counts > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+                "largest_cluster_share": float(counts.max() / max(total, 1)),
+            },
+            "labels": labels, "shards": len(self.manifest["shards"]),
+        }
+
+
+def verify(path: Path) -> list[str]:
+    """Every problem found in the store at `path`, one line each (empty when it is sound).
+
+    Recomputes every shard file's sha256, re-reads each tar (keys, counts), checks the codebook against the
+    manifest, the per-shard counts, and key uniqueness.
+    """
+    try:
+        store = TokenStore.open(path)
+    except TokenkitError as e:
+        return [str(e)]
+    problems = store.verify_files()
+    try:
+        if store.codebook.sha256 != store.codebook_sha256:
+            problems.append(f"{store.root}/codebook.safetensors: sha256 {store.codebook.sha256} != manifest "
+                            f"{store.codebook_sha256}; the store and its codebook do not match")
+    except CodebookError as e:
+        problems.append(str(e))
+    if problems:
+        return problems  # content checks below assume the files are intact
+    m = store.manifest
+    if store.has_zarr:
+        status = store.status()
+        for i, shard in enumerate(m["shards"]):
+            s, e = shard["rows"]
+            if int((status[s:e] == STATUS_OK).sum()) != shard["ok"]:
+                problems.append(f"{store.root}: shard {i} holds {(status[s:e] == 0).sum()} samples, manifest says {shard['ok']}")
+        keys = store.group["keys"][:]
+        uniq, counts = np.unique(keys, return_counts=True)
+        if (counts > 1).any():
+            problems.append(f"{store.root}/keys: duplicated key '{uniq[counts > 1][0]}'")
+    seen = set()
+    for i, shard in enumerate(m["shards"]):
+        if "tar" not in shard:
+            continue
+        p = store.root / shard["tar"]["path"]
+        try:
+            n = 0
+            for sample in iter_tar(p):
+                n += 1
+                if sample["key"] in seen:
+                    problems.append(f"{p}: key '{sample['key']}' also appears in an earlier shard")
+                seen.add(sample["key"])
+                if sample["tokens"].max(initial=0) >= store.k:
+                    problems.append(f"{p}: sample '{sample['key']}' has token ids >= K={store.k}")
+            if n != shard["tar"]["samples"]:
+                problems.append(f"{p}: {n} samples, manifest says {shard['tar']['samples']}")
+        except TokenkitError as e:
+            problems.append(str(e))
+    return problems

@@ -1,0 +1,106 @@
+"""webdataset shards of the token cache: deterministic tar writing and a plain-generator reader.
+
+Each sample is two members sharing the key: `{key}.{ext}`, the original image bytes, and `{key}.tokens.npy`,
+one numpy record (structured dtype, no pickle) with fields tokens (V, G, G) uint16|int32, views (V, 5)
+int32 and label int64. One record member instead of three keeps the per-sample tar padding to two headers.
+Tars are written with fixed mtime/owner so the same samples always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from tokenkit.errors import SourceError, StoreError
+from tokenkit.images import check_member_name
+from tokenkit.journal import atomic_write_bytes
+
+TOKENS_EXT = "tokens.npy"
+
+
+def record_dtype(num_views: int, grid: int, token_dtype: str) -> np.dtype:
+    return np.dtype([("tokens", token_dtype, (num_views, grid, grid)), ("views", "<i4", (num_views, 5)), ("label", "<i8")])
+
+
+def pack_record(tokens: np.ndarray, views: np.ndarray, label: int) -> bytes:
+    V, G, _ = tokens.shape
+    rec = np.zeros((), dtype=record_dtype(V, G, tokens.dtype.str))
+    rec["tokens"], rec["views"], rec["label"] = tokens, views, label
+    buf = io.BytesIO()
+    np.save(buf, rec, allow_pickle=False)
+    return buf.getvalue()
+
+
+def unpack_record(data: bytes, name: str = "<record>") -> dict:
+    try:
+        rec = np.load(io.BytesIO(data), allow_pickle=False)
+        return {"tokens": rec["tokens"], "views": rec["views"], "label": int(rec["label"])}
+    except (ValueError, OSError, KeyError) as e:
+        raise StoreError(f"{name}: not a tokenkit token record ({e}); the shard is damaged") from e
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of (name, data) members with fixed metadata: identical input gives identical bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data), 0, 0o644, 0, 0, "", "")
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict]) -> None:
+    """samples: dicts with key, ext, data (image bytes), record (packed). Written atomically."""
+    members = []
+    for s in samples:
+        members.append((f"{s['key']}.{s['ext']}", s["data"]))
+        members.append((f"{s['key']}.{TOKENS_EXT}", s["record"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, tar_bytes(members))
+
+
+def iter_tar(path: Path | str) -> Iterator[dict]:
+    """Yield samples {key, ext, data, tokens, views, label} of one token shard, in order.
+
+    Members with absolute or '..' paths are refused; a key seen twice in the shard is an error.
+    """
+    path = str(path)
+    seen, cur = set(), None
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                check_member_name(m.name, path)
+                d, _, base = m.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                key = f"{d}/{stem}" if d else stem
+                data = tf.extractfile(m).read()
+                if cur is not None and cur["key"] != key:
+                    yield _finish(cur, path)
+                    cur = None
+                if cur is None:
+                    if key in seen:
+                        raise SourceError(f"{path}: duplicate key '{key}'; the shard is damaged, re-run tokenize")
+                    seen.add(key)
+                    cur = {"key": key}
+                if ext == TOKENS_EXT:
+                    cur.update(unpack_record(data, f"{path}:{m.name}"))
+                else:
+                    cur["ext"], cur["data"] = ext, data
+            if cur is not None:
+                yield _finish(cur, path)
+    except tarfile.TarError as e:
+        raise StoreError(f"{path}: truncated or not a tar ({e}); the shard is damaged, re-run tokenize") from e
+
+
+def _finish(sample: dict, path: str) -> dict:
+    if "tokens" not in sample or "data" not in sample:
+        raise StoreError(f"{path}: sample '{sample['key']}' lacks its image or its tokens; the shard is damaged")
+    return sample
