@@ -21,8 +21,10 @@ from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.kmeans import KMeansConfig
 from tokenkit.presets import PRESETS
 from tokenkit.render import show as show_tokens
-from tokenkit.store import TokenStore, verify as verify_store
-from tokenkit.tokenize import TokenizeConfig, tokenize as tokenize_images
+from tokenkit.store import TokenStore
+from tokenkit.store import verify as verify_store
+from tokenkit.tokenize import TokenizeConfig
+from tokenkit.tokenize import tokenize as tokenize_images
 from tokenkit.views import ViewConfig
 
 PATH = click.Path(path_type=Path)

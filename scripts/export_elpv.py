@@ -46,7 +46,7 @@ def main() -> None:
         return
     images, probs, types = load_dataset()  # (N, 300, 300) uint8, (N,) float, (N,) str
     defect = np.rint(probs * 3).astype(int)  # 0, 1, 2, 3 = probability 0, 1/3, 2/3, 1
-    strata = np.array([f"{t}-{d}" for t, d in zip(types, defect)])
+    strata = np.array([f"{t}-{d}" for t, d in zip(types, defect, strict=True)])
     keep = np.ones(len(images), dtype=bool)
     if args.limit is not None:
         keep[:] = False

@@ -98,6 +98,7 @@ class Journal:
         only once it is fully initialised. A folder that holds another job, or an unfinished job without
         `resume`, is refused.
         """
+        spec = json.loads(json.dumps(spec))  # compare as stored: tuples become lists
         if self.manifest_path.exists():
             manifest = read_json(self.manifest_path)
             if manifest.get("job") != spec:
@@ -113,6 +114,8 @@ class Journal:
                 )
             if not resume:
                 raise StoreError(f"{self.out}: holds an unfinished job; pass --resume to continue it")
+            for tmp in self.out.rglob(".*.tmp-*"):  # torn writes of the killed run; never valid
+                tmp.unlink()
             return False
         if self.out.exists() and any(self.out.iterdir()):
             # a job killed while initialising leaves arrays but no _job.json: start it again

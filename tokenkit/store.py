@@ -179,7 +179,7 @@ def verify(path: Path) -> list[str]:
         if (counts > 1).any():
             problems.append(f"{store.root}/keys: duplicated key '{uniq[counts > 1][0]}'")
     seen = set()
-    for i, shard in enumerate(m["shards"]):
+    for shard in m["shards"]:
         if "tar" not in shard:
             continue
         p = store.root / shard["tar"]["path"]

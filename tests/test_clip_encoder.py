@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from tokenkit.clip_encoder import load_encoder, resolve_spec
+from tokenkit.errors import ConfigError
+
+
+@pytest.mark.parametrize("model,grid,size,dim", [("tokenkit-tiny-vit", 4, 64, 96), ("tokenkit-tiny-rn", 3, 96, 256)])
+def test_grid_features_shape_and_determinism(model, grid, size, dim):
+    spec = resolve_spec(model, "none", grid=grid, seed=3)
+    assert spec.image_size == size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    f1 = load_encoder(spec)(x)
+    f2 = load_encoder(spec)(x)  # a second build from the same spec: same seeded weights
+    assert f1.shape == (2, grid * grid, dim) and f1.dtype == torch.float32
+    assert torch.equal(f1, f2)
+    other = load_encoder(resolve_spec(model, "none", grid=grid, seed=4))(x)
+    assert not torch.allclose(f1, other)
+
+
+def test_vit_features_are_patch_tokens_of_the_chosen_block():
+    spec = resolve_spec("tokenkit-tiny-vit", "none", grid=4, layer=0)
+    enc = load_encoder(spec)
+    x = torch.randn(1, 3, 64, 64)
+    full = resolve_spec("tokenkit-tiny-vit", "none", grid=4)  # last block (1)
+    assert spec.layer == 0 and full.layer == 1
+    assert not torch.allclose(enc(x), load_encoder(full)(x))
+    # the CLS token is dropped and the grid is row-major: 16 tokens
+    assert enc(x).shape == (1, 16, 96)
+
+
+def test_image_size_and_grid_must_agree():
+    with pytest.raises(ConfigError, match="--image-size 100 with --grid 4.*--image-size 64"):
+        resolve_spec("tokenkit-tiny-vit", "none", grid=4, image_size=100)
+    with pytest.raises(ConfigError, match="RN50x64 has stride 32"):
+        resolve_spec("RN50x64", "none", grid=14, image_size=224)
+    assert resolve_spec("RN50x64", "none", grid=14, image_size=448).image_size == 448
+
+
+def test_bad_model_layer_and_checkpoint():
+    with pytest.raises(ConfigError, match="unknown open_clip model"):
+        resolve_spec("no-such-model", "none")
+    with pytest.raises(ConfigError, match="has 2 blocks"):
+        resolve_spec("tokenkit-tiny-vit", "none", grid=4, layer=5)
+    with pytest.raises(ConfigError, match="checkpoint not found"):
+        resolve_spec("tokenkit-tiny-vit", "/nonexistent/clip.pt", grid=4)
+
+
+def test_local_checkpoint_is_loaded_and_fingerprinted(tmp_path):
+    import open_clip
+
+    torch.manual_seed(7)
+    model = open_clip.create_model("tokenkit-tiny-vit", pretrained=None)
+    ckpt = tmp_path / "clip.pt"
+    torch.save(model.state_dict(), ckpt)
+    spec = resolve_spec("tokenkit-tiny-vit", str(ckpt), grid=4)
+    assert spec.weights_id.startswith("sha256:")
+    x = torch.randn(1, 3, 64, 64)
+    ref = model.visual.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")
+    assert torch.allclose(load_encoder(spec)(x), ref["image_intermediates"][0], atol=1e-6)
+    torch.save({k: v + 1 for k, v in model.state_dict().items()}, ckpt)  # the file changed under the spec
+    with pytest.raises(ConfigError, match="differ from the recorded"):
+        load_encoder(spec)

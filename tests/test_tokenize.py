@@ -1,0 +1,178 @@
+"""tokenize: tokens are the nearest centroids of the stored views' features; zarr == wds; resumable; ranks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenkit.clip_encoder import load_encoder
+from tokenkit.codebook import Codebook
+from tokenkit.errors import CodebookError, StoreError
+from tokenkit.images import decode_image
+from tokenkit.store import TokenStore, verify
+from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.views import ViewConfig, render_view, to_tensor
+from tokenkit.wds import iter_tar
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = TokenizeConfig(views=ViewConfig(views=3, mode="random", seed=1), format="both", shard_size=4, workers=0,
+                     batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, photos, codebook_path):
+    out = tmp_path_factory.mktemp("tok") / "store"
+    tokenize(photos, codebook_path, out, CFG, progress=False)
+    return out
+
+
+def brute_tokens(img, views, cb: Codebook) -> np.ndarray:
+    """Render each view alone, encode it alone, nearest centroid by float64 brute force: (V, G, G)."""
+    enc = load_encoder(cb.encoder)
+    spec = cb.encoder
+    out = []
+    for v in views:
+        x = to_tensor(render_view(img, v, spec.image_size), spec.mean, spec.std)[None]  # (1, 3, S, S)
+        f = enc(x)[0].double().numpy()  # (G*G, C)
+        d2 = ((f[:, None, :] - cb.centroids[None].astype(np.float64)) ** 2).sum(-1)  # (G*G, K)
+        out.append(d2.argmin(1).reshape(spec.grid, spec.grid))
+    return np.stack(out)
+
+
+def test_stored_views_retokenize_to_stored_tokens(store_path):
+    store = TokenStore.open(store_path)
+    assert len(store) == 12 and store.num_views == 3 and store.grid == 4
+    for pos in (0, 5, 11):
+        s = store.read([pos])
+        img = store.image(pos)
+        views = s["views"][0]
+        assert (views[:, 2] > 0).all() and (views[:, 0] + views[:, 2] <= img.width).all()
+        assert np.array_equal(s["tokens"][0], brute_tokens(img, views, store.codebook))
+
+
+def test_views_are_keyed_by_seed_and_key_and_center_view_is_the_central_square(tmp_path, photos, codebook_path):
+    a = TokenStore.open(tokenize(photos, codebook_path, tmp_path / "a", TokenizeConfig(
+        views=ViewConfig(views=1, mode="center"), shard_size=5, workers=0), progress=False))
+    r = a.read(np.arange(len(a)))
+    for i in range(len(a)):
+        img = a.image(i)
+        side = min(img.size)
+        assert tuple(r["views"][i, 0]) == ((img.width - side) // 2, (img.height - side) // 2, side, side, 0)
+
+
+def test_zarr_and_wds_hold_identical_tokens(store_path):
+    store = TokenStore.open(store_path)
+    z = store.read(np.arange(len(store)))
+    from_wds = [s for p in store.tar_paths() for s in iter_tar(p)]
+    assert [s["key"] for s in from_wds] == z["keys"]
+    for i, s in enumerate(from_wds):
+        assert np.array_equal(s["tokens"], z["tokens"][i]) and s["tokens"].dtype == np.uint16
+        assert np.array_equal(s["views"], z["views"][i]) and s["label"] == z["labels"][i]
+        assert s["data"] == store.image_bytes(i)  # the original bytes travel with the tokens
+        assert decode_image(s["data"]).size == store.image(i).size
+
+
+def test_read_by_key_blocks_and_labels(store_path):
+    store = TokenStore.open(store_path)
+    keys = store.read(np.arange(len(store)))["keys"]
+    assert store.index_of("odd/chelsea") == keys.index("odd/chelsea")
+    block = store.read([7, 2, 7])
+    assert block["keys"] == [keys[7], keys[2], keys[7]] and block["tokens"].dtype == np.int64
+    assert set(block["labels"].tolist()) <= {0, 1}
+    assert store.stats()["labels"] == {"even": 6, "odd": 6}
+    with pytest.raises(StoreError, match="no stored sample with key"):
+        store.index_of("missing")
+
+
+def test_codebook_of_another_model_is_refused(tmp_path, photos, codebook_path):
+    cb = Codebook.load(codebook_path)
+    bad = Codebook(np.zeros((16, 10), np.float32), cb.encoder, cb.meta)
+    bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(CodebookError, match="dim 10 but tokenkit-tiny-vit gives 96-d"):
+        tokenize(photos, tmp_path / "bad.safetensors", tmp_path / "out", CFG, progress=False)
+
+
+def test_output_folder_holding_another_store_is_refused(tmp_path, photos, codebook_path, store_path):
+    with pytest.raises(StoreError, match="different job"):
+        tokenize(photos, codebook_path, store_path, TokenizeConfig(shard_size=4, workers=0), progress=False)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        tokenize(photos, codebook_path, tmp_path / "x", CFG, progress=False)
+    # the same job again is a no-op on a complete store
+    assert tokenize(photos, codebook_path, store_path, CFG, progress=False) == store_path
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+KILLER = """
+import os, signal, sys
+import tokenkit.journal as j
+from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.views import ViewConfig
+n = int(sys.argv[4]); calls = [0]
+real = j.atomic_write_bytes
+def dying(path, data):
+    calls[0] += 1
+    if calls[0] == n:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f: f.write(data[: len(data) // 2])  # a torn write, then death
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, data)
+for mod in ("tokenkit.journal", "tokenkit.wds", "tokenkit.codebook"):
+    m = sys.modules.get(mod)
+    if m is not None and hasattr(m, "atomic_write_bytes"): m.atomic_write_bytes = dying
+cfg = TokenizeConfig(views=ViewConfig(views=3, mode="random", seed=1), format="both", shard_size=4, workers=0, batch_size=3)
+tokenize(sys.argv[1], sys.argv[2], sys.argv[3], cfg, resume=True, progress=False)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 4, 7])
+def test_killed_job_resumes_to_a_byte_identical_store(tmp_path, photos, codebook_path, store_path, kill_at):
+    out = tmp_path / "store"
+    r = subprocess.run([sys.executable, "-c", KILLER, str(photos), str(codebook_path), str(out), str(kill_at)],
+                       cwd=ROOT, capture_output=True)
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(StoreError, match="--resume"):
+        tokenize(photos, codebook_path, out, CFG, progress=False)
+    tokenize(photos, codebook_path, out, CFG, resume=True, progress=False)
+    assert tree_bytes(out) == tree_bytes(store_path)
+    assert verify(out) == []
+
+
+def test_two_rank_torchrun_equals_one_process(tmp_path, photos, codebook_path, store_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "cli.tokenkit", "tokenize", str(photos), str(codebook_path), str(out), "--views", "3",
+           "--view", "random", "--seed", "1", "--format", "both", "--shard-size", "4", "--batch-size", "3",
+           "--workers", "0", "--quiet"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert tree_bytes(out) == tree_bytes(store_path)
+
+
+def test_features_of_skipped_and_stored_rows(features_store):
+    from tokenkit.features import FeatureStore
+
+    fs = FeatureStore.open(features_store)
+    assert fs.manifest["n_ok"] == 12 and fs.manifest["patches_per_image"] == 16
+    x = fs.sample(10**6)
+    assert x.shape == (12 * 16, 96) and x.dtype == np.float32
+    # the stored fp16 features are the encoder's center-view features
+    img = decode_image((Path(fs.manifest["source"]["root"]) / "even/astronaut.jpg").read_bytes())
+    spec = fs.encoder
+    from tokenkit.views import center_box
+
+    v = (*center_box(*img.size), 0)
+    f = load_encoder(spec)(to_tensor(render_view(img, v, spec.image_size), spec.mean, spec.std)[None])[0]
+    row = list(fs.group["keys"][:]).index("even/astronaut")
+    stored = fs.group["features"][row].astype(np.float32)
+    order = fs.group["patch"][row]
+    assert np.allclose(stored, f.numpy()[order], atol=2e-2 * float(f.abs().max()))
