@@ -64,7 +64,9 @@ def run_cli(group: click.Group, prog: str, argv: list[str] | None) -> int:
         return 2
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            click.echo(f"{prog}: error: {e.filename or ''}: disk full; free space and re-run with --resume", err=True)
+            click.echo(
+                f"{prog}: error: {e.filename or ''}: disk full; free space and re-run with --resume", err=True
+            )
             return 1
         raise
     finally:
@@ -77,7 +79,9 @@ def apply_preset(ctx: click.Context, presets: dict, name: str | None, params: di
     if name is None:
         return params
     if name not in presets:
-        raise click.BadParameter(f"unknown preset '{name}'; choose one of {', '.join(presets)}", param_hint="--preset")
+        raise click.BadParameter(
+            f"unknown preset '{name}'; choose one of {', '.join(presets)}", param_hint="--preset"
+        )
     out = dict(params)
     for k, v in presets[name].items():
         if k in out and ctx.get_parameter_source(k) != click.core.ParameterSource.COMMANDLINE:

@@ -1,9 +1,9 @@
 """`tokenkit`: build k-CLIP codebooks and the offline token cache.
 
-    tokenkit features IMAGES OUT --model RN50x64 --pretrained openai --image-size 448 --grid 14
-    tokenkit codebook FEATURES OUT --k 8192 --niter 20 --nredo 5 --metric l2
-    tokenkit tokenize IMAGES CODEBOOK OUT --views 8 --format both
-    tokenkit inspect STORE [--json] | verify STORE | show STORE KEY --out tokens.png
+tokenkit features IMAGES OUT --model RN50x64 --pretrained openai --image-size 448 --grid 14
+tokenkit codebook FEATURES OUT --k 8192 --niter 20 --nredo 5 --metric l2
+tokenkit tokenize IMAGES CODEBOOK OUT --views 8 --format both
+tokenkit inspect STORE [--json] | verify STORE | show STORE KEY --out tokens.png
 """
 
 from __future__ import annotations
@@ -37,17 +37,31 @@ def cli():
 
 
 def job_options(f):
-    for opt in reversed([
-        click.option("--shard-size", default=1024, show_default=True, help="Images per work shard / zarr shard."),
-        click.option("--batch-size", default=32, show_default=True, help="Images per CLIP forward."),
-        click.option("--workers", default=4, show_default=True, help="DataLoader decoding workers."),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
-        click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA) | fp32 | bf16 | fp16."),
-        click.option("--on-error", type=click.Choice(["skip", "raise"]), default="skip", show_default=True,
-                     help="Bad images: skip and list them in the manifest, or stop."),
-        click.option("--resume", is_flag=True, help="Continue an unfinished job in OUT."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--shard-size", default=1024, show_default=True, help="Images per work shard / zarr shard."
+            ),
+            click.option("--batch-size", default=32, show_default=True, help="Images per CLIP forward."),
+            click.option("--workers", default=4, show_default=True, help="DataLoader decoding workers."),
+            click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
+            click.option(
+                "--precision",
+                default="auto",
+                show_default=True,
+                help="auto (bf16 on CUDA) | fp32 | bf16 | fp16.",
+            ),
+            click.option(
+                "--on-error",
+                type=click.Choice(["skip", "raise"]),
+                default="skip",
+                show_default=True,
+                help="Bad images: skip and list them in the manifest, or stop.",
+            ),
+            click.option("--resume", is_flag=True, help="Continue an unfinished job in OUT."),
+            click.option("--quiet", is_flag=True, help="No progress bar."),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -55,14 +69,26 @@ def job_options(f):
 @cli.command()
 @click.argument("images", type=str)
 @click.argument("out", type=PATH)
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="A named recipe (mapet-kclip).")
+@click.option(
+    "--preset", type=click.Choice(list(PRESETS)), default=None, help="A named recipe (mapet-kclip)."
+)
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name.")
-@click.option("--pretrained", default="none", show_default=True,
-              help="open_clip tag (openai, ...), checkpoint path, local-dir:PATH, or none (seeded random init).")
-@click.option("--image-size", type=int, default=None, help="Encoder input size; derived from --grid when omitted.")
+@click.option(
+    "--pretrained",
+    default="none",
+    show_default=True,
+    help="open_clip tag (openai, ...), checkpoint path, local-dir:PATH, or none (seeded random init).",
+)
+@click.option(
+    "--image-size", type=int, default=None, help="Encoder input size; derived from --grid when omitted."
+)
 @click.option("--grid", type=int, default=14, show_default=True, help="Feature grid side G.")
-@click.option("--layer", type=int, default=-1, show_default=True, help="ViT block whose patch tokens are used.")
-@click.option("--max-patches", type=int, default=4_194_304, show_default=True, help="Patch features kept in all.")
+@click.option(
+    "--layer", type=int, default=-1, show_default=True, help="ViT block whose patch tokens are used."
+)
+@click.option(
+    "--max-patches", type=int, default=4_194_304, show_default=True, help="Patch features kept in all."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @job_options
 @click.pass_context
@@ -71,10 +97,19 @@ def features(ctx, images, out, preset, **kw):
     kw = apply_preset(ctx, PRESETS, preset, kw)
     dist = init_distributed()
     spec = resolve_spec(kw["model"], kw["pretrained"], kw["grid"], kw["image_size"], kw["layer"], kw["seed"])
-    cfg = FeaturesConfig(max_patches=kw["max_patches"], shard_size=kw["shard_size"], seed=kw["seed"],
-                         on_error=kw["on_error"], batch_size=kw["batch_size"], workers=kw["workers"],
-                         device=dist.device(kw["device"]), precision=kw["precision"])
-    extract_features(images, out, spec, cfg, kw["resume"], dist.rank, dist.world, dist.barrier, not kw["quiet"])
+    cfg = FeaturesConfig(
+        max_patches=kw["max_patches"],
+        shard_size=kw["shard_size"],
+        seed=kw["seed"],
+        on_error=kw["on_error"],
+        batch_size=kw["batch_size"],
+        workers=kw["workers"],
+        device=dist.device(kw["device"]),
+        precision=kw["precision"],
+    )
+    extract_features(
+        images, out, spec, cfg, kw["resume"], dist.rank, dist.world, dist.barrier, not kw["quiet"]
+    )
     if dist.rank == 0:
         click.echo(f"features: {out}")
 
@@ -86,8 +121,13 @@ def features(ctx, images, out, preset, **kw):
 @click.option("--k", type=int, default=8192, show_default=True, help="Codebook size K.")
 @click.option("--niter", type=int, default=20, show_default=True)
 @click.option("--nredo", type=int, default=5, show_default=True, help="Restarts; the best objective is kept.")
-@click.option("--metric", type=click.Choice(["l2", "cosine"]), default="l2", show_default=True,
-              help="cosine = spherical k-means.")
+@click.option(
+    "--metric",
+    type=click.Choice(["l2", "cosine"]),
+    default="l2",
+    show_default=True,
+    help="cosine = spherical k-means.",
+)
 @click.option("--max-points-per-centroid", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True)
@@ -95,12 +135,21 @@ def features(ctx, images, out, preset, **kw):
 def codebook(ctx, features_store, out, preset, **kw):
     """Fit the k-CLIP codebook OUT (.safetensors) on a features store."""
     kw = apply_preset(ctx, PRESETS, preset, kw)
-    cfg = KMeansConfig(k=kw["k"], niter=kw["niter"], nredo=kw["nredo"], metric=kw["metric"],
-                       max_points_per_centroid=kw["max_points_per_centroid"], seed=kw["seed"], backend=kw["backend"])
+    cfg = KMeansConfig(
+        k=kw["k"],
+        niter=kw["niter"],
+        nredo=kw["nredo"],
+        metric=kw["metric"],
+        max_points_per_centroid=kw["max_points_per_centroid"],
+        seed=kw["seed"],
+        backend=kw["backend"],
+    )
     cb = build_codebook(features_store, out, cfg)
     usage = sum(1 for s in cb.meta["sizes"] if s > 0)
-    click.echo(f"codebook: {out}  K={cb.k} C={cb.dim} objective={cb.meta['objective']:.6g} "
-               f"used={usage}/{cb.k} backend={cb.meta['backend']} sha256={cb.sha256[:16]}")
+    click.echo(
+        f"codebook: {out}  K={cb.k} C={cb.dim} objective={cb.meta['objective']:.6g} "
+        f"used={usage}/{cb.k} backend={cb.meta['backend']} sha256={cb.sha256[:16]}"
+    )
 
 
 @cli.command()
@@ -108,30 +157,45 @@ def codebook(ctx, features_store, out, preset, **kw):
 @click.argument("codebook_path", metavar="CODEBOOK", type=EXISTING)
 @click.argument("out", type=PATH)
 @click.option("--views", type=int, default=1, show_default=True, help="Stored views per image (V).")
-@click.option("--view", "view_mode", type=click.Choice(["center", "random"]), default=None,
-              help="center: the paper's central square; random: RandomResizedCrop boxes. "
-                   "Default: center for --views 1, random otherwise.")
+@click.option(
+    "--view",
+    "view_mode",
+    type=click.Choice(["center", "random"]),
+    default=None,
+    help="center: the paper's central square; random: RandomResizedCrop boxes. "
+    "Default: center for --views 1, random otherwise.",
+)
 @click.option("--scale", type=(float, float), default=(0.2, 1.0), show_default=True)
 @click.option("--ratio", type=(float, float), default=(0.75, 4 / 3), show_default=True)
 @click.option("--flip", type=float, default=0.5, show_default=True, help="Probability of a mirrored view.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the views with each sample key.")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "wds", "both"]), default="zarr", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["zarr", "wds", "both"]), default="zarr", show_default=True
+)
 @job_options
 def tokenize(images, codebook_path, out, views, view_mode, scale, ratio, flip, seed, fmt, **kw):
     """Tokenize IMAGES with CODEBOOK into the token store OUT (zarr and/or webdataset shards)."""
     dist = init_distributed()
     mode = view_mode or ("center" if views == 1 else "random")
     cfg = TokenizeConfig(
-        views=ViewConfig(views=views, mode=mode, scale=scale, ratio=ratio, flip=flip, seed=seed), format=fmt,
-        shard_size=kw["shard_size"], on_error=kw["on_error"], batch_size=kw["batch_size"], workers=kw["workers"],
-        device=dist.device(kw["device"]), precision=kw["precision"],
+        views=ViewConfig(views=views, mode=mode, scale=scale, ratio=ratio, flip=flip, seed=seed),
+        format=fmt,
+        shard_size=kw["shard_size"],
+        on_error=kw["on_error"],
+        batch_size=kw["batch_size"],
+        workers=kw["workers"],
+        device=dist.device(kw["device"]),
+        precision=kw["precision"],
     )
-    tokenize_images(images, codebook_path, out, cfg, kw["resume"], dist.rank, dist.world, dist.barrier,
-                    not kw["quiet"])
+    tokenize_images(
+        images, codebook_path, out, cfg, kw["resume"], dist.rank, dist.world, dist.barrier, not kw["quiet"]
+    )
     if dist.rank == 0:
         st = TokenStore.open(out).stats()
-        click.echo(f"tokens: {out}  images={st['images']} skipped={st['skipped']} views={st['views']} "
-                   f"used codes={st['codebook_usage']['used_codes']}/{st['k']}")
+        click.echo(
+            f"tokens: {out}  images={st['images']} skipped={st['skipped']} views={st['views']} "
+            f"used codes={st['codebook_usage']['used_codes']}/{st['k']}"
+        )
 
 
 @cli.command()
@@ -146,10 +210,14 @@ def inspect(store, as_json):
     u = st["codebook_usage"]
     click.echo(f"store       {st['path']} (format v{st['format_version']}, {'+'.join(st['formats'])})")
     click.echo(f"images      {st['images']} stored, {st['skipped']} skipped of {st['source_images']}")
-    click.echo(f"tokens      {st['views']} views x {st['grid']}x{st['grid']} {st['token_dtype']}, "
-               f"K={st['k']} ({st['encoder']}, codebook {st['codebook_sha256'][:16]})")
-    click.echo(f"usage       {u['used_codes']}/{st['k']} codes used, perplexity {u['perplexity']:.1f}, "
-               f"largest cluster {100 * u['largest_cluster_share']:.2f}%")
+    click.echo(
+        f"tokens      {st['views']} views x {st['grid']}x{st['grid']} {st['token_dtype']}, "
+        f"K={st['k']} ({st['encoder']}, codebook {st['codebook_sha256'][:16]})"
+    )
+    click.echo(
+        f"usage       {u['used_codes']}/{st['k']} codes used, perplexity {u['perplexity']:.1f}, "
+        f"largest cluster {100 * u['largest_cluster_share']:.2f}%"
+    )
     click.echo(f"labels      {', '.join(f'{k}: {v}' for k, v in st['labels'].items()) or 'none'}")
     click.echo(f"shards      {st['shards']}")
 

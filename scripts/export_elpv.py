@@ -66,7 +66,9 @@ def main() -> None:
             if not link.exists():
                 os.symlink(os.path.relpath(args.out / "images" / name, d), link)
         rows.append({"file": name, "split": split, "type": str(types[i]), "defect": int(defect[i])})
-    done.write_text(json.dumps({"args": want, "source": "elpv-dataset (CC BY-NC-SA 4.0)", "images": rows}, indent=1))
+    done.write_text(
+        json.dumps({"args": want, "source": "elpv-dataset (CC BY-NC-SA 4.0)", "images": rows}, indent=1)
+    )
     n_val = sum(r["split"] == "val" for r in rows)
     print(f"elpv: {len(rows)} images -> {args.out} ({len(rows) - n_val} train, {n_val} val)")
 

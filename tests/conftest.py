@@ -17,8 +17,20 @@ from tokenkit.kmeans import KMeansConfig
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random-init model
 
-PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field",
-          "immunohistochemistry", "retina", "colorwheel", "cat", "logo"]
+PHOTOS = [
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "cat",
+    "logo",
+]
 
 
 def make_photo_folder(root: Path, names=PHOTOS, side: int = 96) -> Path:
@@ -26,7 +38,9 @@ def make_photo_folder(root: Path, names=PHOTOS, side: int = 96) -> Path:
     for i, name in enumerate(names):
         img = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
         s = side / min(img.size)
-        img = img.resize((max(side, round(img.width * s)), max(side, round(img.height * s))), Image.Resampling.BICUBIC)
+        img = img.resize(
+            (max(side, round(img.width * s)), max(side, round(img.height * s))), Image.Resampling.BICUBIC
+        )
         d = root / ("even" if i % 2 == 0 else "odd")
         d.mkdir(parents=True, exist_ok=True)
         img.save(d / f"{name}.jpg", quality=90)
@@ -46,7 +60,9 @@ def vit_spec():
 @pytest.fixture(scope="session")
 def features_store(tmp_path_factory, photos, vit_spec) -> Path:
     out = tmp_path_factory.mktemp("feat") / "features"
-    extract_features(photos, out, vit_spec, FeaturesConfig(max_patches=10_000, shard_size=4, workers=0), progress=False)
+    extract_features(
+        photos, out, vit_spec, FeaturesConfig(max_patches=10_000, shard_size=4, workers=0), progress=False
+    )
     return out
 
 

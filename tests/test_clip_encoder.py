@@ -5,7 +5,9 @@ from tokenkit.clip_encoder import load_encoder, resolve_spec
 from tokenkit.errors import ConfigError
 
 
-@pytest.mark.parametrize("model,grid,size,dim", [("tokenkit-tiny-vit", 4, 64, 96), ("tokenkit-tiny-rn", 3, 96, 256)])
+@pytest.mark.parametrize(
+    "model,grid,size,dim", [("tokenkit-tiny-vit", 4, 64, 96), ("tokenkit-tiny-rn", 3, 96, 256)]
+)
 def test_grid_features_shape_and_determinism(model, grid, size, dim):
     spec = resolve_spec(model, "none", grid=grid, seed=3)
     assert spec.image_size == size

@@ -18,8 +18,9 @@ from tokenkit.views import ViewConfig, render_view, to_tensor
 from tokenkit.wds import iter_tar
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = TokenizeConfig(views=ViewConfig(views=3, mode="random", seed=1), format="both", shard_size=4, workers=0,
-                     batch_size=3)
+CFG = TokenizeConfig(
+    views=ViewConfig(views=3, mode="random", seed=1), format="both", shard_size=4, workers=0, batch_size=3
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,18 @@ def test_stored_views_retokenize_to_stored_tokens(store_path):
         assert np.array_equal(s["tokens"][0], brute_tokens(img, views, store.codebook))
 
 
-def test_views_are_keyed_by_seed_and_key_and_center_view_is_the_central_square(tmp_path, photos, codebook_path):
-    a = TokenStore.open(tokenize(photos, codebook_path, tmp_path / "a", TokenizeConfig(
-        views=ViewConfig(views=1, mode="center"), shard_size=5, workers=0), progress=False))
+def test_views_are_keyed_by_seed_and_key_and_center_view_is_the_central_square(
+    tmp_path, photos, codebook_path
+):
+    a = TokenStore.open(
+        tokenize(
+            photos,
+            codebook_path,
+            tmp_path / "a",
+            TokenizeConfig(views=ViewConfig(views=1, mode="center"), shard_size=5, workers=0),
+            progress=False,
+        )
+    )
     r = a.read(np.arange(len(a)))
     for i in range(len(a)):
         img = a.image(i)
@@ -135,8 +145,11 @@ tokenize(sys.argv[1], sys.argv[2], sys.argv[3], cfg, resume=True, progress=False
 @pytest.mark.parametrize("kill_at", [2, 4, 7])
 def test_killed_job_resumes_to_a_byte_identical_store(tmp_path, photos, codebook_path, store_path, kill_at):
     out = tmp_path / "store"
-    r = subprocess.run([sys.executable, "-c", KILLER, str(photos), str(codebook_path), str(out), str(kill_at)],
-                       cwd=ROOT, capture_output=True)
+    r = subprocess.run(
+        [sys.executable, "-c", KILLER, str(photos), str(codebook_path), str(out), str(kill_at)],
+        cwd=ROOT,
+        capture_output=True,
+    )
     assert r.returncode == -9, r.stderr.decode()[-2000:]
     assert not (out / "manifest.json").exists()
     with pytest.raises(StoreError, match="--resume"):
@@ -149,10 +162,36 @@ def test_killed_job_resumes_to_a_byte_identical_store(tmp_path, photos, codebook
 def test_two_rank_torchrun_equals_one_process(tmp_path, photos, codebook_path, store_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "cli.tokenkit", "tokenize", str(photos), str(codebook_path), str(out), "--views", "3",
-           "--view", "random", "--seed", "1", "--format", "both", "--shard-size", "4", "--batch-size", "3",
-           "--workers", "0", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "cli.tokenkit",
+        "tokenize",
+        str(photos),
+        str(codebook_path),
+        str(out),
+        "--views",
+        "3",
+        "--view",
+        "random",
+        "--seed",
+        "1",
+        "--format",
+        "both",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert tree_bytes(out) == tree_bytes(store_path)

@@ -66,12 +66,19 @@ def _weights_id(pretrained: str, seed: int) -> str:
                 h.update(block)
         return f"sha256:{h.hexdigest()}"
     if pretrained.startswith("local-dir:") or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise ConfigError(f"{pretrained}: checkpoint not found; pass an existing file, an open_clip tag or 'none'")
+        raise ConfigError(
+            f"{pretrained}: checkpoint not found; pass an existing file, an open_clip tag or 'none'"
+        )
     return pretrained
 
 
 def resolve_spec(
-    model: str, pretrained: str = "none", grid: int = 14, image_size: int | None = None, layer: int = -1, seed: int = 0
+    model: str,
+    pretrained: str = "none",
+    grid: int = 14,
+    image_size: int | None = None,
+    layer: int = -1,
+    seed: int = 0,
 ) -> EncoderSpec:
     """Check the model name, derive the input size from the grid, and fingerprint the weights."""
     oc = _open_clip()
@@ -92,16 +99,22 @@ def resolve_spec(
             f"--image-size {size} (or {image_size // stride * stride} for --grid {image_size // stride})"
         )
     if arch == "resnet" and layer != -1:
-        raise ConfigError(f"--layer {layer}: ResNet towers give features from the last stage only; drop --layer")
+        raise ConfigError(
+            f"--layer {layer}: ResNet towers give features from the last stage only; drop --layer"
+        )
     if arch == "vit":
         n = int(vcfg["layers"])
         if not -n <= layer < n:
-            raise ConfigError(f"--layer {layer}: {model} has {n} blocks; pass a block index in [-{n}, {n - 1}]")
+            raise ConfigError(
+                f"--layer {layer}: {model} has {n} blocks; pass a block index in [-{n}, {n - 1}]"
+            )
         layer = layer % n
     pp = cfg.get("preprocess_cfg", {})
     mean = tuple(pp.get("mean", oc.OPENAI_DATASET_MEAN))
     std = tuple(pp.get("std", oc.OPENAI_DATASET_STD))
-    return EncoderSpec(model, pretrained, _weights_id(pretrained, seed), arch, layer, size, grid, mean, std, seed)
+    return EncoderSpec(
+        model, pretrained, _weights_id(pretrained, seed), arch, layer, size, grid, mean, std, seed
+    )
 
 
 class GridEncoder(nn.Module):
@@ -132,7 +145,9 @@ def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> GridE
     oc = _open_clip()
     kwargs = {}
     if spec.arch == "vit":
-        kwargs["force_image_size"] = spec.image_size  # open_clip resizes position embeddings of loaded weights
+        kwargs["force_image_size"] = (
+            spec.image_size
+        )  # open_clip resizes position embeddings of loaded weights
     if spec.pretrained == "none":
         torch.manual_seed(spec.seed)  # random init is the test / demo encoder: make it reproducible
         model = oc.create_model(spec.model, pretrained=None, **kwargs)

@@ -66,8 +66,10 @@ class Codebook:
         }
 
     def save(self, path: Path) -> None:
-        data = save({"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)},
-                    metadata={"tokenkit": json.dumps(self.header(), sort_keys=True)})
+        data = save(
+            {"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)},
+            metadata={"tokenkit": json.dumps(self.header(), sort_keys=True)},
+        )
         atomic_write_bytes(Path(path), data)
 
     @classmethod
@@ -85,18 +87,30 @@ class Codebook:
                 "rebuild it with 'tokenkit codebook'"
             ) from e
         if "tokenkit" not in metadata or "centroids" not in tensors:
-            raise CodebookError(f"{path}: safetensors file without tokenkit metadata; build it with 'tokenkit codebook'")
+            raise CodebookError(
+                f"{path}: safetensors file without tokenkit metadata; build it with 'tokenkit codebook'"
+            )
         header = json.loads(metadata["tokenkit"])
         if header.get("format_version", 10**9) > FORMAT_VERSION:
-            raise CodebookError(f"{path}: format_version {header.get('format_version')} is newer than this tokenkit")
+            raise CodebookError(
+                f"{path}: format_version {header.get('format_version')} is newer than this tokenkit"
+            )
         centroids = tensors["centroids"]
         if centroids_sha256(centroids) != header["sha256"]:
-            raise CodebookError(f"{path}: centroids sha256 does not match its header; the file is damaged, rebuild it")
-        meta = {k: v for k, v in header.items() if k not in ("format_version", "kind", "encoder", "k", "dim", "sha256")}
+            raise CodebookError(
+                f"{path}: centroids sha256 does not match its header; the file is damaged, rebuild it"
+            )
+        meta = {
+            k: v
+            for k, v in header.items()
+            if k not in ("format_version", "kind", "encoder", "k", "dim", "sha256")
+        }
         return cls(centroids, EncoderSpec.from_dict(header["encoder"]), meta)
 
 
-def build_codebook(features: Path, out: Path, cfg: KMeansConfig, device: str | None = None, progress: bool = True) -> Codebook:
+def build_codebook(
+    features: Path, out: Path, cfg: KMeansConfig, device: str | None = None, progress: bool = True
+) -> Codebook:
     """`tokenkit codebook`: k-means over a sample of a features store, saved as a codebook file.
 
     Reads at most k * max_points_per_centroid vectors (float16 on disk -> float32), so memory is bounded by
@@ -106,7 +120,9 @@ def build_codebook(features: Path, out: Path, cfg: KMeansConfig, device: str | N
     store = FeatureStore.open(features)
     x = store.sample(cfg.k * cfg.max_points_per_centroid, seed=cfg.seed)  # (M, C) float32
     if progress:
-        print(f"k-means: {x.shape[0]} x {x.shape[1]} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts")
+        print(
+            f"k-means: {x.shape[0]} x {x.shape[1]} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts"
+        )
     result = fit(x, cfg, device=device)
     meta = {
         "kmeans": asdict(cfg),

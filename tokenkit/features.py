@@ -75,7 +75,9 @@ class FeatureStore(RowStore):
         ok_rows = np.flatnonzero(status == STATUS_OK)
         total = len(ok_rows) * P
         rng = np.random.default_rng(seed)
-        take = np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)
+        take = (
+            np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)
+        )
         rows, cols = ok_rows[take // P], take % P
         out = np.empty((len(take), feats.shape[2]), dtype=np.float32)
         S = feats.shards[0]
@@ -108,16 +110,29 @@ def extract_features(
     source = list_source(images)
     n, G = len(source), spec.grid
     P = min(G * G, math.ceil(cfg.max_patches / n))
-    job = {"job": "features", "encoder": spec.to_dict(), "config": cfg.job_fields(), "source": source.fingerprint()}
+    job = {
+        "job": "features",
+        "encoder": spec.to_dict(),
+        "config": cfg.job_fields(),
+        "source": source.fingerprint(),
+    }
     device = pick_device(cfg.device)
     encoder = load_encoder(spec, device)
     C = encoder.dim
     journal = Journal(out)
 
     def init():
-        create_arrays(out, n, cfg.shard_size, {
-            "features": ((P, C), "float16"), "patch": ((P,), "int16"), "keys": ((), "str"), "status": ((), "uint8"),
-        })
+        create_arrays(
+            out,
+            n,
+            cfg.shard_size,
+            {
+                "features": ((P, C), "float16"),
+                "patch": ((P,), "int16"),
+                "keys": ((), "str"),
+                "status": ((), "uint8"),
+            },
+        )
 
     complete = journal.begin(job, resume, init) if rank == 0 else None
     barrier()
@@ -127,15 +142,19 @@ def extract_features(
     pending = journal.pending(len(ranges), rank, world)
     dataset = ViewDataset(source, ViewConfig(1, "center"), spec.image_size, spec.mean, spec.std, min_side=G)
     todo = [(i, *ranges[i]) for i in pending]
-    bar = tqdm(total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"features[{rank}]")
+    bar = tqdm(
+        total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"features[{rank}]"
+    )
     buf = None
     for sid, items, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers):
         start, stop = ranges[sid]
         if buf is None:
             rows = stop - start
             buf = {
-                "features": np.zeros((rows, P, C), np.float16), "patch": np.zeros((rows, P), np.int16),
-                "keys": np.asarray(source.keys[start:stop]), "status": np.full(rows, STATUS_SKIPPED, np.uint8),
+                "features": np.zeros((rows, P, C), np.float16),
+                "patch": np.zeros((rows, P), np.int16),
+                "keys": np.asarray(source.keys[start:stop]),
+                "status": np.full(rows, STATUS_SKIPPED, np.uint8),
                 "skipped": [],
             }
         ok = [it for it in items if it["error"] is None]
@@ -150,7 +169,9 @@ def extract_features(
                 f = encoder(x).float().cpu().numpy()  # (b, G*G, C)
             for j, it in enumerate(ok):
                 r = it["index"] - start
-                pick = np.sort(key_generator(cfg.seed, source.keys[it["index"]]).choice(G * G, P, replace=False))
+                pick = np.sort(
+                    key_generator(cfg.seed, source.keys[it["index"]]).choice(G * G, P, replace=False)
+                )
                 buf["features"][r] = f[j, pick].astype(np.float16)
                 buf["patch"][r] = pick
                 buf["status"][r] = STATUS_OK
@@ -158,18 +179,34 @@ def extract_features(
         if last:
             skipped = buf.pop("skipped")
             sums = write_shard(out, sid, start, buf)
-            journal.commit(sid, {"shard": sid, "rows": [start, stop], "ok": int((buf["status"] == 0).sum()),
-                                 "sha256": sums, "skipped": skipped})
+            journal.commit(
+                sid,
+                {
+                    "shard": sid,
+                    "rows": [start, stop],
+                    "ok": int((buf["status"] == 0).sum()),
+                    "sha256": sums,
+                    "skipped": skipped,
+                },
+            )
             buf = None
     bar.close()
     barrier()
     if rank == 0:
         records = journal.records(len(ranges))
-        journal.finish({
-            "format_version": FORMAT_VERSION, "kind": "features", "job": job, "source": source.describe(),
-            "n": n, "n_ok": sum(r["ok"] for r in records), "patches_per_image": P, "dim": C,
-            "shards": [{"rows": r["rows"], "ok": r["ok"], "sha256": r["sha256"]} for r in records],
-            "skipped": [s for r in records for s in r["skipped"]],
-        })
+        journal.finish(
+            {
+                "format_version": FORMAT_VERSION,
+                "kind": "features",
+                "job": job,
+                "source": source.describe(),
+                "n": n,
+                "n_ok": sum(r["ok"] for r in records),
+                "patches_per_image": P,
+                "dim": C,
+                "shards": [{"rows": r["rows"], "ok": r["ok"], "sha256": r["sha256"]} for r in records],
+                "skipped": [s for r in records for s in r["skipped"]],
+            }
+        )
     barrier()
     return out

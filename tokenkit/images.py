@@ -82,7 +82,9 @@ def sanitize_key(stem: str) -> str:
 def check_member_name(name: str, where: str) -> None:
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts or "\\" in name:
-        raise SourceError(f"{where}: member '{name}' has an absolute or '..' path; the archive is hostile, remove it")
+        raise SourceError(
+            f"{where}: member '{name}' has an absolute or '..' path; the archive is hostile, remove it"
+        )
 
 
 def list_folder(root: Path) -> SampleIndex:
@@ -104,7 +106,9 @@ def list_folder(root: Path) -> SampleIndex:
     for f in files:
         key = sanitize_key(f.rsplit(".", 1)[0])
         if key in seen:
-            raise SourceError(f"{root}: '{f}' and '{seen[key]}' map to the same key '{key}'; rename one of them")
+            raise SourceError(
+                f"{root}: '{f}' and '{seen[key]}' map to the same key '{key}'; rename one of them"
+            )
         seen[key] = f
         keys.append(key)
         labels.append(cls_idx[f.split("/", 1)[0]] if labelled else -1)
@@ -117,7 +121,9 @@ def expand_tars(spec: str) -> list[str]:
     paths = [str(Path(p).resolve()) for p in braceexpand(spec)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise SourceError(f"{missing[0]}: tar shard not found ({len(missing)} missing); check the path or pattern")
+        raise SourceError(
+            f"{missing[0]}: tar shard not found ({len(missing)} missing); check the path or pattern"
+        )
     return paths
 
 
@@ -156,7 +162,9 @@ def list_tars(spec: str) -> SampleIndex:
                         try:
                             cls_vals[key] = int(raw)
                         except ValueError as e:
-                            raise SourceError(f"{path}: '{m.name}' holds '{raw}', not an integer label") from e
+                            raise SourceError(
+                                f"{path}: '{m.name}' holds '{raw}', not an integer label"
+                            ) from e
         except tarfile.TarError as e:
             raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from e
         for key in order:
@@ -173,7 +181,12 @@ def list_tars(spec: str) -> SampleIndex:
         raise SourceError(f"{spec}: the shards hold no images; pass webdataset shards with image members")
     n_cls = max(labels) + 1 if max(labels) >= 0 else 0
     return SampleIndex(
-        "tars", "", tuple(tars), tuple(keys), np.asarray(labels, dtype=np.int64), tuple(locators),
+        "tars",
+        "",
+        tuple(tars),
+        tuple(keys),
+        np.asarray(labels, dtype=np.int64),
+        tuple(locators),
         tuple(str(i) for i in range(n_cls)),
     )
 
@@ -188,7 +201,12 @@ def list_source(spec: str | Path) -> SampleIndex:
 
 def source_from_manifest(desc: dict, keys, labels, locators) -> SampleIndex:
     return SampleIndex(
-        desc["kind"], desc["root"], tuple(desc["tars"]), tuple(keys), np.asarray(labels), tuple(locators),
+        desc["kind"],
+        desc["root"],
+        tuple(desc["tars"]),
+        tuple(keys),
+        np.asarray(labels),
+        tuple(locators),
         tuple(desc.get("classes", ())),
     )
 
@@ -207,7 +225,9 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 1) -> Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"{name}: {img.width}x{img.height} pixels exceeds the decompression-bomb limit")
+                raise ImageError(
+                    f"{name}: {img.width}x{img.height} pixels exceeds the decompression-bomb limit"
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
     except ImageError:
@@ -218,7 +238,9 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 1) -> Image
         raise ImageError(f"{name}: truncated or corrupt image ({e}); remove or replace the file") from e
     img = to_rgb(img)
     if min(img.size) < min_side:
-        raise ImageError(f"{name}: {img.width}x{img.height} is smaller than the {min_side}-pixel minimum side")
+        raise ImageError(
+            f"{name}: {img.width}x{img.height} is smaller than the {min_side}-pixel minimum side"
+        )
     return img
 
 

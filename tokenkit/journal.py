@@ -56,7 +56,9 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: unreadable JSON ({e}); the file is damaged, re-run the job that wrote it") from e
+        raise StoreError(
+            f"{path}: unreadable JSON ({e}); the file is damaged, re-run the job that wrote it"
+        ) from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -70,7 +72,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def check_format_version(path: Path, manifest: dict, kind: str) -> None:
     """Refuse manifests of another kind or of a newer format version than this code reads."""
     if manifest.get("kind") != kind:
-        raise StoreError(f"{path}: holds a '{manifest.get('kind')}' store, expected '{kind}'; pass a {kind} store")
+        raise StoreError(
+            f"{path}: holds a '{manifest.get('kind')}' store, expected '{kind}'; pass a {kind} store"
+        )
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise StoreError(
@@ -120,7 +124,9 @@ class Journal:
         if self.out.exists() and any(self.out.iterdir()):
             # a job killed while initialising leaves arrays but no _job.json: start it again
             if not (resume and any((self.out / m).exists() for m in ("zarr.json", "codebook.safetensors"))):
-                raise StoreError(f"{self.out}: folder is not empty and holds no tokenkit job; choose an empty folder")
+                raise StoreError(
+                    f"{self.out}: folder is not empty and holds no tokenkit job; choose an empty folder"
+                )
         self.out.mkdir(parents=True, exist_ok=True)
         init()
         self.progress.mkdir(exist_ok=True)

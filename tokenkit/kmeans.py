@@ -80,7 +80,9 @@ def fit(x: np.ndarray, cfg: KMeansConfig, device: str | None = None) -> KMeansRe
     if cfg.metric == "cosine":
         x = normalize(x)
     if x.shape[0] < cfg.k:
-        raise ConfigError(f"--k {cfg.k}: only {x.shape[0]} feature vectors; extract more patches or lower --k")
+        raise ConfigError(
+            f"--k {cfg.k}: only {x.shape[0]} feature vectors; extract more patches or lower --k"
+        )
     backend = cfg.backend
     if backend == "auto":
         try:
@@ -102,8 +104,15 @@ def _fit_faiss(x: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, str]:
     faiss = _faiss()
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     km = faiss.Kmeans(
-        x.shape[1], cfg.k, niter=cfg.niter, nredo=cfg.nredo, seed=cfg.seed, spherical=cfg.metric == "cosine",
-        max_points_per_centroid=cfg.max_points_per_centroid, gpu=ngpu if ngpu > 0 else False, verbose=False,
+        x.shape[1],
+        cfg.k,
+        niter=cfg.niter,
+        nredo=cfg.nredo,
+        seed=cfg.seed,
+        spherical=cfg.metric == "cosine",
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        gpu=ngpu if ngpu > 0 else False,
+        verbose=False,
     )
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32), f"faiss-gpu:{ngpu}" if ngpu else "faiss-cpu"
@@ -151,7 +160,9 @@ def _fit_torch(x: torch.Tensor, cfg: KMeansConfig) -> np.ndarray:
     return best.float().cpu().numpy()
 
 
-def _split_empty(c: torch.Tensor, counts: torch.Tensor, gen: torch.Generator, eps: float = 1 / 1024) -> torch.Tensor:
+def _split_empty(
+    c: torch.Tensor, counts: torch.Tensor, gen: torch.Generator, eps: float = 1 / 1024
+) -> torch.Tensor:
     """faiss's rule: an empty cluster takes a copy of a big cluster's centroid, both nudged apart by eps."""
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if not empty:

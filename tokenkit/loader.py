@@ -24,8 +24,16 @@ class ViewDataset(Dataset):
     and data (the original bytes) when keep_bytes.
     """
 
-    def __init__(self, source: SampleIndex, views: ViewConfig, size: int, mean, std, min_side: int,
-                 keep_bytes: bool = False):
+    def __init__(
+        self,
+        source: SampleIndex,
+        views: ViewConfig,
+        size: int,
+        mean,
+        std,
+        min_side: int,
+        keep_bytes: bool = False,
+    ):
         self.source, self.views, self.size, self.mean, self.std = source, views, size, mean, std
         self.min_side, self.keep_bytes = min_side, keep_bytes
 
@@ -62,8 +70,12 @@ def iter_shard_batches(
     if not plan:
         return
     loader = DataLoader(
-        dataset, batch_sampler=[p[1] for p in plan], num_workers=workers, collate_fn=_as_list,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+        dataset,
+        batch_sampler=[p[1] for p in plan],
+        num_workers=workers,
+        collate_fn=_as_list,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
     )
     for (sid, _, last), items in zip(plan, loader, strict=True):
         yield sid, items, last

@@ -5,8 +5,16 @@
 # 512 points per centroid, ~4.2M sampled patch features.
 PRESETS = {
     "mapet-kclip": {
-        "model": "RN50x64", "pretrained": "openai", "image_size": 448, "grid": 14, "layer": -1,
-        "max_patches": 4_194_304, "k": 8192, "niter": 20, "nredo": 5, "metric": "l2",
+        "model": "RN50x64",
+        "pretrained": "openai",
+        "image_size": 448,
+        "grid": 14,
+        "layer": -1,
+        "max_patches": 4_194_304,
+        "k": 8192,
+        "niter": 20,
+        "nredo": 5,
+        "metric": "l2",
         "max_points_per_centroid": 512,
     },
 }

@@ -18,7 +18,9 @@ def code_color(code: int) -> tuple[int, int, int]:
     return tuple(64 + b % 192 for b in h)
 
 
-def token_overlay(view_img: Image.Image, tokens: np.ndarray, alpha: float = 0.45, labels: bool = True) -> Image.Image:
+def token_overlay(
+    view_img: Image.Image, tokens: np.ndarray, alpha: float = 0.45, labels: bool = True
+) -> Image.Image:
     """view_img (S, S) RGB, tokens (G, G) -> the view with one coloured, labelled cell per token."""
     G = tokens.shape[0]
     S = view_img.width

@@ -26,7 +26,9 @@ STATUS_OK, STATUS_SKIPPED = 0, 1
 STATUS_UNWRITTEN = 255  # the status fill value: a written shard never equals it, so its file always exists
 
 
-def create_arrays(root: Path, n: int, shard_size: int, arrays: dict[str, tuple[tuple[int, ...], str]]) -> None:
+def create_arrays(
+    root: Path, n: int, shard_size: int, arrays: dict[str, tuple[tuple[int, ...], str]]
+) -> None:
     """Create the zarr group at `root` with arrays name -> (per-row shape, dtype), all with n rows."""
     g = zarr.open_group(str(root), mode="a", zarr_format=3)
     for name, (tail, dtype) in arrays.items():
@@ -91,7 +93,9 @@ class RowStore:
         mpath = root / "manifest.json"
         if not mpath.exists():
             if (root / "_job.json").exists():
-                raise StoreError(f"{root}: the job that writes this store has not finished; re-run it with --resume")
+                raise StoreError(
+                    f"{root}: the job that writes this store has not finished; re-run it with --resume"
+                )
             raise StoreError(f"{root}: no manifest.json; not a tokenkit {cls.kind} store")
         manifest = read_json(mpath)
         check_format_version(root, manifest, cls.kind)
@@ -108,9 +112,13 @@ class RowStore:
                 p = self.root / rel
                 if want is None:
                     if p.exists():
-                        problems.append(f"{p}: shard {i} should be absent (all fill value) but exists; the store is damaged")
+                        problems.append(
+                            f"{p}: shard {i} should be absent (all fill value) but exists; the store is damaged"
+                        )
                 elif not p.exists():
                     problems.append(f"{p}: shard {i} is missing; re-run the job into a new folder")
                 elif sha256_file(p) != want:
-                    problems.append(f"{p}: shard {i} sha256 mismatch (flipped bytes or truncated); the store is damaged")
+                    problems.append(
+                        f"{p}: shard {i} sha256 mismatch (flipped bytes or truncated); the store is damaged"
+                    )
         return problems

@@ -62,7 +62,9 @@ class TokenStore(RowStore):
 
     def _need_zarr(self):
         if not self.has_zarr:
-            raise StoreError(f"{self.root}: this store has only wds shards; stream them or re-run tokenize --format zarr")
+            raise StoreError(
+                f"{self.root}: this store has only wds shards; stream them or re-run tokenize --format zarr"
+            )
 
     @property
     def rows(self) -> np.ndarray:
@@ -87,8 +89,13 @@ class TokenStore(RowStore):
         rows = self.rows[pos]
         uniq, inv = np.unique(rows, return_inverse=True)
         g = self.group
-        out = {name: g[name].get_orthogonal_selection((uniq,))[inv] for name in ("tokens", "views", "labels", "keys")}
-        out["tokens"] = out["tokens"].astype(np.int64)  # embeddings index with int64; uint16 is the disk dtype
+        out = {
+            name: g[name].get_orthogonal_selection((uniq,))[inv]
+            for name in ("tokens", "views", "labels", "keys")
+        }
+        out["tokens"] = out["tokens"].astype(
+            np.int64
+        )  # embeddings index with int64; uint16 is the disk dtype
         out["keys"] = [str(k) for k in out["keys"]]
         return out
 
@@ -111,19 +118,32 @@ class TokenStore(RowStore):
         try:
             return read_locator(src["kind"], root, src["tars"], loc)
         except OSError as e:
-            raise StoreError(f"{root}: cannot read source image '{loc}' ({e}); pass the moved source folder") from e
+            raise StoreError(
+                f"{root}: cannot read source image '{loc}' ({e}); pass the moved source folder"
+            ) from e
 
     def image(self, position: int, source_root: str | None = None):
         return decode_image(self.image_bytes(position, source_root), f"{self.root}[{position}]")
 
-    def check_compatible(self, codebook_sha256: str | None = None, k: int | None = None, grid: int | None = None,
-                         num_views: int | None = None) -> None:
+    def check_compatible(
+        self,
+        codebook_sha256: str | None = None,
+        k: int | None = None,
+        grid: int | None = None,
+        num_views: int | None = None,
+    ) -> None:
         """Refuse a store whose codebook, K, grid or views differ from what the caller was configured for."""
-        for name, want, have in (("codebook sha256", codebook_sha256, self.codebook_sha256), ("K", k, self.k),
-                                 ("grid", grid, self.grid), ("views", num_views, self.num_views)):
+        for name, want, have in (
+            ("codebook sha256", codebook_sha256, self.codebook_sha256),
+            ("K", k, self.k),
+            ("grid", grid, self.grid),
+            ("views", num_views, self.num_views),
+        ):
             if want is not None and want != have:
-                raise StoreError(f"{self.root}: store {name} {have} != expected {want}; "
-                                 "tokenize with the matching codebook or change the run's config")
+                raise StoreError(
+                    f"{self.root}: store {name} {have} != expected {want}; "
+                    "tokenize with the matching codebook or change the run's config"
+                )
 
     def stats(self) -> dict:
         """What `tokenkit inspect` prints: counts, codebook usage, labels, shards."""
@@ -135,16 +155,25 @@ class TokenStore(RowStore):
         names = self.classes or [str(i) for i in range(len(label_counts) - 1)]
         labels.update({names[i]: c for i, c in enumerate(label_counts[1:])})
         return {
-            "path": str(self.root), "format_version": self.manifest["format_version"],
-            "formats": self.manifest["formats"], "images": len(self), "source_images": self.manifest["n"],
-            "skipped": len(self.manifest["skipped"]), "views": self.num_views, "grid": self.grid, "k": self.k,
-            "token_dtype": self.manifest["token_dtype"], "codebook_sha256": self.codebook_sha256,
+            "path": str(self.root),
+            "format_version": self.manifest["format_version"],
+            "formats": self.manifest["formats"],
+            "images": len(self),
+            "source_images": self.manifest["n"],
+            "skipped": len(self.manifest["skipped"]),
+            "views": self.num_views,
+            "grid": self.grid,
+            "k": self.k,
+            "token_dtype": self.manifest["token_dtype"],
+            "codebook_sha256": self.codebook_sha256,
             "encoder": self.manifest["job"]["encoder"]["model"],
             "codebook_usage": {
-                "used_codes": int((counts > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+                "used_codes": int((counts > 0).sum()),
+                "perplexity": float(np.exp(-(p * np.log(p)).sum())),
                 "largest_cluster_share": float(counts.max() / max(total, 1)),
             },
-            "labels": labels, "shards": len(self.manifest["shards"]),
+            "labels": labels,
+            "shards": len(self.manifest["shards"]),
         }
 
 
@@ -161,8 +190,10 @@ def verify(path: Path) -> list[str]:
     problems = store.verify_files()
     try:
         if store.codebook.sha256 != store.codebook_sha256:
-            problems.append(f"{store.root}/codebook.safetensors: sha256 {store.codebook.sha256} != manifest "
-                            f"{store.codebook_sha256}; the store and its codebook do not match")
+            problems.append(
+                f"{store.root}/codebook.safetensors: sha256 {store.codebook.sha256} != manifest "
+                f"{store.codebook_sha256}; the store and its codebook do not match"
+            )
     except CodebookError as e:
         problems.append(str(e))
     if problems:
@@ -173,7 +204,9 @@ def verify(path: Path) -> list[str]:
         for i, shard in enumerate(m["shards"]):
             s, e = shard["rows"]
             if int((status[s:e] == STATUS_OK).sum()) != shard["ok"]:
-                problems.append(f"{store.root}: shard {i} holds {(status[s:e] == 0).sum()} samples, manifest says {shard['ok']}")
+                problems.append(
+                    f"{store.root}: shard {i} holds {(status[s:e] == 0).sum()} samples, manifest says {shard['ok']}"
+                )
         keys = store.group["keys"][:]
         uniq, counts = np.unique(keys, return_counts=True)
         if (counts > 1).any():

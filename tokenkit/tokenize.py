@@ -48,7 +48,11 @@ class TokenizeConfig:
             raise ConfigError(f"--views {v.views}: must be >= 1")
         if v.mode not in ("center", "random"):
             raise ConfigError(f"--view {v.mode}: choose center or random")
-        if not (0 < v.scale[0] <= v.scale[1] <= 1) or not (0 < v.ratio[0] <= v.ratio[1]) or not 0 <= v.flip <= 1:
+        if (
+            not (0 < v.scale[0] <= v.scale[1] <= 1)
+            or not (0 < v.ratio[0] <= v.ratio[1])
+            or not 0 <= v.flip <= 1
+        ):
             raise ConfigError(f"--scale {v.scale} / --ratio {v.ratio} / --flip {v.flip}: out of range")
         if self.format not in FORMATS:
             raise ConfigError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
@@ -58,8 +62,12 @@ class TokenizeConfig:
             raise ConfigError("--shard-size and --batch-size must be >= 1, --workers >= 0")
 
     def job_fields(self) -> dict:
-        return {"views": asdict(self.views), "format": self.format, "shard_size": self.shard_size,
-                "on_error": self.on_error}
+        return {
+            "views": asdict(self.views),
+            "format": self.format,
+            "shard_size": self.shard_size,
+            "on_error": self.on_error,
+        }
 
 
 def tar_name(shard: int) -> str:
@@ -94,18 +102,32 @@ def tokenize(
             "use the codebook built from this model's features"
         )
     centroids = torch.from_numpy(cb.centroids).to(device)
-    job = {"job": "tokenize", "codebook_sha256": cb.sha256, "encoder": spec.to_dict(), "config": cfg.job_fields(),
-           "source": source.fingerprint()}
+    job = {
+        "job": "tokenize",
+        "codebook_sha256": cb.sha256,
+        "encoder": spec.to_dict(),
+        "config": cfg.job_fields(),
+        "source": source.fingerprint(),
+    }
     zarr_out, wds_out = cfg.format in ("zarr", "both"), cfg.format in ("wds", "both")
     journal = Journal(out)
 
     def init():
         shutil.copyfile(codebook_path, out / "codebook.safetensors")  # the store carries its codebook
         if zarr_out:
-            create_arrays(out, n, cfg.shard_size, {
-                "tokens": ((V, G, G), tok_dtype.str), "views": ((V, 5), "int32"), "labels": ((), "int64"),
-                "keys": ((), "str"), "locators": ((), "str"), "status": ((), "uint8"),
-            })
+            create_arrays(
+                out,
+                n,
+                cfg.shard_size,
+                {
+                    "tokens": ((V, G, G), tok_dtype.str),
+                    "views": ((V, 5), "int32"),
+                    "labels": ((), "int64"),
+                    "keys": ((), "str"),
+                    "locators": ((), "str"),
+                    "status": ((), "uint8"),
+                },
+            )
 
     complete = journal.begin(job, resume, init) if rank == 0 else None
     barrier()
@@ -113,17 +135,25 @@ def tokenize(
         return out
     ranges = shard_ranges(n, cfg.shard_size)
     todo = [(i, *ranges[i]) for i in journal.pending(len(ranges), rank, world)]
-    dataset = ViewDataset(source, cfg.views, spec.image_size, spec.mean, spec.std, min_side=G, keep_bytes=wds_out)
-    bar = tqdm(total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"tokenize[{rank}]")
+    dataset = ViewDataset(
+        source, cfg.views, spec.image_size, spec.mean, spec.std, min_side=G, keep_bytes=wds_out
+    )
+    bar = tqdm(
+        total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"tokenize[{rank}]"
+    )
     buf = None
     for sid, items, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers):
         start, stop = ranges[sid]
         if buf is None:
             rows = stop - start
-            buf = {"tokens": np.zeros((rows, V, G, G), tok_dtype), "views": np.zeros((rows, V, 5), np.int32),
-                   "labels": source.labels[start:stop].copy(), "keys": np.asarray(source.keys[start:stop]),
-                   "locators": np.asarray(source.locators[start:stop]),
-                   "status": np.full(rows, STATUS_SKIPPED, np.uint8)}
+            buf = {
+                "tokens": np.zeros((rows, V, G, G), tok_dtype),
+                "views": np.zeros((rows, V, 5), np.int32),
+                "labels": source.labels[start:stop].copy(),
+                "keys": np.asarray(source.keys[start:stop]),
+                "locators": np.asarray(source.locators[start:stop]),
+                "status": np.full(rows, STATUS_SKIPPED, np.uint8),
+            }
             samples, skipped = [], []
         ok = [it for it in items if it["error"] is None]
         for it in items:
@@ -142,16 +172,27 @@ def tokenize(
                 buf["tokens"][r], buf["views"][r], buf["status"][r] = codes[j], it["views"], STATUS_OK
                 if wds_out:
                     ext = source.locators[i].rsplit(".", 1)[-1].lower() if source.kind == "folder" else "jpg"
-                    samples.append({"key": source.keys[i], "ext": ext, "data": it["data"],
-                                    "record": pack_record(codes[j], it["views"], int(source.labels[i]))})
+                    samples.append(
+                        {
+                            "key": source.keys[i],
+                            "ext": ext,
+                            "data": it["data"],
+                            "record": pack_record(codes[j], it["views"], int(source.labels[i])),
+                        }
+                    )
         bar.update(len(items))
         if not last:
             continue
         okm = buf["status"] == STATUS_OK
-        record = {"shard": sid, "rows": [start, stop], "ok": int(okm.sum()), "skipped": skipped,
-                  "code_counts": np.bincount(buf["tokens"][okm].ravel(), minlength=K).tolist(),
-                  "label_counts": np.bincount(buf["labels"][okm] + 1, minlength=len(source.classes) + 1).tolist(),
-                  "sha256": {}}
+        record = {
+            "shard": sid,
+            "rows": [start, stop],
+            "ok": int(okm.sum()),
+            "skipped": skipped,
+            "code_counts": np.bincount(buf["tokens"][okm].ravel(), minlength=K).tolist(),
+            "label_counts": np.bincount(buf["labels"][okm] + 1, minlength=len(source.classes) + 1).tolist(),
+            "sha256": {},
+        }
         if wds_out:
             write_tar(out / tar_name(sid), samples)
             record["tar"] = {"path": tar_name(sid), "samples": len(samples)}
@@ -165,17 +206,30 @@ def tokenize(
     barrier()
     if rank == 0:
         records = journal.records(len(ranges))
-        journal.finish({
-            "format_version": FORMAT_VERSION, "kind": "tokens", "job": job, "source": source.describe(),
-            "codebook": {"file": "codebook.safetensors", "sha256": cb.sha256, "k": K, "dim": cb.dim,
-                         "metric": cb.metric},
-            "grid": G, "num_views": V, "token_dtype": tok_dtype.name, "formats": [f for f, on in
-                                                                        (("zarr", zarr_out), ("wds", wds_out)) if on],
-            "n": n, "n_ok": sum(r["ok"] for r in records),
-            "shards": [{k: r[k] for k in ("rows", "ok", "sha256", "tar") if k in r} for r in records],
-            "skipped": [s for r in records for s in r["skipped"]],
-            "code_counts": np.sum([r["code_counts"] for r in records], axis=0).tolist(),
-            "label_counts": (np.sum([r["label_counts"] for r in records], axis=0)).tolist(),
-        })
+        journal.finish(
+            {
+                "format_version": FORMAT_VERSION,
+                "kind": "tokens",
+                "job": job,
+                "source": source.describe(),
+                "codebook": {
+                    "file": "codebook.safetensors",
+                    "sha256": cb.sha256,
+                    "k": K,
+                    "dim": cb.dim,
+                    "metric": cb.metric,
+                },
+                "grid": G,
+                "num_views": V,
+                "token_dtype": tok_dtype.name,
+                "formats": [f for f, on in (("zarr", zarr_out), ("wds", wds_out)) if on],
+                "n": n,
+                "n_ok": sum(r["ok"] for r in records),
+                "shards": [{k: r[k] for k in ("rows", "ok", "sha256", "tar") if k in r} for r in records],
+                "skipped": [s for r in records for s in r["skipped"]],
+                "code_counts": np.sum([r["code_counts"] for r in records], axis=0).tolist(),
+                "label_counts": (np.sum([r["label_counts"] for r in records], axis=0)).tolist(),
+            }
+        )
     barrier()
     return out

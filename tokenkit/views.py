@@ -87,7 +87,9 @@ def render_view(img: Image.Image, view, size: int) -> Image.Image:
 
 def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
     """PIL RGB -> (3, S, S) float32 normalised with per-channel mean/std."""
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)  # (3, S, S)
+    a = (
+        torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    )  # (3, S, S)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return a.sub_(m).div_(s)

@@ -23,7 +23,9 @@ TOKENS_EXT = "tokens.npy"
 
 
 def record_dtype(num_views: int, grid: int, token_dtype: str) -> np.dtype:
-    return np.dtype([("tokens", token_dtype, (num_views, grid, grid)), ("views", "<i4", (num_views, 5)), ("label", "<i8")])
+    return np.dtype(
+        [("tokens", token_dtype, (num_views, grid, grid)), ("views", "<i4", (num_views, 5)), ("label", "<i8")]
+    )
 
 
 def pack_record(tokens: np.ndarray, views: np.ndarray, label: int) -> bytes:
@@ -50,7 +52,14 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-                len(data), 0, 0o644, 0, 0, "", "")
+                len(data),
+                0,
+                0o644,
+                0,
+                0,
+                "",
+                "",
+            )
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
@@ -87,7 +96,9 @@ def iter_tar(path: Path | str) -> Iterator[dict]:
                     cur = None
                 if cur is None:
                     if key in seen:
-                        raise SourceError(f"{path}: duplicate key '{key}'; the shard is damaged, re-run tokenize")
+                        raise SourceError(
+                            f"{path}: duplicate key '{key}'; the shard is damaged, re-run tokenize"
+                        )
                     seen.add(key)
                     cur = {"key": key}
                 if ext == TOKENS_EXT:
@@ -97,10 +108,14 @@ def iter_tar(path: Path | str) -> Iterator[dict]:
             if cur is not None:
                 yield _finish(cur, path)
     except tarfile.TarError as e:
-        raise StoreError(f"{path}: truncated or not a tar ({e}); the shard is damaged, re-run tokenize") from e
+        raise StoreError(
+            f"{path}: truncated or not a tar ({e}); the shard is damaged, re-run tokenize"
+        ) from e
 
 
 def _finish(sample: dict, path: str) -> dict:
     if "tokens" not in sample or "data" not in sample:
-        raise StoreError(f"{path}: sample '{sample['key']}' lacks its image or its tokens; the shard is damaged")
+        raise StoreError(
+            f"{path}: sample '{sample['key']}' lacks its image or its tokens; the shard is damaged"
+        )
     return sample

@@ -1,0 +1,76 @@
+"""The tokenkit CLI end to end: features -> codebook -> tokenize -> inspect / verify / show, and bad input."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from cli.tokenkit import main
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_chain_end_to_end(tmp_path, photos, capsys):
+    feat, cb, tok = tmp_path / "feat", tmp_path / "cb.safetensors", tmp_path / "tok"
+    enc = ["--model", "tokenkit-tiny-rn", "--pretrained", "none", "--grid", "3"]
+    rc, out, err = run(["features", photos, feat, *enc, "--workers", "0", "--quiet"], capsys)
+    assert rc == 0, err
+    rc, out, err = run(
+        ["codebook", feat, cb, "--k", "8", "--niter", "5", "--nredo", "2", "--backend", "torch"], capsys
+    )
+    assert rc == 0 and "K=8 C=256" in out, err
+    rc, out, err = run(
+        ["tokenize", photos, cb, tok, "--views", "2", "--format", "both", "--workers", "1", "--quiet"], capsys
+    )
+    assert rc == 0 and "images=12 skipped=0 views=2" in out, err
+    rc, out, _ = run(["inspect", tok, "--json"], capsys)
+    st = json.loads(out)
+    assert rc == 0 and st["k"] == 8 and st["grid"] == 3 and st["labels"] == {"even": 6, "odd": 6}
+    assert 1 <= st["codebook_usage"]["used_codes"] <= 8 and st["codebook_usage"]["perplexity"] >= 1
+    rc, out, _ = run(["inspect", tok], capsys)
+    assert "perplexity" in out and "12 stored, 0 skipped" in out
+    assert run(["verify", tok], capsys)[0] == 0
+    rc, out, _ = run(["show", tok, "even/astronaut", "--out", tmp_path / "t.png", "--size", "96"], capsys)
+    assert rc == 0 and Image.open(tmp_path / "t.png").size == (2 * 96 + 12, 2 * (96 + 6) + 6)
+    (tok / "tokens/c/0/0/0/0").write_bytes(b"junk")
+    rc, _, err = run(["verify", tok], capsys)
+    assert rc == 1 and "shard 0" in err and err.count("\n") >= 1
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["codebook", "{feat}", "{tmp}/cb", "--k", "1"], "--k 1: must be in [2"),
+        (["codebook", "{feat}", "{tmp}/cb", "--k", str(2**31)], "--k 2147483648"),
+        (["codebook", "{feat}", "{tmp}/cb", "--k", "many"], "'many' is not a valid integer"),
+        (["codebook", "{tmp}/nope", "{tmp}/cb"], "does not exist"),
+        (
+            [
+                "features",
+                "{photos}",
+                "{tmp}/f",
+                "--model",
+                "tokenkit-tiny-vit",
+                "--grid",
+                "4",
+                "--image-size",
+                "70",
+            ],
+            "--image-size 70 with --grid 4",
+        ),
+        (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--views", "0"], "--views 0: must be >= 1"),
+        (["tokenize", "{tmp}/empty", "{cb}", "{tmp}/t"], "no images"),
+        (["inspect", "{tmp}"], "no manifest.json"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, photos, features_store, codebook_path, capsys, argv, msg):
+    (tmp_path / "empty").mkdir()
+    fmt = {"feat": features_store, "tmp": tmp_path, "photos": photos, "cb": codebook_path}
+    rc, out, err = run([a.format(**fmt) for a in argv], capsys)
+    assert rc == 2
+    assert msg in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1

@@ -1,0 +1,114 @@
+"""Bad and unusual images: each is converted correctly or refused with a one-line ImageError."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokenkit.errors import ImageError, SourceError
+from tokenkit.images import decode_image, list_folder, list_tars, sanitize_key
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_truncated_zero_byte_text_and_tiny_images_are_refused():
+    good = encode(Image.new("RGB", (64, 48), (10, 20, 30)), "JPEG")
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode_image(good[: len(good) // 2], "cut.jpg")
+    with pytest.raises(ImageError, match="empty file"):
+        decode_image(b"", "zero.jpg")
+    with pytest.raises(ImageError, match="not a usable image"):
+        decode_image(b"hello, I am text\n" * 10, "text.jpg")
+    with pytest.raises(ImageError, match="1x1 is smaller than the 4-pixel"):
+        decode_image(encode(Image.new("RGB", (1, 1)), "PNG"), "dot.png", min_side=4)
+
+
+def test_16bit_grey_is_scaled_not_clipped():
+    a = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(3, 0)
+    img = decode_image(encode(Image.fromarray(a), "PNG"), "deep.png")
+    assert img.mode == "RGB"
+    assert np.asarray(img)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_cmyk_palette_alpha_and_grey():
+    cmyk = decode_image(encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), "cmyk.jpg")
+    r, g, b = np.asarray(cmyk)[4, 4]
+    assert cmyk.mode == "RGB" and r > 200 and g < 60 and b < 60  # pure red stays red
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.info["transparency"] = 1  # index 1 (red) is fully transparent -> white background
+    out = decode_image(encode(pal, "PNG", transparency=1), "pal.png")
+    assert np.asarray(out)[0, 0].tolist() == [255, 255, 255]
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 255, 128))
+    assert np.asarray(decode_image(encode(rgba, "PNG"), "a.png"))[0, 0].tolist() == [127, 127, 255]
+    assert (
+        np.asarray(decode_image(encode(Image.new("L", (4, 4), 77), "PNG"), "g.png"))[0, 0].tolist()
+        == [77] * 3
+    )
+
+
+def test_exif_rotation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 20))  # white band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=95), "rot.jpg")
+    assert out.size == (20, 40)
+    a = np.asarray(out).mean(axis=2)
+    assert a[:10].mean() > 200 and a[-10:].mean() < 50  # the band is now on top
+
+
+def test_decompression_bomb_is_refused(monkeypatch):
+    import tokenkit.images as images
+
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="decompression-bomb"):
+        decode_image(encode(Image.new("RGB", (100, 100)), "PNG"), "bomb.png")
+
+
+def test_folder_keys_labels_and_collisions(tmp_path):
+    for rel in ("cats/a.b.jpg", "cats/c.png", "dogs/d.jpg"):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(p)
+    idx = list_folder(tmp_path)
+    assert idx.keys == ("cats/a_b", "cats/c", "dogs/d")  # no dot may remain: webdataset splits on it
+    assert idx.labels.tolist() == [0, 0, 1] and idx.classes == ("cats", "dogs")
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a_b.png")
+    with pytest.raises(SourceError, match="same key 'cats/a_b'"):
+        list_folder(tmp_path)
+    assert sanitize_key("x.y/z.w") == "x.y/z_w"
+
+
+def make_tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_tar_source_reads_images_labels_and_refuses_hostile_members(tmp_path):
+    jpg = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "JPEG")
+    make_tar(tmp_path / "s-0.tar", [("k1.jpg", jpg), ("k1.cls", b"3"), ("k2.png", jpg)])
+    make_tar(tmp_path / "s-1.tar", [("sub/k3.jpg", jpg)])
+    idx = list_tars(str(tmp_path / "s-{0..1}.tar"))
+    assert idx.keys == ("k1", "k2", "sub/k3") and idx.labels.tolist() == [3, -1, -1]
+    assert idx.read_bytes(2) == jpg
+    make_tar(tmp_path / "evil.tar", [("../../etc/x.jpg", jpg)])
+    with pytest.raises(SourceError, match="hostile"):
+        list_tars(str(tmp_path / "evil.tar"))
+    make_tar(tmp_path / "abs.tar", [("/abs/x.jpg", jpg)])
+    with pytest.raises(SourceError, match="hostile"):
+        list_tars(str(tmp_path / "abs.tar"))
+    make_tar(tmp_path / "dup.tar", [("k.jpg", jpg), ("k.jpg", jpg)])
+    with pytest.raises(SourceError, match="duplicate member"):
+        list_tars(str(tmp_path / "dup.tar"))
+    with pytest.raises(SourceError, match="not found"):
+        list_tars(str(tmp_path / "s-{0..5}.tar"))

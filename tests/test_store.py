@@ -1,0 +1,109 @@
+"""verify finds every kind of damage, naming the shard; readers refuse incomplete or newer stores."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tokenkit.codebook import Codebook
+from tokenkit.errors import CodebookError, StoreError
+from tokenkit.store import TokenStore, verify
+from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.views import ViewConfig
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, photos, codebook_path):
+    out = tmp_path_factory.mktemp("pristine") / "store"
+    cfg = TokenizeConfig(views=ViewConfig(2, "random"), format="both", shard_size=4, workers=0)
+    return tokenize(photos, codebook_path, out, cfg, progress=False)
+
+
+@pytest.fixture
+def store(tmp_path, pristine):
+    dst = tmp_path / "store"
+    shutil.copytree(pristine, dst)
+    return dst
+
+
+def test_pristine_store_verifies(pristine):
+    assert verify(pristine) == []
+
+
+def test_flipped_byte(store):
+    p = store / "tokens/c/1/0/0/0"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    p.write_bytes(bytes(b))
+    (msg,) = verify(store)
+    assert "tokens/c/1/0/0/0: shard 1 sha256 mismatch" in msg
+
+
+def test_truncated_and_missing_shards(store):
+    tar = store / "wds/shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])
+    (store / "views/c/0/0/0").unlink()
+    problems = verify(store)
+    assert any("views/c/0/0/0: shard 0 is missing" in p for p in problems)
+    assert any("shard-000002.tar: shard 2 sha256 mismatch" in p for p in problems)
+
+
+def test_duplicated_key_is_found_even_with_matching_checksums(store):
+    m = json.loads((store / "manifest.json").read_text())
+    # copy shard 0's tar over shard 1's and update the checksum, as a botched merge would
+    src, dst = store / "wds/shard-000000.tar", store / "wds/shard-000001.tar"
+    dst.write_bytes(src.read_bytes())
+    from tokenkit.journal import sha256_file
+
+    m["shards"][1]["sha256"]["wds/shard-000001.tar"] = sha256_file(dst)
+    (store / "manifest.json").write_text(json.dumps(m))
+    problems = verify(store)
+    assert any("also appears in an earlier shard" in p for p in problems)
+
+
+def test_codebook_mismatch(store, tmp_path):
+    cb = Codebook.load(store / "codebook.safetensors")
+    Codebook(cb.centroids + 1, cb.encoder, cb.meta).save(store / "codebook.safetensors")
+    (msg,) = verify(store)
+    assert "do not match" in msg and "codebook.safetensors" in msg
+    (store / "codebook.safetensors").write_bytes(b"\x80\x04pickle-ish")  # a pickle planted in its place
+    with pytest.raises(CodebookError, match="not a safetensors codebook"):
+        Codebook.load(store / "codebook.safetensors")
+    assert "not a safetensors codebook" in verify(store)[0]
+
+
+def test_newer_format_and_unfinished_stores_are_refused(store):
+    m = json.loads((store / "manifest.json").read_text())
+    m["format_version"] = 99
+    (store / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="format_version 99 is newer"):
+        TokenStore.open(store)
+    (store / "manifest.json").unlink()
+    (store / "_job.json").write_text("{}")
+    with pytest.raises(StoreError, match="has not finished; re-run it with --resume"):
+        TokenStore.open(store)
+
+
+def test_check_compatible_names_both_values(pristine):
+    s = TokenStore.open(pristine)
+    s.check_compatible(codebook_sha256=s.codebook_sha256, k=16, grid=4, num_views=2)
+    with pytest.raises(StoreError, match="store K 16 != expected 8192"):
+        s.check_compatible(k=8192)
+    with pytest.raises(StoreError, match="grid 4 != expected 14"):
+        s.check_compatible(grid=14)
+
+
+def test_skipped_images_are_listed_and_rows_stay_aligned(tmp_path, photos, codebook_path):
+    src = tmp_path / "src"
+    shutil.copytree(photos, src)
+    (src / "odd" / "broken.jpg").write_bytes(b"not an image")
+    (src / "even" / "empty.png").write_bytes(b"")
+    out = tokenize(
+        src, codebook_path, tmp_path / "out", TokenizeConfig(shard_size=4, workers=0), progress=False
+    )
+    s = TokenStore.open(out)
+    assert len(s) == 12 and s.manifest["n"] == 14
+    assert sorted(k for k, _ in s.manifest["skipped"]) == ["even/empty", "odd/broken"]
+    assert all(k not in ("odd/broken", "even/empty") for k in s.read(np.arange(len(s)))["keys"])
+    assert verify(out) == []
