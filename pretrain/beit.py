@@ -1,0 +1,77 @@
+"""The BEiT objective in the same model family: blockwise masking, a learned mask token, and prediction of
+the masked patches' visual tokens (Bao et al. 2021). The paper's fair baseline (MaPeT Sec. 4.2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.vit import VisionTransformer, ViTConfig
+
+
+def default_num_masked(num_patches: int) -> int:
+    """BEiT masks 75 of 196 patches (~40%); the same fraction on other grids."""
+    return round(num_patches * 75 / 196)
+
+
+def block_mask(
+    rng: np.random.Generator, grid: int, num_masked: int, min_block: int = 16, min_aspect: float = 0.3
+) -> np.ndarray:
+    """BEiT's blockwise masking: rectangles of >= min_block patches and aspect in [0.3, 1/0.3] until
+    num_masked patches are masked (never more). Returns (G, G) bool."""
+    mask = np.zeros((grid, grid), dtype=bool)
+    count = 0
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    while count < num_masked:
+        budget = num_masked - count
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min(min_block, budget), budget)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < h < grid and 0 < w < grid:
+                top, left = int(rng.integers(0, grid - h + 1)), int(rng.integers(0, grid - w + 1))
+                region = mask[top : top + h, left : left + w]
+                new = int((~region).sum())
+                if 0 < new <= budget:
+                    region[:] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+class BEiT(nn.Module):
+    def __init__(self, cfg: ViTConfig, vocab_size: int):
+        super().__init__()
+        self.encoder = VisionTransformer(cfg)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(cfg.dim, vocab_size)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor):
+        """images (B, 3, S, S), targets (B, G*G) int64, masked (B, G*G) bool.
+
+        Returns logits (M, K) of the M masked patches of the batch and their targets (M,).
+        """
+        enc = self.encoder
+        x = enc.embed_patches(images)  # (B, G*G, D)
+        x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)  # masked patches -> mask token
+        x = enc.prepend_cls(x)  # (B, N, D)
+        for blk in enc.blocks:
+            x = blk(x)
+        x = enc.norm(x)[:, 1:]  # (B, G*G, D)
+        return self.head(x[masked]), targets[masked]  # (M, K), (M,)
+
+    def loss(self, images, targets, masked):
+        logits, y = self(images, targets, masked)
+        return F.cross_entropy(logits.float(), y), (logits.argmax(-1) == y).float().mean()

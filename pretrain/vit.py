@@ -1,0 +1,156 @@
+"""The ViT encoder shared by MaPeT, BEiT, probing and fine-tuning.
+
+BEiT/MaPeT-style ViT/16: learned absolute position embeddings (no relative bias), LayerScale, separate q and
+kv linears with bias (MaPeT's query stream takes queries from rows that are not keys), LayerNorm eps 1e-6,
+timm init (trunc_normal std .02). `Attention` takes an optional key/value length and a static boolean mask so
+the two-stream MaPeT forward is one attention call per block (pretrain/mapet.py).
+
+Shapes: B batch, N tokens (CLS + G*G patches), D width, H heads, Dh head dim, L query rows, S key rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    layer_scale: float = 0.1  # MaPeT / BEiT pre-training value
+    drop_path: float = 0.1
+    eps: float = 1e-6
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+# Presets: ViT-T/S/B at 224 / 16 (the paper's), and a micro model for CPU runs and the quickstart.
+PRESETS = {
+    "mapet_micro": dict(image_size=112, patch_size=16, dim=128, depth=4, heads=4),
+    "mapet_tiny": dict(image_size=224, patch_size=16, dim=192, depth=12, heads=3),
+    "mapet_small": dict(image_size=224, patch_size=16, dim=384, depth=12, heads=6),
+    "mapet_base": dict(image_size=224, patch_size=16, dim=768, depth=12, heads=12),
+}
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth, one draw per sample. Both MaPeT streams are rows of the same sample's tensor, so
+    they share the draw, as the paper's implementation does."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)  # (B, 1, 1)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} not divisible by heads {heads}"
+        self.heads, self.dh = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, kv_len: int | None = None, mask=None, flex=None) -> torch.Tensor:
+        """x (B, L, D). Keys/values come from the first kv_len rows (all rows when None).
+
+        mask: (L, S) bool (True = may attend) for SDPA, or a FlexAttention BlockMask when `flex` is given.
+        """
+        B, L, D = x.shape
+        S = L if kv_len is None else kv_len
+        q = self.q(x).view(B, L, self.heads, self.dh).transpose(1, 2)  # (B, H, L, Dh)
+        k, v = (
+            self.kv(x[:, :S]).view(B, S, 2, self.heads, self.dh).permute(2, 0, 3, 1, 4)
+        )  # 2 x (B, H, S, Dh)
+        if flex is not None:
+            o = flex(q, k, v, block_mask=mask)  # (B, H, L, Dh)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig, drop_path_rate: float):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = nn.LayerNorm(D, eps=cfg.eps)
+        self.attn = Attention(D, cfg.heads)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.eps)
+        hidden = int(D * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, D))
+        self.gamma1 = nn.Parameter(torch.full((D,), cfg.layer_scale))
+        self.gamma2 = nn.Parameter(torch.full((D,), cfg.layer_scale))
+        self.drop_path = drop_path_rate
+
+    def forward(self, x, kv_len=None, mask=None, flex=None):
+        """x (B, L, D) -> (B, L, D); see Attention for kv_len / mask / flex."""
+        x = x + drop_path(
+            self.gamma1 * self.attn(self.norm1(x), kv_len, mask, flex), self.drop_path, self.training
+        )
+        x = x + drop_path(self.gamma2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder. `forward_features` -> (B, N, D) normalised tokens; `forward_head` pools for probing."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, P = cfg.dim, cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, D, kernel_size=P, stride=P)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # linearly increasing stochastic depth
+        self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
+        self.norm = nn.LayerNorm(D, eps=cfg.eps)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, G*G, D) patch embeddings, row-major over the grid (no positions yet)."""
+        return self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, G*G, D)
+
+    def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, G*G, D) patch embeddings -> (B, N, D) with CLS first and absolute positions added."""
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N, D)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepend_cls(self.embed_patches(images))  # (B, N, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)  # (B, N, D)
+
+    def forward_head(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """(B, N, D) -> (B, D): mean of the patch tokens ("avg"), CLS ("cls"), or both concatenated."""
+        if pool == "cls":
+            return x[:, 0]
+        if pool == "avg":
+            return x[:, 1:].mean(1)
+        return torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=-1)  # (B, 2D)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
