@@ -1,0 +1,59 @@
+"""Checkpoints: one self-describing dict, written atomically, loaded without executing code.
+
+    {format_version, kind: "mapet-checkpoint", objective, vit (ViTConfig), train (TrainConfig as a dict),
+     store {codebook_sha256, k, grid, num_views}, step, epoch, model, optimizer, scaler, metrics}
+
+RUN/ckpt-SSSSSSSS.pt for the last `keep` steps and RUN/last.pt (a hard link to the newest), each written to a
+temporary name, fsynced and renamed. There is no RNG state: every random draw of step s is seeded by
+(seed, s), so restoring model, optimizer and step resumes the exact run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from tokenkit.errors import StoreError
+from tokenkit.journal import atomic_write_bytes, fsync_dir
+
+FORMAT_VERSION = 1
+KIND = "mapet-checkpoint"
+
+
+def save_checkpoint(run: Path, ckpt: dict, keep: int = 2) -> Path:
+    run = Path(run)
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, "kind": KIND, **ckpt}, buf)
+    path = run / f"ckpt-{ckpt['step']:08d}.pt"
+    atomic_write_bytes(path, buf.getvalue())
+    tmp = run / f".last.pt.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.link(path, tmp)
+    os.replace(tmp, run / "last.pt")  # last.pt moves to the new checkpoint in one rename
+    fsync_dir(run)
+    for old in sorted(run.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load with weights_only=True: a pickle that would run code is refused with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: checkpoint not found; pass RUN/last.pt of a 'mapet pretrain' run")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise StoreError(
+            f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0][:160]}); "
+            "pickled objects are refused, re-create it with 'mapet pretrain'"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        raise StoreError(f"{path}: not a mapet checkpoint; pass RUN/last.pt of a 'mapet pretrain' run")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise StoreError(f"{path}: format_version {ckpt['format_version']} is newer than this code; upgrade")
+    return ckpt

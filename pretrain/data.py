@@ -1,0 +1,212 @@
+"""The trainer's data path: stored views re-rendered exactly, photometric jitter on the input only, cached
+targets. CLIP never runs here.
+
+For each sample and epoch the view is a deterministic function of (seed, epoch, key); its crop box and flip
+come from the store and are rendered by tokenkit's own `render_view`, so the input shows exactly the pixels
+the targets were computed from, at the student's resolution. Colour jitter (brightness, contrast,
+saturation) is drawn from the same keyed generator.
+
+Two readers: `StoreDataset` (map-style over a zarr store, token rows read in blocks through
+`__getitems__`, with `EpochSampler` for shuffling and DDP sharding) and `StreamDataset` (webdataset shards
+with the image bytes inside, resampled per rank and epoch so every rank gets equal work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from torch.utils.data import IterableDataset, Sampler
+
+from tokenkit.images import decode_image
+from tokenkit.store import TokenStore
+from tokenkit.views import render_view, to_tensor
+from tokenkit.wds import iter_tar
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def keyed_rng(*parts) -> np.random.Generator:
+    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
+    """ColorJitter(strength, strength, strength) with factors from `rng`: brightness, contrast, saturation."""
+    if strength <= 0:
+        return img
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
+    return img
+
+
+def make_sample(
+    data: bytes,
+    name: str,
+    key: str,
+    tokens: np.ndarray,
+    views: np.ndarray,
+    epoch: int,
+    seed: int,
+    image_size: int,
+    strength: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training pair: (3, S, S) float32 input, (G*G,) int64 targets of the view used this epoch."""
+    rng = keyed_rng(seed, epoch, key)
+    v = int(rng.integers(0, len(views)))
+    img = render_view(decode_image(data, name), views[v], image_size)
+    x = to_tensor(jitter(img, rng, strength), IMAGENET_MEAN, IMAGENET_STD)  # (3, S, S)
+    return x, torch.from_numpy(np.asarray(tokens[v], dtype=np.int64).reshape(-1))  # (G*G,)
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a zarr token store. Opens the store lazily in each worker process."""
+
+    def __init__(
+        self, root, image_size: int, seed: int = 0, jitter: float = 0.4, source_root: str | None = None
+    ):
+        self.root, self.image_size, self.seed, self.strength = str(root), image_size, seed, jitter
+        self.source_root = source_root
+        self.epoch = 0
+        self._store = None
+        self.length = len(TokenStore.open(root))
+
+    @property
+    def store(self) -> TokenStore:
+        if self._store is None:
+            self._store = TokenStore.open(self.root)
+        return self._store
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None}  # zarr handles are reopened in each worker
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        block = self.store.read(positions)  # one sorted read per array for the whole batch
+        out = []
+        for j, pos in enumerate(positions):
+            data = self.store.image_bytes(pos, self.source_root)
+            key = block["keys"][j]
+            out.append(
+                make_sample(
+                    data,
+                    key,
+                    key,
+                    block["tokens"][j],
+                    block["views"][j],
+                    self.epoch,
+                    self.seed,
+                    self.image_size,
+                    self.strength,
+                )
+            )
+        return out
+
+    def __getitem__(self, pos: int):
+        return self.__getitems__([pos])[0]
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, split across ranks, starting at `start_batch` (for exact resume).
+
+    Each rank gets batches_per_epoch * batch_size positions (the tail that does not fill a global batch is
+    dropped), so every rank runs the same number of steps.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.batches_per_epoch = n // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{n} samples cannot fill one batch of {batch_size} x {world} ranks")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        perm = keyed_rng("sampler", self.seed, self.epoch).permutation(self.n)
+        per_rank = self.batches_per_epoch * self.batch_size
+        mine = perm[: per_rank * self.world][self.rank :: self.world]
+        return iter(mine[self.start_batch * self.batch_size :].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class StreamDataset(IterableDataset):
+    """webdataset token shards, streamed: yields whole batches (images (b, 3, S, S), targets (b, G*G)).
+
+    Per (epoch, rank) a keyed generator draws `len(shards)` shards with replacement (resampled shards: every
+    rank streams the same amount whatever the shard sizes), a shuffle buffer mixes samples, and each
+    DataLoader worker w takes batches start + w, start + w + W, ... so the batch sequence is the same for any
+    worker count (each worker reads the whole stream and decodes only its own batches).
+    `start_batch` skips already-consumed batches without decoding them.
+    """
+
+    def __init__(
+        self,
+        root,
+        image_size: int,
+        batch_size: int,
+        batches_per_epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        jitter: float = 0.4,
+        buffer: int = 1000,
+    ):
+        store = TokenStore.open(root)
+        self.tars = [str(p) for p in store.tar_paths()]
+        if not self.tars:
+            raise ValueError(
+                f"{root}: the store has no webdataset shards; tokenize with --format wds or both"
+            )
+        self.image_size, self.batch_size, self.batches_per_epoch = image_size, batch_size, batches_per_epoch
+        self.rank, self.world, self.seed, self.strength, self.buffer = rank, world, seed, jitter, buffer
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _raw_samples(self) -> Iterator[dict]:
+        rng = keyed_rng("stream", self.seed, self.epoch, self.rank)
+        buf: list[dict] = []
+        while True:
+            for t in rng.integers(0, len(self.tars), len(self.tars)):
+                for s in iter_tar(self.tars[t]):
+                    buf.append(s)
+                    if len(buf) >= self.buffer:
+                        yield buf.pop(int(rng.integers(0, len(buf))))
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        raw = self._raw_samples()
+        for b in range(self.batches_per_epoch):
+            batch = [next(raw) for _ in range(self.batch_size)]  # every worker walks the same stream
+            if b < self.start_batch or (b - self.start_batch) % nw != wid:
+                continue  # the DataLoader takes workers round-robin from worker 0
+            pairs = [
+                make_sample(
+                    s["data"],
+                    s["key"],
+                    s["key"],
+                    s["tokens"],
+                    s["views"],
+                    self.epoch,
+                    self.seed,
+                    self.image_size,
+                    self.strength,
+                )
+                for s in batch
+            ]
+            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -1,0 +1,353 @@
+"""`mapet pretrain`: one plain training loop for the MaPeT and BEiT objectives on a token store.
+
+AdamW without decay on norms, biases, LayerScale, position embeddings, CLS and mask tokens; a per-step
+cosine schedule with linear warmup; gradient clipping; gradient accumulation; bf16 autocast on CUDA;
+optional torch.compile; DDP under torchrun. Every random draw of step s (factorisation orders or BEiT
+masks, DropPath) is seeded by (seed, s), and the data order by (seed, epoch), so `--resume auto` replays the
+uninterrupted run exactly on CPU. Metrics go to RUN/metrics.jsonl, one JSON object per logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pretrain.beit import BEiT, block_mask, default_num_masked
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.data import EpochSampler, StoreDataset, StreamDataset, keyed_rng
+from pretrain.mapet import MaPeT, random_orders
+from pretrain.vit import PRESETS, ViTConfig
+from tokenkit.errors import ConfigError, StoreError
+from tokenkit.journal import atomic_write_bytes
+from tokenkit.store import TokenStore
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults: the paper's recipe (AdamW 1.5e-3 at global batch 2048, wd 0.05, 10 warmup epochs, cosine to
+    1e-5, clip 3.0, drop path 0.1, 300 epochs)."""
+
+    tokens: str
+    out: str
+    model: str = "mapet_small"
+    objective: str = "mapet"  # "mapet" | "beit"
+    epochs: int = 300
+    batch_size: int = 256  # per rank and micro-step; global batch = batch_size * world * accum_steps
+    accum_steps: int = 1
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0
+    drop_path: float = 0.1
+    image_size: int | None = None  # None: the preset's
+    patch_size: int | None = None
+    num_context: int | None = None  # MaPeT c; None: CLS + 25% of the patches (50 of 197)
+    jitter: float = 0.4
+    data: str = "auto"  # "zarr" | "wds" | "auto" (zarr when the store has it)
+    seed: int = 0
+    workers: int = 4
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    attn_backend: str = "auto"
+    max_steps: int | None = None  # stop early (smoke runs, benchmarks); the schedule still spans all epochs
+    ckpt_every: int = 0  # steps between checkpoints, 0: at the end of each epoch only
+    keep: int = 2
+    log_every: int = 10
+    source_root: str | None = None
+
+    def vit(self) -> ViTConfig:
+        if self.model not in PRESETS:
+            raise ConfigError(f"--model {self.model}: choose one of {', '.join(PRESETS)}")
+        kw = dict(PRESETS[self.model], drop_path=self.drop_path)
+        if self.image_size:
+            kw["image_size"] = self.image_size
+        if self.patch_size:
+            kw["patch_size"] = self.patch_size
+        cfg = ViTConfig(**kw)
+        if cfg.image_size % cfg.patch_size:
+            raise ConfigError(
+                f"--image-size {cfg.image_size}: not a multiple of --patch-size {cfg.patch_size}"
+            )
+        return cfg
+
+    def validate(self) -> None:
+        if self.objective not in ("mapet", "beit"):
+            raise ConfigError(f"--objective {self.objective}: choose mapet or beit")
+        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
+            raise ConfigError("--epochs, --batch-size and --accum-steps must be >= 1")
+        if self.data not in ("auto", "zarr", "wds"):
+            raise ConfigError(f"--data {self.data}: choose auto, zarr or wds")
+
+
+def build_model(cfg: TrainConfig, vit: ViTConfig, k: int) -> nn.Module:
+    if cfg.objective == "mapet":
+        return MaPeT(vit, k, cfg.num_context, cfg.attn_backend)
+    return BEiT(vit, k)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on 1-d parameters (norms, biases, LayerScale) nor on position / CLS / mask tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup from 0, then cosine from lr to min_lr, per step."""
+    if step < warmup:
+        return lr * step / max(warmup, 1)
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def step_aux(
+    objective: str, model: nn.Module, batch: int, grid: int, seed: int, step: int, micro: int, rank: int
+):
+    """The random part of a step, keyed by (seed, step, micro, rank): MaPeT orders or BEiT masks."""
+    if objective == "mapet":
+        g = torch.Generator().manual_seed(int(keyed_rng("orders", seed, step, micro, rank).integers(2**62)))
+        return random_orders(batch, grid * grid, g)  # (B, G*G)
+    rng = keyed_rng("beit", seed, step, micro, rank)
+    n = default_num_masked(grid * grid)
+    return torch.from_numpy(
+        np.stack([block_mask(rng, grid, n).reshape(-1) for _ in range(batch)])
+    )  # (B, G*G)
+
+
+class Objective(nn.Module):
+    """What DDP wraps: forward = (loss, token top-1) of one micro-batch."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images, targets, aux):
+        return self.net.loss(images, targets, aux)
+
+
+def pretrain(
+    cfg: TrainConfig,
+    resume: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    progress: bool = True,
+) -> Path:
+    """Train, checkpoint and log into cfg.out. Returns the path of the last checkpoint."""
+    cfg.validate()
+    run = Path(cfg.out)
+    store = TokenStore.open(cfg.tokens)
+    vit = cfg.vit()
+    if vit.grid != store.grid:
+        raise StoreError(
+            f"{cfg.tokens}: store grid {store.grid} != model grid {vit.grid} "
+            f"({vit.image_size}/{vit.patch_size}); pass --image-size {store.grid * vit.patch_size}"
+        )
+    ckpt = None
+    if resume and (run / "last.pt").exists():
+        ckpt = load_checkpoint(run / "last.pt")
+        was, now = _math_fields(ckpt["train"]), _math_fields(asdict(cfg))
+        if was != now:
+            diff = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now.get(k))
+            raise ConfigError(
+                f"{run}/last.pt: the run was trained with other settings ({diff}); resume with the same flags"
+            )
+        if ckpt["store"]["codebook_sha256"] != store.codebook_sha256:
+            raise StoreError(
+                f"{cfg.tokens}: codebook sha256 {store.codebook_sha256} != the run's "
+                f"{ckpt['store']['codebook_sha256']}; resume with the original token store"
+            )
+    elif (run / "last.pt").exists():
+        raise ConfigError(f"{run}: holds a run; pass --resume auto to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    net = build_model(cfg, vit, store.k).to(device)
+    opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    model = Objective(net)
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision in ("bf16", "fp16")
+        else nullcontext()
+    )
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    if ckpt is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+
+    use_wds = cfg.data == "wds" or (cfg.data == "auto" and not store.has_zarr)
+    per_step = cfg.batch_size * cfg.accum_steps * world
+    batches_per_epoch = (len(store) // (cfg.batch_size * world)) // cfg.accum_steps * cfg.accum_steps
+    if batches_per_epoch == 0:
+        raise ConfigError(
+            f"{cfg.tokens}: {len(store)} images cannot fill one step of {per_step}; lower --batch-size"
+        )
+    steps_per_epoch = batches_per_epoch // cfg.accum_steps
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    last = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    step = ckpt["step"] if ckpt is not None else 0
+
+    if use_wds:
+        dataset = StreamDataset(
+            cfg.tokens, vit.image_size, cfg.batch_size, batches_per_epoch, rank, world, cfg.seed, cfg.jitter
+        )
+        loader_kw = dict(batch_size=None)
+    else:
+        dataset = StoreDataset(cfg.tokens, vit.image_size, cfg.seed, cfg.jitter, cfg.source_root)
+        sampler = EpochSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
+        loader_kw = dict(batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    metrics_path = run / "metrics.jsonl"
+    if rank == 0:
+        if step == 0:
+            atomic_write_bytes(run / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
+        _truncate_metrics(metrics_path, step)  # a killed run may have logged past its last checkpoint
+    bar = tqdm(total=last, initial=step, unit="step", disable=not progress or rank != 0, desc=cfg.objective)
+    meta = {
+        "objective": cfg.objective,
+        "vit": asdict(vit),
+        "train": asdict(cfg),
+        "store": {
+            "codebook_sha256": store.codebook_sha256,
+            "k": store.k,
+            "grid": store.grid,
+            "num_views": store.num_views,
+        },
+    }
+    t0, seen = time.perf_counter(), 0
+    net.train()
+    while step < last:
+        epoch, start = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch, start * cfg.accum_steps) if use_wds else (
+            dataset.set_epoch(epoch),
+            sampler.set_epoch(epoch, start * cfg.accum_steps),
+        )
+        loader = DataLoader(
+            dataset,
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+            **loader_kw,
+        )
+        it = iter(loader)
+        while step < last and step // steps_per_epoch == epoch:
+            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum, acc_sum = 0.0, 0.0
+            for micro in range(cfg.accum_steps):
+                images, targets = next(it)
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                aux = step_aux(cfg.objective, net, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
+                    device
+                )
+                torch.manual_seed(int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62)))
+                sync = nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
+                with sync:
+                    with autocast:
+                        loss, acc = model(images, targets, aux)
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                loss_sum += float(loss.detach())
+                acc_sum += float(acc)
+            scaler.unscale_(opt)
+            grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seen += per_step
+            bar.update(1)
+            loss_v, acc_v = loss_sum / cfg.accum_steps, acc_sum / cfg.accum_steps
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"step {step}: loss is {loss_v}; lower --lr or check the store")
+            if rank == 0 and (step % cfg.log_every == 0 or step == last or step == 1):
+                ips = seen / (time.perf_counter() - t0)
+                rec = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_v,
+                    "token_acc": acc_v,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "img_per_s": ips,
+                }
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}", ips=f"{ips:.1f}")
+            end_of_epoch = step % steps_per_epoch == 0
+            if (
+                end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            ) and rank == 0:
+                save_checkpoint(
+                    run,
+                    {
+                        **meta,
+                        "step": step,
+                        "epoch": step // steps_per_epoch,
+                        "model": net.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict(),
+                    },
+                    cfg.keep,
+                )
+            if end_of_epoch or step == last:
+                barrier()
+        del it, loader
+    bar.close()
+    return run / "last.pt"
+
+
+# settings that may change on resume: they do not change the computation
+RESUME_FREE = {
+    "tokens",
+    "out",
+    "workers",
+    "device",
+    "max_steps",
+    "ckpt_every",
+    "keep",
+    "log_every",
+    "compile",
+    "source_root",
+}
+
+
+def _math_fields(d: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in RESUME_FREE}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())

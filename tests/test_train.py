@@ -1,0 +1,245 @@
+"""The trainer: learns on a fixed batch, resumes a killed run exactly, DDP equals the rank-gradient average."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import load_checkpoint
+from pretrain.data import EpochSampler, StoreDataset, keyed_rng
+from pretrain.mapet import MaPeT, random_orders
+from pretrain.train import Objective, TrainConfig, build_model, lr_at, param_groups, pretrain, step_aux
+from pretrain.vit import ViTConfig
+from tokenkit.errors import ConfigError, StoreError
+from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.views import ViewConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, photos, codebook_path):
+    out = tmp_path_factory.mktemp("train") / "tokens"
+    cfg = TokenizeConfig(views=ViewConfig(2, "random", seed=3), format="both", shard_size=8, workers=0)
+    return tokenize(photos, codebook_path, out, cfg, progress=False)
+
+
+def tiny(store, out, **kw):
+    base = dict(
+        tokens=str(store),
+        out=str(out),
+        model="mapet_micro",
+        image_size=64,
+        patch_size=16,
+        batch_size=4,
+        epochs=4,
+        warmup_epochs=1,
+        lr=1e-3,
+        workers=0,
+        log_every=1,
+        seed=0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vit = ViTConfig(image_size=64, patch_size=16, dim=64, depth=2, heads=4, drop_path=0.0)
+    model = MaPeT(vit, vocab_size=16)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    images, targets = torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 16, (8, 16), generator=g)
+    orders = random_orders(8, 16, g)
+    losses = []
+    for _ in range(30):
+        loss, _ = model.loss(images, targets, orders)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_schedule_and_no_decay_groups():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == 0 and lr_at(10, 100, 10, 1.0, 0.0) == 1.0
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1) and lr_at(
+        55, 100, 10, 1.0, 0.0
+    ) == pytest.approx(0.5)
+    model = MaPeT(ViTConfig(image_size=32, patch_size=16, dim=32, depth=1, heads=2), 8)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"mask_token", "encoder.pos_embed", "encoder.cls_token", "encoder.blocks.0.gamma1"} <= skipped
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+
+
+@pytest.mark.parametrize("objective", ["mapet", "beit"])
+def test_pretrain_runs_and_checkpoints(store, tmp_path, objective):
+    cfg = tiny(store, tmp_path / "run", objective=objective, epochs=2)
+    last = pretrain(cfg, progress=False)
+    m = metrics(tmp_path / "run")
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]  # 12 images / batch 4 = 3 steps per epoch
+    assert all(0 <= r["token_acc"] <= 1 and r["loss"] > 0 for r in m)
+    ckpt = load_checkpoint(last)
+    assert ckpt["step"] == 6 and ckpt["objective"] == objective and ckpt["store"]["k"] == 16
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt")) == [
+        "ckpt-00000003.pt",
+        "ckpt-00000006.pt",
+    ]
+    with pytest.raises(ConfigError, match="--resume auto"):
+        pretrain(cfg, progress=False)
+
+
+KILLER = """
+import os, signal, sys
+import pretrain.train as t
+from pretrain.train import TrainConfig
+real = t.save_checkpoint
+n = [0]
+def dying(*a, **k):
+    path = real(*a, **k)
+    n[0] += 1
+    if n[0] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+t.save_checkpoint = dying
+cfg = TrainConfig(tokens=sys.argv[1], out=sys.argv[2], model="mapet_micro", image_size=64, patch_size=16,
+                  batch_size=4, epochs=4, warmup_epochs=1, lr=1e-3, workers=0, log_every=1, seed=0,
+                  ckpt_every=2, objective=sys.argv[3])
+t.pretrain(cfg, progress=False)
+"""
+
+
+@pytest.mark.parametrize("objective", ["mapet", "beit"])
+def test_killed_run_resumes_with_the_same_loss_sequence(store, tmp_path, objective):
+    ref = tmp_path / "ref"
+    pretrain(tiny(store, ref, objective=objective, ckpt_every=2), progress=False)
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-c", KILLER, str(store), str(run), objective], cwd=ROOT, capture_output=True
+    )
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    assert load_checkpoint(run / "last.pt")["step"] == 3  # 2nd checkpoint: end of epoch 0 was step 3
+    pretrain(tiny(store, run, objective=objective, ckpt_every=2, workers=1), resume=True, progress=False)
+    assert [(m["step"], m["loss"], m["token_acc"]) for m in metrics(run)] == [
+        (m["step"], m["loss"], m["token_acc"]) for m in metrics(ref)
+    ]
+    a, b = load_checkpoint(run / "last.pt")["model"], load_checkpoint(ref / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings_and_other_codebooks(store, tmp_path):
+    run = tmp_path / "run"
+    pretrain(tiny(store, run, max_steps=2), progress=False)
+    with pytest.raises(ConfigError, match="lr 0.001 -> 0.002"):
+        pretrain(tiny(store, run, lr=2e-3), resume=True, progress=False)
+    with pytest.raises(StoreError, match="store grid 4 != model grid 7"):
+        pretrain(tiny(store, tmp_path / "x", image_size=112), progress=False)
+
+
+def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
+    from tokenkit.store import TokenStore
+    from tokenkit.views import render_view
+
+    ds = StoreDataset(store, image_size=64, seed=5, jitter=0.0)
+    s = TokenStore.open(store)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        x, y = ds[3]
+        block = s.read([3])
+        v = int(keyed_rng(5, epoch, block["keys"][0]).integers(0, 2))
+        assert torch.equal(y, torch.from_numpy(block["tokens"][0, v].reshape(-1)))
+        want = render_view(s.image(3), block["views"][0, v], 64)
+        from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
+        from tokenkit.views import to_tensor
+
+        assert torch.allclose(x, to_tensor(want, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_sampler_splits_ranks_disjointly_and_resumes_mid_epoch():
+    a = EpochSampler(103, 5, rank=0, world=2, seed=1)
+    b = EpochSampler(103, 5, rank=1, world=2, seed=1)
+    ia, ib = list(a), list(b)
+    assert len(ia) == len(ib) == 50 and not set(ia) & set(ib)
+    a.set_epoch(0, start_batch=3)
+    assert list(a) == ia[15:]
+    a.set_epoch(1)
+    assert list(a) != ia
+
+
+def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "cli.mapet",
+        "pretrain",
+        "--tokens",
+        str(store),
+        "--out",
+        str(run),
+        "--model",
+        "mapet_micro",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "3",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "1e-3",
+        "--workers",
+        "0",
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    got = load_checkpoint(run / "last.pt")["model"]
+
+    # the same step by hand: each rank's gradient on its own batch, averaged, then one AdamW step
+    cfg = tiny(store, tmp_path / "x", batch_size=3, epochs=1, warmup_epochs=0)
+    vit = cfg.vit()
+    torch.manual_seed(0)
+    net = build_model(cfg, vit, 16)
+    opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    model = Objective(net)
+    grads = [torch.zeros_like(p) for p in net.parameters()]
+    for rank in (0, 1):
+        ds = StoreDataset(store, vit.image_size, cfg.seed, cfg.jitter)
+        sampler = EpochSampler(len(ds), 3, rank, 2, cfg.seed)
+        idx = list(sampler)[:3]
+        pairs = ds.__getitems__(idx)
+        images, targets = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        aux = step_aux("mapet", net, 3, vit.grid, cfg.seed, 0, 0, rank)
+        torch.manual_seed(int(keyed_rng("droppath", cfg.seed, 0, 0, rank).integers(2**62)))
+        loss, _ = model(images, targets, aux)
+        net.zero_grad()
+        loss.backward()
+        for gacc, p in zip(grads, net.parameters(), strict=True):
+            gacc += p.grad / 2
+    for gacc, p in zip(grads, net.parameters(), strict=True):
+        p.grad = gacc
+    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+    opt.step()
+    want = net.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
