@@ -12,9 +12,23 @@ from pathlib import Path
 import click
 
 from cli.runtime import init_distributed, run_cli
+from pretrain.evaluate import (
+    ProbeConfig,
+    extract,
+    knn_classify,
+    labelled_source,
+    linear_probe,
+    load_encoder,
+    majority_baseline,
+    top1,
+)
+from pretrain.export import export as export_encoder
+from pretrain.finetune import FinetuneConfig
+from pretrain.finetune import finetune as run_finetune
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
+from tokenkit.journal import atomic_write_json
 
 EXISTING = click.Path(exists=True, path_type=Path)
 
@@ -76,6 +90,177 @@ def pretrain(tokens, out, resume, quiet, **kw):
     last = run_pretrain(cfg, resume == "auto", dist.rank, dist.world, dist.barrier, not quiet)
     if dist.rank == 0:
         click.echo(f"checkpoint: {last}")
+
+
+def encoder_options(f):
+    for opt in reversed(
+        [
+            click.option(
+                "--checkpoint",
+                required=True,
+                help="RUN/last.pt of 'mapet pretrain', or 'random' (random init).",
+            ),
+            click.option(
+                "--train", "train_dir", required=True, type=EXISTING, help="Labelled image folder or store."
+            ),
+            click.option(
+                "--val", "val_dir", required=True, type=EXISTING, help="Labelled image folder or store."
+            ),
+            click.option(
+                "--model",
+                type=click.Choice(list(PRESETS)),
+                default="mapet_small",
+                show_default=True,
+                help="With --checkpoint random.",
+            ),
+            click.option("--image-size", type=int, default=None, help="With --checkpoint random."),
+            click.option("--patch-size", type=int, default=None, help="With --checkpoint random."),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--batch-size", type=int, default=64, show_default=True),
+            click.option("--workers", type=int, default=2, show_default=True),
+            click.option("--device", default="auto", show_default=True),
+            click.option(
+                "--out",
+                "out_json",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Result JSON (default: beside the checkpoint).",
+            ),
+            click.option("--quiet", is_flag=True),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _setup(kw):
+    import torch
+
+    device = kw["device"] if kw["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    enc = load_encoder(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
+    return enc, labelled_source(kw["train_dir"]), labelled_source(kw["val_dir"]), device
+
+
+def _result_path(kw, name: str) -> Path:
+    if kw["out_json"]:
+        return kw["out_json"]
+    base = Path(".") if kw["checkpoint"] == "random" else Path(kw["checkpoint"]).parent
+    return base / f"{name}-{Path(kw['train_dir']).resolve().parent.name}.json"
+
+
+def _features(enc, src, pool, kw, device):
+    return extract(enc, src, pool, kw["batch_size"], kw["workers"], device, not kw["quiet"])
+
+
+@cli.command()
+@encoder_options
+@click.option("--k", type=int, default=20, show_default=True)
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--pool", type=click.Choice(["avg", "cls", "both"]), default="avg", show_default=True)
+def knn(k, temperature, pool, **kw):
+    """Weighted k-NN top-1 on frozen features (cosine, DINO protocol)."""
+    enc, train, val, device = _setup(kw)
+    tf, ty = _features(enc, train, pool, kw, device)
+    vf, vy = _features(enc, val, pool, kw, device)
+    acc = top1(knn_classify(tf, ty, vf, k, temperature, int(max(ty.max(), vy.max())) + 1), vy)
+    res = {
+        "eval": "knn",
+        "top1": acc,
+        "k": k,
+        "temperature": temperature,
+        "pool": pool,
+        "majority_baseline": majority_baseline(ty, vy),
+        "checkpoint": str(kw["checkpoint"]),
+        "train": str(kw["train_dir"]),
+        "val": str(kw["val_dir"]),
+        "n_train": len(ty),
+        "n_val": len(vy),
+    }
+    atomic_write_json(_result_path(kw, "knn"), res)
+    click.echo(
+        f"knn top-1: {100 * acc:.2f}%  (k={k}, T={temperature}, majority {100 * res['majority_baseline']:.2f}%)"
+    )
+
+
+@cli.command()
+@encoder_options
+@click.option(
+    "--pool",
+    type=click.Choice(["avg", "cls", "both"]),
+    default="both",
+    show_default=True,
+    help="both: CLS and average-pooled patch tokens, concatenated.",
+)
+@click.option("--l2", type=float, default=1e-4, show_default=True, help="L2 penalty on the probe's weights.")
+@click.option("--max-iter", type=int, default=1000, show_default=True, help="L-BFGS iterations at most.")
+def linprobe(pool, l2, max_iter, **kw):
+    """Linear probe top-1 on frozen, standardised features."""
+    enc, train, val, device = _setup(kw)
+    tf, ty = _features(enc, train, pool, kw, device)
+    vf, vy = _features(enc, val, pool, kw, device)
+    res = linear_probe(tf, ty, vf, vy, ProbeConfig(l2=l2, max_iter=max_iter))
+    res.update(
+        {
+            "eval": "linprobe",
+            "pool": pool,
+            "l2": l2,
+            "checkpoint": str(kw["checkpoint"]),
+            "majority_baseline": majority_baseline(ty, vy),
+            "train": str(kw["train_dir"]),
+            "val": str(kw["val_dir"]),
+            "n_train": len(ty),
+            "n_val": len(vy),
+        }
+    )
+    atomic_write_json(_result_path(kw, "linprobe"), res)
+    click.echo(f"linprobe top-1: {100 * res['top1']:.2f}%  (train {100 * res['train_top1']:.2f}%)")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, help="RUN/last.pt of 'mapet pretrain', or 'random'.")
+@click.option("--train", "train_dir", required=True, type=EXISTING)
+@click.option("--val", "val_dir", required=True, type=EXISTING)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Fine-tuning run folder.")
+@click.option("--model", type=click.Choice(list(PRESETS)), default="mapet_small", show_default=True)
+@click.option("--image-size", type=int, default=None)
+@click.option("--patch-size", type=int, default=None)
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--layer-decay", type=float, default=0.65, show_default=True)
+@click.option("--drop-path", type=float, default=0.1, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--randaug", is_flag=True, help="RandAugment (2 ops, magnitude 9).")
+@click.option("--mixup", type=float, default=0.0, show_default=True, help="Mixup alpha (paper: 0.8).")
+@click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix alpha (paper: 1.0).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, quiet, **kw):
+    """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay)."""
+    import torch
+
+    if kw["device"] == "auto":
+        kw["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    enc = load_encoder(checkpoint, model, image_size, patch_size, kw["seed"])
+    res = run_finetune(
+        enc, labelled_source(train_dir), labelled_source(val_dir), out, FinetuneConfig(**kw), not quiet
+    )
+    click.echo(
+        f"finetune top-1: {100 * res['top1']:.2f}% (best {100 * res['best_top1']:.2f}%)  -> {out}/result.json"
+    )
+
+
+@cli.command()
+@click.argument("checkpoint", type=EXISTING)
+@click.argument("out", type=click.Path(path_type=Path))
+def export(checkpoint, out):
+    """Write the encoder of CHECKPOINT as safetensors with timm ViT key names."""
+    export_encoder(load_encoder(str(checkpoint)), out)
+    click.echo(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

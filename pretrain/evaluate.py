@@ -1,0 +1,178 @@
+"""Judging a pre-trained encoder on frozen features: k-NN (DINO protocol) and a linear probe.
+
+Images are labelled folders (class sub-folders) or labelled token stores; each is read at the encoder's input
+size through its central square (resize the short side, centre crop: the `center` view of tokenkit), with
+ImageNet mean/std. Features are computed once and cached in memory; both evaluations are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pretrain.checkpoint import load_checkpoint
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
+from tokenkit.errors import ConfigError, ImageError, SourceError
+from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
+from tokenkit.store import TokenStore
+from tokenkit.views import center_box, render_view, to_tensor
+
+
+def load_encoder(
+    checkpoint: str,
+    model: str = "mapet_small",
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    seed: int = 0,
+) -> VisionTransformer:
+    """The encoder of a pre-training checkpoint, or a random-init one for `checkpoint="random"`."""
+    if checkpoint == "random":
+        if model not in PRESETS:
+            raise ConfigError(f"--model {model}: choose one of {', '.join(PRESETS)}")
+        kw = dict(PRESETS[model])
+        kw.update({k: v for k, v in (("image_size", image_size), ("patch_size", patch_size)) if v})
+        torch.manual_seed(seed)
+        return VisionTransformer(ViTConfig(**kw, drop_path=0.0)).eval()
+    ckpt = load_checkpoint(Path(checkpoint))
+    enc = VisionTransformer(ViTConfig(**ckpt["vit"]))
+    state = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    enc.load_state_dict(state)
+    return enc.eval()
+
+
+def labelled_source(path: str | Path) -> SampleIndex:
+    """An image folder with class sub-folders, tar shards with .cls, or a token store (its stored rows)."""
+    p = Path(path)
+    if (p / "manifest.json").exists():
+        store = TokenStore.open(p)
+        rows = store.rows
+        g = store.group
+        src = source_from_manifest(
+            store.manifest["source"],
+            g["keys"].get_orthogonal_selection((rows,)),
+            g["labels"].get_orthogonal_selection((rows,)),
+            g["locators"].get_orthogonal_selection((rows,)),
+        )
+    else:
+        src = list_source(path)
+    if (src.labels < 0).any():
+        raise SourceError(
+            f"{path}: {int((src.labels < 0).sum())} images have no label; pass class sub-folders"
+        )
+    return src
+
+
+class CenterCropDataset(Dataset):
+    def __init__(self, source: SampleIndex, image_size: int):
+        self.source, self.size = source, image_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        try:
+            img = decode_image(self.source.read_bytes(i), self.source.keys[i])
+        except (ImageError, OSError):
+            return torch.zeros(3, self.size, self.size), -1  # unreadable: dropped after the forward
+        img = render_view(img, (*center_box(*img.size), 0), self.size)
+        return to_tensor(img, IMAGENET_MEAN, IMAGENET_STD), int(self.source.labels[i])
+
+
+@torch.no_grad()
+def extract(
+    encoder: VisionTransformer,
+    source: SampleIndex,
+    pool: str = "avg",
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features (M, D) float32 (or (M, 2D) for pool="both") and labels (M,) int64 of the readable images."""
+    encoder = encoder.to(device).eval()
+    loader = DataLoader(
+        CenterCropDataset(source, encoder.cfg.image_size), batch_size=batch_size, num_workers=workers
+    )
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="features", unit="batch", disable=not progress):
+        feats.append(encoder.forward_head(encoder.forward_features(x.to(device)), pool).float().cpu())
+        labels.append(y)
+    f, y = torch.cat(feats), torch.cat(labels)
+    keep = y >= 0
+    return f[keep], y[keep]
+
+
+def knn_classify(
+    train_f,
+    train_y,
+    val_f,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    block: int = 1024,
+) -> torch.Tensor:
+    """DINO's weighted k-NN: cosine similarity, top-k neighbours vote with weight exp(sim / T). Returns (M,) preds."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    k = min(k, len(train_f))
+    tf, vf = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
+    preds = []
+    for s in range(0, len(vf), block):
+        sim = vf[s : s + block] @ tf.T  # (b, Ntrain)
+        top, idx = sim.topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(top), num_classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Multinomial logistic regression on standardised features, full batch, L-BFGS to convergence: the
+    optimum of a convex problem, so no learning rate or epoch count decides the result."""
+
+    l2: float = 1e-4  # on the weights, per feature and class
+    max_iter: int = 1000
+
+
+def linear_probe(train_f, train_y, val_f, val_y, cfg: ProbeConfig = ProbeConfig()) -> dict:
+    """Fit the probe on (M, F) train features and return val / train top-1."""
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    xt, xv = (train_f - mean) / std, (val_f - mean) / std
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    head = torch.nn.Linear(xt.shape[1], num_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(
+        head.parameters(),
+        lr=1.0,
+        max_iter=cfg.max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xt), train_y) + cfg.l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        train_acc = float((head(xt).argmax(1) == train_y).float().mean())
+        val_acc = float((head(xv).argmax(1) == val_y).float().mean())
+    return {"top1": val_acc, "train_top1": train_acc}
+
+
+def top1(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float((pred == y).float().mean())
+
+
+def majority_baseline(train_y, val_y) -> float:
+    return float((val_y == torch.bincount(train_y).argmax()).float().mean())

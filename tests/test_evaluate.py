@@ -1,0 +1,166 @@
+"""Evaluation and export: k-NN / linear probe beat chance on separable data, timm loads the export,
+fine-tuning learns, and checkpoints never unpickle code."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli.mapet import main
+from pretrain.checkpoint import load_checkpoint
+from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_encoder
+from pretrain.export import export
+from pretrain.train import TrainConfig, pretrain
+from tokenkit.errors import StoreError
+from tokenkit.tokenize import TokenizeConfig, tokenize
+
+
+def separable_folder(root, n_per_class=12, seed=0):
+    """Two classes that differ in colour and texture: warm horizontal stripes vs cool vertical stripes."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for cls, (base, axis) in {"warm": ((200, 80, 40), 0), "cool": ((40, 90, 200), 1)}.items():
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                a = np.zeros((72, 80, 3), np.float64) + base
+                stripes = (np.arange(72 if axis == 0 else 80) // 6 % 2) * 50.0
+                a += stripes[:, None, None] if axis == 0 else stripes[None, :, None]
+                a += rng.normal(0, 25, a.shape)
+                Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(d / f"{cls}_{i}.png")
+    return root
+
+
+def test_knn_classify_matches_a_hand_computed_vote():
+    train = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
+    y = torch.tensor([0, 0, 1, 1])
+    val = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.6, 0.5]])
+    pred = knn_classify(train, y, val, k=3, temperature=0.07)
+    assert pred.tolist() == [0, 1, 0]
+
+
+def test_knn_and_linprobe_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=g) * 3
+    y = torch.arange(500) % 5
+    x = centers[y] + torch.randn(500, 32, generator=g)
+    pred = knn_classify(x[:400], y[:400], x[400:])
+    assert (pred == y[400:]).float().mean() > 0.9  # chance is 0.2
+    res = linear_probe(x[:400], y[:400], x[400:], y[400:], ProbeConfig())
+    assert res["top1"] > 0.9
+
+
+def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
+    data = separable_folder(tmp_path / "data")
+    common = [
+        "--checkpoint",
+        "random",
+        "--model",
+        "mapet_micro",
+        "--image-size",
+        "64",
+        "--train",
+        data / "train",
+        "--val",
+        data / "val",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
+    assert main(["knn", *map(str, common), "--out", str(tmp_path / "knn.json")]) == 0
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    assert knn["top1"] > 0.9 and knn["n_val"] == 24 and knn["majority_baseline"] == 0.5
+    assert main(["linprobe", *map(str, common), "--out", str(tmp_path / "lp.json")]) == 0
+    assert json.loads((tmp_path / "lp.json").read_text())["top1"] > 0.9
+    ft = tmp_path / "ft"
+    rc = main(
+        [
+            "finetune",
+            "--checkpoint",
+            "random",
+            "--model",
+            "mapet_micro",
+            "--image-size",
+            "64",
+            "--train",
+            str(data / "train"),
+            "--val",
+            str(data / "val"),
+            "--out",
+            str(ft),
+            "--epochs",
+            "6",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--warmup-epochs",
+            "1",
+            "--workers",
+            "0",
+            "--quiet",
+            "--mixup",
+            "0.8",
+            "--cutmix",
+            "1.0",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((ft / "result.json").read_text())
+    assert res["best_top1"] >= 0.75 and len((ft / "metrics.jsonl").read_text().splitlines()) == 6
+    assert "finetune top-1" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, photos, codebook_path):
+    root = tmp_path_factory.mktemp("evalrun")
+    tokens = tokenize(
+        photos, codebook_path, root / "tokens", TokenizeConfig(shard_size=8, workers=0), progress=False
+    )
+    cfg = TrainConfig(
+        tokens=str(tokens),
+        out=str(root / "run"),
+        model="mapet_micro",
+        image_size=64,
+        batch_size=4,
+        epochs=1,
+        workers=0,
+    )
+    return pretrain(cfg, progress=False)
+
+
+def test_export_loads_into_timm_and_matches(run, tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    enc = load_encoder(str(run))
+    path = export(enc, tmp_path / "enc.safetensors")
+    with safe_open(str(path), "pt") as f:
+        args = json.loads(f.metadata()["timm_args"])
+    ref = timm.models.vision_transformer.VisionTransformer(**args)
+    missing, unexpected = ref.load_state_dict(load_file(str(path)), strict=True)
+    assert not missing and not unexpected
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ref.forward_features(x), enc.forward_features(x), rtol=1e-5, atol=1e-5)
+    assert main(["export", str(run), str(tmp_path / "cli.safetensors")]) == 0
+    assert load_file(str(tmp_path / "cli.safetensors")).keys() == load_file(str(path)).keys()
+
+
+def test_planted_pickle_checkpoint_is_refused(run, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(pickle.dumps({"kind": "mapet-checkpoint", "x": Evil()}))
+    with pytest.raises(StoreError, match="weights-only"):
+        load_checkpoint(bad)
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(StoreError, match="not a mapet checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    assert load_checkpoint(run)["kind"] == "mapet-checkpoint"
