@@ -30,7 +30,7 @@ from pretrain.mapet import MaPeT, random_orders
 from pretrain.vit import PRESETS, ViTConfig
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.journal import atomic_write_bytes
-from tokenkit.store import TokenStore
+from tokenkit.store import TokenStore, verify
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,9 @@ def pretrain(
     """Train, checkpoint and log into cfg.out. Returns the path of the last checkpoint."""
     cfg.validate()
     run = Path(cfg.out)
+    problems = verify(cfg.tokens)  # every checksum, count and the codebook, before step 0
+    if problems:
+        raise StoreError(f"{problems[0]} (refusing to train on it; 'tokenkit verify' lists every problem)")
     store = TokenStore.open(cfg.tokens)
     vit = cfg.vit()
     if vit.grid != store.grid:
@@ -178,6 +181,9 @@ def pretrain(
     elif (run / "last.pt").exists():
         raise ConfigError(f"{run}: holds a run; pass --resume auto to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        for tmp in run.glob(".*.tmp-*"):  # torn writes of a killed run; never valid
+            tmp.unlink()
 
     device = torch.device(
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,24 +1,56 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: ELPV solar-cell images from PyPI, a seeded random-init CLIP
-# (no weights can be downloaded here), k-CLIP codebook, token cache. Re-running reuses what is built.
-#   bash scripts/quickstart.sh [RUN_DIR]         (default runs/quickstart)
+# The main job on the embedded default, end to end through the real CLIs:
+#   ELPV solar-cell images (PyPI) -> tokenkit features / codebook / tokenize with a seeded random-init CLIP
+#   (no weights can be downloaded here) -> mapet pretrain (MaPeT and BEiT, same budget) -> k-NN and linear
+#   probe of random-init / BEiT / MaPeT encoders on cell type and defect class -> RUN/report.md.
+#   bash scripts/quickstart.sh [RUN_DIR]         (default runs/quickstart; re-running reuses what is built)
+# Sizes can be overridden for a smoke run: LIMIT (images per stratum), EPOCHS, BATCH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/quickstart}
+EPOCHS=${EPOCHS:-12}
+BATCH=${BATCH:-64}
+LIMIT=${LIMIT:-}
 bash scripts/setup.sh demo
 export PATH="$PWD/.venv/bin:$PATH"
-stage() { local t0=$SECONDS; "$@"; echo "[quickstart] $1 $2: $((SECONDS - t0)) s"; }
-mkdir -p "$RUN"
-stage python scripts/export_elpv.py "$RUN/elpv"
-ENC=(--model tokenkit-tiny-vit --pretrained none --grid 14)
-[ -f "$RUN/features/manifest.json" ] || stage tokenkit features "$RUN/elpv/type/train" "$RUN/features" "${ENC[@]}" \
-  --max-patches 200000 --workers 2 --resume
-[ -f "$RUN/codebook.safetensors" ] || stage tokenkit codebook "$RUN/features" "$RUN/codebook.safetensors" \
+mkdir -p "$RUN/eval"
+: > "$RUN/timings.txt"
+stage() {  # stage NAME DONE_FILE CMD...: run CMD unless DONE_FILE exists, print and record its time
+  local name=$1 done=$2 t0=$SECONDS
+  shift 2
+  if [ -e "$done" ]; then echo "[quickstart] $name: reused"; echo "$name: reused" >> "$RUN/timings.txt"; return; fi
+  "$@"
+  echo "[quickstart] $name: $((SECONDS - t0)) s"
+  echo "$name: $((SECONDS - t0)) s" >> "$RUN/timings.txt"
+}
+T0=$SECONDS
+ELPV="$RUN/elpv"
+stage export "$ELPV/split.json" python scripts/export_elpv.py "$ELPV" ${LIMIT:+--limit "$LIMIT"}
+ENC=(--model tokenkit-tiny-vit --pretrained none --grid 7)
+stage features "$RUN/features/manifest.json" tokenkit features "$ELPV/type/train" "$RUN/features" "${ENC[@]}" \
+  --max-patches 100000 --workers 2 --resume --quiet
+stage codebook "$RUN/codebook.safetensors" tokenkit codebook "$RUN/features" "$RUN/codebook.safetensors" \
   --k 256 --niter 20 --nredo 2
-[ -f "$RUN/tokens/manifest.json" ] || stage tokenkit tokenize "$RUN/elpv/type/train" "$RUN/codebook.safetensors" \
-  "$RUN/tokens" --views 2 --format both --workers 2 --resume
+stage tokenize "$RUN/tokens/manifest.json" tokenkit tokenize "$ELPV/type/train" "$RUN/codebook.safetensors" \
+  "$RUN/tokens" --views 2 --format both --workers 2 --resume --quiet
 tokenkit verify "$RUN/tokens"
 tokenkit inspect "$RUN/tokens"
-KEY=$(python -c "from tokenkit.store import TokenStore; print(TokenStore.open('$RUN/tokens').read([0])['keys'][0])")
-tokenkit show "$RUN/tokens" "$KEY" --out "$RUN/tokens.png"
-echo "[quickstart] done: token store $RUN/tokens, picture $RUN/tokens.png"
+for OBJ in mapet beit; do
+  stage "pretrain $OBJ" "$RUN/pretrain-$OBJ/done" bash -c "mapet pretrain --tokens '$RUN/tokens' \
+    --out '$RUN/pretrain-$OBJ' --model mapet_micro --objective $OBJ --epochs $EPOCHS --batch-size $BATCH \
+    --lr 1e-3 --warmup-epochs 1 --workers 2 --log-every 5 --resume auto --quiet && touch '$RUN/pretrain-$OBJ/done'"
+done
+for TASK in type defect; do
+  for ENCODER in random beit mapet; do
+    CK=random
+    [ "$ENCODER" = random ] || CK="$RUN/pretrain-$ENCODER/last.pt"
+    for EVAL in knn linprobe; do
+      OUT="$RUN/eval/$EVAL-$ENCODER-$TASK.json"
+      stage "$EVAL $ENCODER $TASK" "$OUT" mapet "$EVAL" --checkpoint "$CK" --model mapet_micro \
+        --train "$ELPV/$TASK/train" --val "$ELPV/$TASK/val" --workers 2 --out "$OUT" --quiet
+    done
+  done
+done
+echo "total: $((SECONDS - T0)) s" >> "$RUN/timings.txt"
+python scripts/report.py "$RUN"
+echo "[quickstart] done in $((SECONDS - T0)) s: report $RUN/report.md"

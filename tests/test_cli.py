@@ -74,3 +74,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, photos, features_store, code
     assert rc == 2
     assert msg in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1
+
+
+def test_store_of_a_newer_format_is_refused_by_every_command(tmp_path, photos, codebook_path, capsys):
+    from tokenkit.tokenize import TokenizeConfig, tokenize
+
+    out = tokenize(
+        photos, codebook_path, tmp_path / "tok", TokenizeConfig(shard_size=6, workers=0), progress=False
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = 7
+    (out / "manifest.json").write_text(json.dumps(m))
+    for argv in (["inspect", out], ["show", out, "even/astronaut"]):
+        rc, _, err = run(argv, capsys)
+        assert rc == 2 and "format_version 7 is newer than this tokenkit reads" in err
+    rc, _, err = run(["verify", out], capsys)
+    assert rc == 1 and "format_version 7" in err

@@ -243,3 +243,17 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
     want = net.state_dict()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_refuses_a_damaged_store_before_step_0(store, tmp_path):
+    import shutil
+
+    bad = tmp_path / "tokens"
+    shutil.copytree(store, bad)
+    p = bad / "tokens/c/0/0/0/0"
+    b = bytearray(p.read_bytes())
+    b[-1] ^= 0xFF
+    p.write_bytes(bytes(b))
+    with pytest.raises(StoreError, match="shard 0 sha256 mismatch.*refusing to train"):
+        pretrain(tiny(bad, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -109,6 +109,7 @@ class Journal:
                 raise StoreError(
                     f"{self.out}: holds a complete store made by a different job; choose another output folder"
                 )
+            self._drop_progress()  # a job killed right after its manifest left these behind
             return True
         if self.job_path.exists():
             if read_json(self.job_path) != spec:
@@ -154,10 +155,16 @@ class Journal:
     def finish(self, manifest: dict) -> None:
         """Write the manifest (the commit marker of the whole store), then drop the progress records."""
         atomic_write_json(self.manifest_path, manifest)
-        for p in sorted(self.progress.glob("*.json")):
-            p.unlink()
-        self.progress.rmdir()
-        self.job_path.unlink()
+        self._drop_progress()
+
+    def _drop_progress(self) -> None:
+        if self.progress.exists():
+            for p in sorted(self.progress.iterdir()):
+                p.unlink()
+            self.progress.rmdir()
+        self.job_path.unlink(missing_ok=True)
+        for tmp in self.out.rglob(".*.tmp-*"):
+            tmp.unlink()
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:

@@ -1,0 +1,191 @@
+"""One full training step (forward, backward, clip, AdamW) of MaPeT, BEiT and plain ViTs, same sizes.
+
+    python bench/mapet_step.py [--sizes tiny small] [--batch 8] [--threads 2] [--device cpu|cuda] [--online]
+
+Prints seconds per step (median of --iters after --warmup) and the ratios the project's goals are stated in:
+MaPeT / official MaPeT (the official figures measured on this kind of machine: MaPeT-T 1.10 s, MaPeT-S 2.79 s
+at fp32, batch 8, 2 threads), MaPeT / BEiT (goal <= 2.2), the static mask's build time / step (goal <= 1%),
+and with --online the images/s of training from the token cache versus tokenizing each batch online with a
+CLIP encoder (open_clip ViT-B-16, random init) plus nearest-centroid assignment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pretrain.beit import BEiT, block_mask, default_num_masked
+from pretrain.mapet import MaPeT, random_orders, visibility_mask
+from pretrain.train import param_groups
+from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
+
+OFFICIAL_CPU = {"tiny": 1.10, "small": 2.79}  # s/step, fp32, batch 8, 2 threads (official aimagelab/MaPeT)
+SIZES = {"tiny": "mapet_tiny", "small": "mapet_small", "base": "mapet_base", "micro": "mapet_micro"}
+
+
+class PlainViT(torch.nn.Module):
+    """A ViT with a K-way head on `tokens` patch tokens (or a 1000-way head on the mean when tokens=0)."""
+
+    def __init__(self, cfg: ViTConfig, k: int, tokens: int):
+        super().__init__()
+        self.encoder, self.tokens = VisionTransformer(cfg), tokens
+        self.head = torch.nn.Linear(cfg.dim, k if tokens else 1000)
+
+    def loss(self, images, targets, _aux):
+        x = self.encoder.forward_features(images)  # (B, N, D)
+        if self.tokens:
+            logits = self.head(x[:, 1 : 1 + self.tokens])  # (B, M, K)
+            return F.cross_entropy(logits.flatten(0, 1), targets[:, : self.tokens].flatten()), None
+        return F.cross_entropy(self.head(x[:, 1:].mean(1)), targets[:, 0] % 1000), None
+
+
+def time_steps(model, make_aux, batch, device, iters, warmup, precision) -> tuple[float, float]:
+    cfg = model.encoder.cfg
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    targets = torch.randint(0, 8192, (batch, cfg.num_patches), generator=g).to(device)
+    ac = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast("cpu", enabled=False)
+    )
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + iters):
+        aux = make_aux().to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with ac:
+            loss, _ = model.loss(images, targets, aux)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--online", action="store_true", help="also compare training from the cache with online CLIP"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"device: {name}; {precision}; batch {args.batch}; median of {args.iters} steps")
+    for size in args.sizes:
+        cfg = ViTConfig(**PRESETS[SIZES[size]])
+        G, B = cfg.grid, args.batch
+        torch.manual_seed(0)
+        mapet = MaPeT(cfg, 8192).to(device)
+        gen = torch.Generator().manual_seed(1)
+        rng = np.random.default_rng(0)
+        nm = default_num_masked(G * G)
+
+        def orders(B=B, G=G, gen=gen):
+            return random_orders(B, G * G, gen)
+
+        def masks(B=B, G=G, rng=rng, nm=nm):
+            return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(B)]))
+
+        t_mapet, m_mapet = time_steps(mapet, orders, B, device, args.iters, args.warmup, precision)
+        beit = BEiT(cfg, 8192).to(device)
+        t_beit, m_beit = time_steps(beit, masks, B, device, args.iters, args.warmup, precision)
+        t_plain, _ = time_steps(
+            PlainViT(cfg, 8192, 0).to(device),
+            lambda: torch.zeros(1),
+            B,
+            device,
+            args.iters,
+            args.warmup,
+            precision,
+        )
+        t_head, _ = time_steps(
+            PlainViT(cfg, 8192, mapet.num_predict).to(device),
+            lambda: torch.zeros(1),
+            B,
+            device,
+            args.iters,
+            args.warmup,
+            precision,
+        )
+        t = time.perf_counter()
+        for _ in range(10):
+            visibility_mask(mapet.num_tokens, mapet.num_context)
+        t_mask = (time.perf_counter() - t) / 10
+        print(f"\n[{size}] N={mapet.num_tokens} c={mapet.num_context} P={mapet.num_predict}")
+        print(
+            f"  MaPeT step {t_mapet:.3f} s | BEiT step {t_beit:.3f} s | plain ViT {t_plain:.3f} s | "
+            f"ViT + 8192-way head on {mapet.num_predict} tokens {t_head:.3f} s"
+        )
+        print(
+            f"  MaPeT / BEiT: {t_mapet / t_beit:.2f} (goal <= 2.2)   MaPeT / ViT+head: {t_mapet / t_head:.2f}"
+        )
+        if device.type == "cpu" and size in OFFICIAL_CPU and args.batch == 8 and args.threads == 2:
+            print(
+                f"  MaPeT / official MaPeT ({OFFICIAL_CPU[size]:.2f} s): {t_mapet / OFFICIAL_CPU[size]:.2f} "
+                "(goal <= 0.75)"
+            )
+        print(
+            f"  mask built once: {1e3 * t_mask:.2f} ms = {100 * t_mask / t_mapet:.3f}% of one step (goal <= 1%)"
+        )
+        if device.type == "cuda":
+            print(f"  peak memory: MaPeT {m_mapet:.2f} GiB, BEiT {m_beit:.2f} GiB")
+        if args.online:
+            online(cfg, mapet, B, device, args, precision, t_mapet)
+
+
+def online(cfg, mapet, B, device, args, precision, t_mapet) -> None:
+    """Images/s of a MaPeT step from cached targets vs the same step plus CLIP tokenization of the batch."""
+    from tokenkit.clip_encoder import load_encoder, resolve_spec
+    from tokenkit.kmeans import assign
+
+    spec = resolve_spec("ViT-B-16", "none", grid=cfg.grid)
+    clip = load_encoder(spec, device)
+    centroids = torch.randn(8192, clip.dim, device=device)
+    x = torch.randn(B, 3, spec.image_size, spec.image_size, device=device)
+    ac = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast("cpu", enabled=False)
+    )
+    times = []
+    for i in range(args.warmup + args.iters):
+        t = time.perf_counter()
+        with ac:
+            f = clip(x)  # (B, G*G, C)
+        assign(f.flatten(0, 1).float(), centroids)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    t_clip = statistics.median(times)
+    print(
+        f"  cached targets: {B / t_mapet:.2f} img/s; online CLIP ViT-B-16 + assignment each step: "
+        f"{B / (t_mapet + t_clip):.2f} img/s; ratio cache / online {(t_mapet + t_clip) / t_mapet:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

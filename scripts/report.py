@@ -1,0 +1,136 @@
+"""Write the quickstart report: RUN/report.md with the accuracy table and PNG figures.
+
+    python scripts/report.py RUN
+
+Reads what the quickstart's commands wrote: RUN/tokens (store), RUN/pretrain-{mapet,beit}/metrics.jsonl and
+RUN/eval/*.json. Figures: pre-training loss and token accuracy of both objectives, codebook usage, and a grid
+of images with their token maps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tokenkit.render import token_overlay  # noqa: E402
+from tokenkit.store import TokenStore  # noqa: E402
+from tokenkit.views import render_view  # noqa: E402
+
+ENCODERS = ("random", "beit", "mapet")
+TASKS = {"type": "cell type (mono / poly)", "defect": "defect class (4 levels)"}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves(run: Path, out: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for obj in ("mapet", "beit"):
+        m = read_metrics(run / f"pretrain-{obj}" / "metrics.jsonl")
+        steps = [r["step"] for r in m]
+        axes[0].plot(steps, [r["loss"] for r in m], label=obj)
+        axes[1].plot(steps, [100 * r["token_acc"] for r in m], label=obj)
+    axes[0].set(xlabel="step", ylabel="cross-entropy", title="pre-training loss")
+    axes[1].set(xlabel="step", ylabel="token top-1 (%)", title="token accuracy on predicted patches")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def usage(store: TokenStore, out: Path) -> dict:
+    counts = np.sort(np.asarray(store.manifest["code_counts"]))[::-1]
+    st = store.stats()["codebook_usage"]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.bar(np.arange(len(counts)), counts / counts.sum() * 100, width=1.0)
+    ax.set(
+        xlabel="code (sorted by frequency)",
+        ylabel="share of tokens (%)",
+        title=f"codebook usage: {st['used_codes']}/{len(counts)} used, perplexity {st['perplexity']:.1f}",
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return st
+
+
+def token_grid(store: TokenStore, out: Path, n: int = 8, size: int = 160) -> None:
+    picks = np.linspace(0, len(store) - 1, n).astype(int)
+    sheet = Image.new("RGB", (n * (size + 4) + 4, 2 * (size + 4) + 4), (255, 255, 255))
+    block = store.read(picks)
+    for j, pos in enumerate(picks):
+        view = render_view(store.image(int(pos)), block["views"][j, 0], size)
+        sheet.paste(view, (4 + j * (size + 4), 4))
+        sheet.paste(token_overlay(view, block["tokens"][j, 0], labels=False), (4 + j * (size + 4), size + 8))
+    sheet.save(out)
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    store = TokenStore.open(run / "tokens")
+    curves(run, run / "pretrain_curves.png")
+    st = usage(store, run / "codebook_usage.png")
+    token_grid(store, run / "token_maps.png")
+    rows = []
+    for task, desc in TASKS.items():
+        for enc in ENCODERS:
+            knn = json.loads((run / "eval" / f"knn-{enc}-{task}.json").read_text())
+            lp = json.loads((run / "eval" / f"linprobe-{enc}-{task}.json").read_text())
+            rows.append((desc, enc, knn["top1"], lp["top1"], knn["majority_baseline"]))
+    times = (run / "timings.txt").read_text() if (run / "timings.txt").exists() else ""
+    lines = [
+        "# Quickstart report",
+        "",
+        f"Data: ELPV solar cells (CC BY-NC-SA 4.0), {store.manifest['n_ok']} training images tokenized; "
+        f"tokenizer {store.manifest['job']['encoder']['model']} (random init, seed "
+        f"{store.manifest['job']['encoder']['seed']}), grid {store.grid}, K {store.k}, {store.num_views} views.",
+        "",
+        "## Frozen-feature accuracy (val split)",
+        "",
+        "| task | encoder | k-NN top-1 | linear probe top-1 | majority class |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t} | {e} | {100 * k:.1f}% | {100 * lp:.1f}% | {100 * mj:.1f}% |" for t, e, k, lp, mj in rows
+    ]
+    best = {t: max((r for r in rows if r[0] == t), key=lambda r: r[3]) for t in TASKS.values()}
+    lines += [
+        "",
+        "Best linear probe per task: " + "; ".join(f"{t}: {r[1]}" for t, r in best.items()) + ".",
+        "These are tiny CPU budgets: the numbers are what they are, not tuned.",
+        "",
+        "## Pre-training",
+        "",
+        "![curves](pretrain_curves.png)",
+        "",
+        "## Tokenizer",
+        "",
+        f"{st['used_codes']} of {store.k} codes used, perplexity {st['perplexity']:.1f}, largest cluster "
+        f"{100 * st['largest_cluster_share']:.1f}% of tokens.",
+        "",
+        "![usage](codebook_usage.png)",
+        "",
+        "Images (top) and their token maps (bottom; one colour per code):",
+        "",
+        "![tokens](token_maps.png)",
+        "",
+    ]
+    if times:
+        lines += ["## Stage times (this machine)", "", "```", times.strip(), "```", ""]
+    (run / "report.md").write_text("\n".join(lines))
+    print(f"report: {run / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
