@@ -108,7 +108,11 @@ def main() -> None:
         )
         t = time.perf_counter()
         tokenize(tmp / "img", cb_path, tmp / "tok", cfg, progress=False)
-        full = len(x) / (time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
+        t = time.perf_counter()
+        load_encoder(spec, device)  # the job's one-time model build, to report the steady state too
+        build = time.perf_counter() - t
+        full, steady = len(x) / elapsed, len(x) / (elapsed - build)
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -119,8 +123,13 @@ def main() -> None:
         f"batch {args.batch_size}, {args.images} images, {args.workers} workers"
     )
     print(f"bare CLIP forward: {bare:.2f} img/s")
-    print(f"tokenize job:      {full:.2f} img/s  (includes model build and store writes)")
-    print(f"ratio tokenize / bare forward: {full / bare:.3f}  (goal >= 0.85)")
+    print(
+        f"tokenize job:      {full:.2f} img/s  (whole job: model build {build:.1f} s, decode, assign, writes)"
+    )
+    print(
+        f"ratio tokenize / bare forward: {full / bare:.3f} whole job; {steady / bare:.3f} without the one-time "
+        "model build (goal >= 0.85)"
+    )
 
 
 if __name__ == "__main__":

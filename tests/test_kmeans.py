@@ -60,3 +60,24 @@ def test_bad_configs():
             KMeansConfig(k=k).validate()
     with pytest.raises(ConfigError, match="only 10 feature vectors"):
         fit(np.zeros((10, 4), np.float32), KMeansConfig(k=16))
+
+
+def test_missing_faiss_names_both_extras(monkeypatch):
+    import builtins
+
+    from tokenkit.errors import MissingDependencyError
+    from tokenkit.kmeans import _faiss
+
+    real = builtins.__import__
+
+    def no_faiss(name, *a, **k):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(MissingDependencyError, match=r"faiss-cpu.*faiss-gpu.*--backend torch"):
+        _faiss()
+    # auto falls back to the torch backend
+    x = blobs(n=500, d=4, centers=4)
+    assert fit(x, KMeansConfig(k=4, niter=5, nredo=1)).backend == "torch-cpu"

@@ -215,3 +215,34 @@ def test_features_of_skipped_and_stored_rows(features_store):
     stored = fs.group["features"][row].astype(np.float32)
     order = fs.group["patch"][row]
     assert np.allclose(stored, f.numpy()[order], atol=2e-2 * float(f.abs().max()))
+
+
+def test_webdataset_tar_source_gives_the_folder_store(tmp_path, photos, codebook_path, store_path):
+    """The same images as webdataset shards (key = folder key, .cls = folder label) tokenize identically."""
+    import io
+    import tarfile
+
+    folder = TokenStore.open(store_path)
+    keys = folder.read(np.arange(len(folder)))["keys"]
+    for shard, chunk in enumerate((keys[:7], keys[7:])):
+        with tarfile.open(tmp_path / f"src-{shard}.tar", "w") as tf:
+            for key in chunk:
+                label = b"0" if key.startswith("even/") else b"1"
+                for name, data in (
+                    (f"{key}.jpg", (photos / f"{key}.jpg").read_bytes()),
+                    (f"{key}.cls", label),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    out = tokenize(
+        str(tmp_path / "src-{0..1}.tar"), codebook_path, tmp_path / "from-tars", CFG, progress=False
+    )
+    tars = TokenStore.open(out)
+    a, b = tars.read(np.arange(len(tars))), folder.read(np.arange(len(folder)))
+    assert a["keys"] == b["keys"]
+    for name in ("tokens", "views", "labels"):
+        assert np.array_equal(a[name], b[name]), name
+    assert tars.image_bytes(3) == folder.image_bytes(3)
+    assert [s["ext"] for p in tars.tar_paths() for s in iter_tar(p)] == ["jpg"] * 12
+    assert verify(out) == []

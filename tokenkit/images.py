@@ -2,7 +2,7 @@
 
 A source is listed once into a `SampleIndex`: for every sample a stable key, an integer label (-1 when
 unlabelled) and a locator that reads its bytes back without scanning: a path relative to the folder, or
-`tar_index:offset:size` inside one of the listed tars. The index order is the sorted order of the source,
+`tar_index:offset:size:ext` inside one of the listed tars. The index order is the sorted order of the source,
 so every job and every rank sees the same rows.
 
 `decode_image` is used by tokenize and by the trainer alike: the pixels a view is rendered from must be the
@@ -59,11 +59,16 @@ class SampleIndex:
     def read_bytes(self, i: int) -> bytes:
         return read_locator(self.kind, self.root, self.tars, self.locators[i])
 
+    def ext(self, i: int) -> str:
+        """The image's file extension (lower case, no dot), as stored in webdataset output."""
+        loc = self.locators[i]
+        return (loc.rsplit(".", 1)[-1] if self.kind == "folder" else loc.rsplit(":", 1)[-1]).lower()
+
 
 def read_locator(kind: str, root: str, tars: tuple[str, ...] | list[str], locator: str) -> bytes:
     if kind == "folder":
         return (Path(root) / locator).read_bytes()
-    t, offset, size = (int(x) for x in locator.split(":"))
+    t, offset, size = (int(x) for x in locator.split(":")[:3])
     with open(tars[t], "rb") as f:
         f.seek(offset)
         data = f.read(size)
@@ -176,7 +181,7 @@ def list_tars(spec: str) -> SampleIndex:
             seen[key] = path
             keys.append(key)
             labels.append(cls_vals.get(key, -1))
-            locators.append(f"{t}:{img.offset_data}:{img.size}")
+            locators.append(f"{t}:{img.offset_data}:{img.size}:{img.name.rsplit('.', 1)[-1].lower()}")
     if not keys:
         raise SourceError(f"{spec}: the shards hold no images; pass webdataset shards with image members")
     n_cls = max(labels) + 1 if max(labels) >= 0 else 0
