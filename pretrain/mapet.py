@@ -2,18 +2,20 @@
 
 The fast formulation (shared/design/ARCHITECTURE.md). Each sample is gathered into its factorisation order
 (CLS first, then a random permutation of the patches); positions enter only through the gathered position
-embeddings, so the visibility mask is the same for every sample: one static (N+2P) x (N+P) boolean mask,
-built once. Rows / columns, for N tokens, c context tokens and P = N - c predicted patches:
+embeddings, so the visibility mask is the same for every sample: one static boolean mask, built once. With
+c context tokens (CLS + 25% of the patches) and P = N - c predicted patches, the rows of a block are laid out
 
-    [0, c)         context tokens (content stream)            sees: context + all mask tokens
-    [c, N)         target t = 0..P-1 (content stream)         sees: context + targets <= t + mask tokens > t
-    [N, N+P)       mask tokens (content stream)               sees: context + all mask tokens
-    [N+P, N+2P)    query t (query stream; rows, never keys)   sees: context + targets < t + mask tokens >= t
+    [0, c)          context tokens (content stream)       sees: context + all mask tokens
+    [c, c+P)        mask tokens (content stream)          sees: context + all mask tokens
+    [c+P, c+2P)     target t = 0..P-1 (content stream)    sees: context + mask tokens > t + targets <= t
+    [c+2P, c+3P)    query t (query stream; never a key)   sees: context + mask tokens >= t + targets < t
 
-A mask token is one learned vector plus the position embedding of its target (MPNet-style auxiliary
-positions, paper Sec. 3.2): every prediction sees the positions of all N tokens, as in fine-tuning. Both
-streams share every weight and run in one attention call per block, keys and values from the content
-stream's N+P rows. Loss: cross-entropy of all P query outputs (-> LayerNorm -> Linear(D, K)).
+and keys / values are the content stream's c + 2P rows. A mask token is one learned vector plus the position
+embedding of its target (MPNet-style auxiliary positions, paper Sec. 3.2): every prediction sees the positions
+of all N tokens, as in fine-tuning. The first c + P rows never see a target, so they form a closed group that
+attends densely to its own c + P keys (no mask: the unmasked fused kernel); only the other 2P rows need the
+mask. In the last block only the query rows are computed: nothing reads the content stream after it. Both
+streams share every weight. Loss: cross-entropy of all P query outputs (-> LayerNorm -> Linear(D, K)).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.vit import VisionTransformer, ViTConfig
+from pretrain.vit import Block, VisionTransformer, ViTConfig, drop_path
 
 
 def default_context(num_patches: int) -> int:
@@ -30,25 +32,51 @@ def default_context(num_patches: int) -> int:
     return 1 + round(0.25 * num_patches)
 
 
-def visibility_mask(n: int, c: int) -> torch.Tensor:
-    """The static two-stream mask: (N+2P, N+P) bool, True where a row may attend to a key."""
-    assert 1 <= c < n, f"context {c} must be in [1, {n})"
-    P = n - c
+def visibility_mask(c: int, P: int) -> torch.Tensor:
+    """The static two-stream mask in the layout above: (c+3P, c+2P) bool, True where a row may attend."""
+    assert c >= 1 and P >= 1, f"context {c} and predictions {P} must be >= 1"
     t = torch.arange(P)
-    m = torch.zeros(n + 2 * P, n + P, dtype=torch.bool)
+    m = torch.zeros(c + 3 * P, c + 2 * P, dtype=torch.bool)
     m[:, :c] = True  # everyone sees the context
-    m[:c, n:] = True  # context rows: all mask tokens
-    m[n : n + P, n:] = True  # mask-token rows: all mask tokens
-    m[c:n, c:n] = t[None, :] <= t[:, None]  # target t: targets <= t
-    m[c:n, n:] = t[None, :] > t[:, None]  # target t: mask tokens after t
-    m[n + P :, c:n] = t[None, :] < t[:, None]  # query t: targets before t
-    m[n + P :, n:] = t[None, :] >= t[:, None]  # query t: mask tokens t and after
+    m[: c + P, c : c + P] = True  # context and mask-token rows: all mask tokens, no target
+    tgt, qry = slice(c + P, c + 2 * P), slice(c + 2 * P, c + 3 * P)
+    m[tgt, c : c + P] = t[None, :] > t[:, None]  # target t: mask tokens after t
+    m[tgt, c + P :] = t[None, :] <= t[:, None]  # target t: targets up to t
+    m[qry, c : c + P] = t[None, :] >= t[:, None]  # query t: mask tokens t and after
+    m[qry, c + P :] = t[None, :] < t[:, None]  # query t: targets before t
     return m
 
 
 def random_orders(batch: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:
     """(B, G*G) int64: a fresh uniform permutation of the patch indices per sample."""
     return torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
+
+
+def two_stream_block(
+    blk: Block, x: torch.Tensor, groups: tuple[int, int, int], masks, flex=None, last: bool = False
+) -> torch.Tensor:
+    """One shared-weight block over both streams. x (B, c+3P, D) in the layout above -> (B, c+3P, D), or
+    (B, P, D) query rows only when `last`. groups = (c + P dense rows, c + 2P key rows, P);
+    masks = (group-B mask (2P, c+2P), query mask (P, c+2P)): bool tensors, or BlockMasks with `flex`."""
+    a, s, P = groups
+    attn = blk.attn
+    B, L, D = x.shape
+    H, Dh = attn.heads, attn.dh
+    y = blk.norm1(x)  # (B, L, D)
+    k, v = attn.kv(y[:, :s]).view(B, s, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, c+2P, Dh)
+    sdpa = F.scaled_dot_product_attention if flex is None else flex
+    if last:
+        q = attn.q(y[:, L - P :]).view(B, P, H, Dh).transpose(1, 2)  # (B, H, P, Dh)
+        o = sdpa(q, k, v, **{"block_mask" if flex else "attn_mask": masks[1]})  # (B, H, P, Dh)
+        x = x[:, L - P :]  # (B, P, D)
+    else:
+        q = attn.q(y).view(B, L, H, Dh).transpose(1, 2)  # (B, H, L, Dh)
+        o_a = F.scaled_dot_product_attention(q[:, :, :a], k[:, :, :a], v[:, :, :a])  # (B, H, c+P, Dh) dense
+        o_b = sdpa(q[:, :, a:], k, v, **{"block_mask" if flex else "attn_mask": masks[0]})  # (B, H, 2P, Dh)
+        o = torch.cat([o_a, o_b], dim=2)  # (B, H, L, Dh)
+    o = attn.proj(o.transpose(1, 2).reshape(B, -1, D))  # (B, L or P, D)
+    x = x + drop_path(blk.gamma1 * o, blk.drop_path, blk.training)
+    return x + drop_path(blk.gamma2 * blk.mlp(blk.norm2(x)), blk.drop_path, blk.training)
 
 
 class MaPeT(nn.Module):
@@ -65,28 +93,39 @@ class MaPeT(nn.Module):
         self.head = nn.Linear(cfg.dim, vocab_size)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        self.register_buffer("mask", visibility_mask(self.num_tokens, self.num_context), persistent=False)
+        c, P = self.num_context, self.num_predict
+        mask = visibility_mask(c, P)
+        # the first c + P rows attend densely to exactly the first c + P keys: no mask needed there
+        assert mask[: c + P, : c + P].all() and not mask[: c + P, c + P :].any()
+        self.register_buffer("mask_b", mask[c + P :], persistent=False)  # (2P, c+2P)
         self.attn_backend = attn_backend
-        self._flex = None  # (device, compiled flex_attention, BlockMask), built on first CUDA forward
+        self._flex = None  # (device, compiled flex_attention, BlockMasks), built on first CUDA forward
 
     def attention_args(self, device: torch.device) -> tuple:
-        """(mask, flex): the BlockMask + compiled FlexAttention on CUDA, the boolean mask for SDPA elsewhere."""
+        """(masks, flex): BlockMasks + compiled FlexAttention on CUDA, boolean masks for SDPA elsewhere."""
         backend = self.attn_backend
         if backend == "auto":
             backend = "flex" if device.type == "cuda" else "sdpa"
+        P = self.num_predict
         if backend == "sdpa":
-            return self.mask, None
+            return (self.mask_b, self.mask_b[P:]), None
         if self._flex is None or self._flex[0] != device:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-            dense = self.mask.to(device)
+            def block_mask(dense):
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return dense[q_idx, kv_idx]
 
-            def mask_mod(b, h, q_idx, kv_idx):
-                return dense[q_idx, kv_idx]
+                return create_block_mask(
+                    mask_mod, B=None, H=None, Q_LEN=dense.shape[0], KV_LEN=dense.shape[1], device=device
+                )
 
-            L, S = dense.shape
-            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=S, device=device)
-            self._flex = (device, torch.compile(flex_attention, dynamic=False), block_mask)
+            dense = self.mask_b.to(device)
+            self._flex = (
+                device,
+                torch.compile(flex_attention, dynamic=False),
+                (block_mask(dense), block_mask(dense[P:].contiguous())),
+            )
         return self._flex[2], self._flex[1]
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, orders: torch.Tensor):
@@ -94,19 +133,23 @@ class MaPeT(nn.Module):
 
         Returns logits (B, P, K) and the targets in prediction order (B, P).
         """
-        enc, c, N, P = self.encoder, self.num_context, self.num_tokens, self.num_predict
+        enc, c, P = self.encoder, self.num_context, self.num_predict
         B, D = images.shape[0], enc.cfg.dim
         pos = enc.pos_embed.expand(B, -1, -1)  # (B, N, D)
         idx = orders[..., None].expand(-1, -1, D)  # (B, G*G, D)
         patches = enc.embed_patches(images).gather(1, idx) + pos[:, 1:].gather(1, idx)  # (B, G*G, D) in order
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
-        content = torch.cat([cls, patches], dim=1)  # (B, N, D): c context, then P targets in order
         masks = self.mask_token + pos[:, 1:].gather(1, idx[:, c - 1 :])  # (B, P, D): target positions
-        x = torch.cat([content, masks, masks], dim=1)  # (B, N+2P, D): content stream, then query stream
-        mask, flex = self.attention_args(images.device)
-        for blk in enc.blocks:
-            x = blk(x, kv_len=N + P, mask=mask, flex=flex)  # (B, N+2P, D)
-        logits = self.head(enc.norm(x[:, N + P :]))  # (B, P, K)
+        # (B, c+3P, D): context | mask tokens | targets | queries (= the mask tokens again)
+        x = torch.cat([cls, patches[:, : c - 1], masks, patches[:, c - 1 :], masks], dim=1)
+        attn_masks, flex = self.attention_args(images.device)
+        groups = (c + P, c + 2 * P, P)
+        last = len(enc.blocks) - 1
+        for i, blk in enumerate(enc.blocks):
+            x = two_stream_block(
+                blk, x, groups, attn_masks, flex, last=i == last
+            )  # (B, c+3P, D); last: (B, P, D)
+        logits = self.head(enc.norm(x))  # (B, P, K)
         return logits, targets.gather(1, orders[:, c - 1 :])  # (B, P, K), (B, P)
 
     def loss(self, images, targets, orders):

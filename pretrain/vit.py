@@ -2,10 +2,10 @@
 
 BEiT/MaPeT-style ViT/16: learned absolute position embeddings (no relative bias), LayerScale, separate q and
 kv linears with bias (MaPeT's query stream takes queries from rows that are not keys), LayerNorm eps 1e-6,
-timm init (trunc_normal std .02). `Attention` takes an optional key/value length and a static boolean mask so
-the two-stream MaPeT forward is one attention call per block (pretrain/mapet.py).
+timm init (trunc_normal std .02). MaPeT's two-stream forward reuses these blocks' weights
+(pretrain.mapet.two_stream_block).
 
-Shapes: B batch, N tokens (CLS + G*G patches), D width, H heads, Dh head dim, L query rows, S key rows.
+Shapes: B batch, N tokens (CLS + G*G patches), D width, H heads, Dh head dim.
 """
 
 from __future__ import annotations
@@ -65,22 +65,13 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, kv_len: int | None = None, mask=None, flex=None) -> torch.Tensor:
-        """x (B, L, D). Keys/values come from the first kv_len rows (all rows when None).
-
-        mask: (L, S) bool (True = may attend) for SDPA, or a FlexAttention BlockMask when `flex` is given.
-        """
-        B, L, D = x.shape
-        S = L if kv_len is None else kv_len
-        q = self.q(x).view(B, L, self.heads, self.dh).transpose(1, 2)  # (B, H, L, Dh)
-        k, v = (
-            self.kv(x[:, :S]).view(B, S, 2, self.heads, self.dh).permute(2, 0, 3, 1, 4)
-        )  # 2 x (B, H, S, Dh)
-        if flex is not None:
-            o = flex(q, k, v, block_mask=mask)  # (B, H, L, Dh)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
-        return self.proj(o.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D), every token attending to every token (fused SDPA)."""
+        B, N, D = x.shape
+        q = self.q(x).view(B, N, self.heads, self.dh).transpose(1, 2)  # (B, H, N, Dh)
+        k, v = self.kv(x).view(B, N, 2, self.heads, self.dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, Dh)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
 class Block(nn.Module):
@@ -96,11 +87,9 @@ class Block(nn.Module):
         self.gamma2 = nn.Parameter(torch.full((D,), cfg.layer_scale))
         self.drop_path = drop_path_rate
 
-    def forward(self, x, kv_len=None, mask=None, flex=None):
-        """x (B, L, D) -> (B, L, D); see Attention for kv_len / mask / flex."""
-        x = x + drop_path(
-            self.gamma1 * self.attn(self.norm1(x), kv_len, mask, flex), self.drop_path, self.training
-        )
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D). MaPeT runs the same weights through pretrain.mapet.two_stream_block."""
+        x = x + drop_path(self.gamma1 * self.attn(self.norm1(x)), self.drop_path, self.training)
         x = x + drop_path(self.gamma2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
         return x
 

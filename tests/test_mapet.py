@@ -23,19 +23,23 @@ def make(seed=0, c=6, k=11):
 
 def test_paper_geometry():
     assert default_context(196) == 50  # CLS + 49 context patches, 147 predicted (75%)
-    m = visibility_mask(197, 50)
+    m = visibility_mask(50, 147)
     assert m.shape == (197 + 2 * 147, 197 + 147) == (491, 344)
 
 
 def test_static_mask_is_the_per_sample_mask_in_factorisation_order():
     g = torch.Generator().manual_seed(0)
+    n, c, P = 17, 6, 11
     for order in random_orders(5, 16, g):
-        dense = per_sample_mask(order, 6)  # original order
-        n, P = 17, 11
-        perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + order])  # original index of each ordered row
-        rows = torch.cat([perm, torch.arange(n, n + 2 * P)])
-        cols = torch.cat([perm, torch.arange(n, n + P)])
-        assert torch.equal(dense[rows][:, cols], visibility_mask(n, 6))
+        dense = per_sample_mask(order, c)  # original order: [tokens (n); mask tokens (P); queries (P)]
+        tokens = torch.cat(
+            [torch.zeros(1, dtype=torch.long), 1 + order]
+        )  # original index of each ordered token
+        mask_tokens = torch.arange(n, n + P)
+        # fast layout: context | mask tokens | targets | queries, keys: context | mask tokens | targets
+        rows = torch.cat([tokens[:c], mask_tokens, tokens[c:], torch.arange(n + P, n + 2 * P)])
+        cols = torch.cat([tokens[:c], mask_tokens, tokens[c:]])
+        assert torch.equal(dense[rows][:, cols], visibility_mask(c, P))
 
 
 def test_fast_path_matches_dense_reference_logits_and_gradients():

@@ -126,9 +126,11 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, block: int = 65536) -> tuple[torc
     idx, dist = [], []
     for s in range(0, x.shape[0], block):
         xb = x[s : s + block]
-        dots = (xb.to(torch.bfloat16) if low else xb) @ cm.T  # (b, K)
-        d = c2[None, :] - 2 * dots.float()  # (b, K) = |c|^2 - 2 x.c; |x|^2 is constant per row
-        v, i = d.min(1)
+        if low:
+            d = c2[None, :] - 2 * (xb.to(torch.bfloat16) @ cm.T).float()  # (b, K)
+        else:
+            d = torch.addmm(c2[None, :], xb, cm.T, alpha=-2)  # (b, K) = |c|^2 - 2 x.c in one pass
+        v, i = d.min(1)  # |x|^2 is constant per row: added after the argmin
         idx.append(i)
         dist.append((v + (xb * xb).sum(1)).clamp_min_(0))
     return torch.cat(idx), torch.cat(dist)
