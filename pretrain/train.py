@@ -119,8 +119,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 
 
 def step_aux(
-    objective: str, model: nn.Module, batch: int, grid: int, seed: int, step: int, micro: int, rank: int
-):
+    objective: str, batch: int, grid: int, seed: int, step: int, micro: int, rank: int
+) -> torch.Tensor:
     """The random part of a step, keyed by (seed, step, micro, rank): MaPeT orders or BEiT masks."""
     if objective == "mapet":
         g = torch.Generator().manual_seed(int(keyed_rng("orders", seed, step, micro, rank).integers(2**62)))
@@ -274,7 +274,7 @@ def pretrain(
             for micro in range(cfg.accum_steps):
                 images, targets = next(it)
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                aux = step_aux(cfg.objective, net, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
+                aux = step_aux(cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
                     device
                 )
                 torch.manual_seed(int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62)))

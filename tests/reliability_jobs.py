@@ -24,6 +24,7 @@ import pretrain.train
 import tokenkit.codebook
 import tokenkit.features
 import tokenkit.journal
+import tokenkit.shardjob
 import tokenkit.tokenize
 import tokenkit.wds
 from pretrain.train import TrainConfig
@@ -97,14 +98,14 @@ def _install(hook: str, on_call) -> None:
 
         tokenkit.tokenize.write_shard = tokenkit.features.write_shard = shard
     elif hook == "batch":
-        real_it = tokenkit.tokenize.iter_shard_batches
+        real_it = tokenkit.shardjob.iter_shard_batches
 
         def batches(*a, **k):
             for item in real_it(*a, **k):
                 on_call(lambda: None)
                 yield item
 
-        tokenkit.tokenize.iter_shard_batches = tokenkit.features.iter_shard_batches = batches
+        tokenkit.shardjob.iter_shard_batches = batches
     elif hook == "step":
         real_step = torch.optim.AdamW.step
 

@@ -229,7 +229,7 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
         idx = list(sampler)[:3]
         pairs = ds.__getitems__(idx)
         images, targets = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        aux = step_aux("mapet", net, 3, vit.grid, cfg.seed, 0, 0, rank)
+        aux = step_aux("mapet", 3, vit.grid, cfg.seed, 0, 0, rank)
         torch.manual_seed(int(keyed_rng("droppath", cfg.seed, 0, 0, rank).integers(2**62)))
         loss, _ = model(images, targets, aux)
         net.zero_grad()
@@ -257,3 +257,25 @@ def test_trainer_refuses_a_damaged_store_before_step_0(store, tmp_path):
     with pytest.raises(StoreError, match="shard 0 sha256 mismatch.*refusing to train"):
         pretrain(tiny(bad, tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_streamed_webdataset_training_is_deterministic_and_resumable(store, tmp_path):
+    from pretrain.data import StreamDataset
+
+    # the same batch sequence for any number of DataLoader workers, and from a mid-epoch start
+    def batches(workers, start=0):
+        ds = StreamDataset(store, 64, batch_size=2, batches_per_epoch=5, seed=1, jitter=0.4, buffer=4)
+        ds.set_epoch(0, start)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+        return [(x.sum().item(), y.tolist()) for x, y in loader]
+
+    ref = batches(0)
+    assert len(ref) == 5 and batches(2) == ref and batches(2, start=3) == ref[3:]
+    # ranks stream equal numbers of batches from their own resampled shards
+    a = StreamDataset(store, 64, 2, 5, rank=0, world=2, seed=1)
+    b = StreamDataset(store, 64, 2, 5, rank=1, world=2, seed=1)
+    assert len(list(a)) == len(list(b)) == 5
+    # and the trainer runs on it
+    cfg = tiny(store, tmp_path / "run", data="wds", epochs=1)
+    pretrain(cfg, progress=False)
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]

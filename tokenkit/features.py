@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tokenkit.clip_encoder import EncoderSpec, load_encoder
-from tokenkit.errors import ConfigError, ImageError
+from tokenkit.errors import ConfigError
 from tokenkit.images import list_source
-from tokenkit.journal import FORMAT_VERSION, Journal, shard_ranges
-from tokenkit.loader import ViewDataset, autocast, iter_shard_batches, pick_device
+from tokenkit.journal import FORMAT_VERSION
+from tokenkit.loader import ViewDataset, autocast, pick_device
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, RowStore, create_arrays, write_shard
+from tokenkit.shardjob import run_shards
 from tokenkit.views import ViewConfig, key_generator
 
 
@@ -119,94 +119,84 @@ def extract_features(
     device = pick_device(cfg.device)
     encoder = load_encoder(spec, device)
     C = encoder.dim
-    journal = Journal(out)
+    dataset = ViewDataset(source, ViewConfig(1, "center"), spec.image_size, spec.mean, spec.std, min_side=G)
 
     def init():
-        create_arrays(
-            out,
-            n,
-            cfg.shard_size,
-            {
-                "features": ((P, C), "float16"),
-                "patch": ((P,), "int16"),
-                "keys": ((), "str"),
-                "status": ((), "uint8"),
-            },
-        )
+        arrays = {
+            "features": ((P, C), "float16"),
+            "patch": ((P,), "int16"),
+            "keys": ((), "str"),
+            "status": ((), "uint8"),
+        }
+        create_arrays(out, n, cfg.shard_size, arrays)
 
-    complete = journal.begin(job, resume, init) if rank == 0 else None
-    barrier()
-    if complete or journal.is_complete():
-        return out
-    ranges = shard_ranges(n, cfg.shard_size)
-    pending = journal.pending(len(ranges), rank, world)
-    dataset = ViewDataset(source, ViewConfig(1, "center"), spec.image_size, spec.mean, spec.std, min_side=G)
-    todo = [(i, *ranges[i]) for i in pending]
-    bar = tqdm(
-        total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"features[{rank}]"
+    def manifest(records: list[dict]) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "features",
+            "job": job,
+            "source": source.describe(),
+            "n": n,
+            "n_ok": sum(r["ok"] for r in records),
+            "patches_per_image": P,
+            "dim": C,
+            "shards": [{"rows": r["rows"], "ok": r["ok"], "sha256": r["sha256"]} for r in records],
+            "skipped": [s for r in records for s in r["skipped"]],
+        }
+
+    writer = _FeatureShard(out, source.keys, encoder, device, cfg, P)
+    run_shards(
+        out,
+        job,
+        init,
+        dataset,
+        writer,
+        manifest,
+        shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        on_error=cfg.on_error,
+        resume=resume,
+        rank=rank,
+        world=world,
+        barrier=barrier,
+        progress=progress,
+        desc="features",
     )
-    buf = None
-    for sid, items, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers):
-        start, stop = ranges[sid]
-        if buf is None:
-            rows = stop - start
-            buf = {
-                "features": np.zeros((rows, P, C), np.float16),
-                "patch": np.zeros((rows, P), np.int16),
-                "keys": np.asarray(source.keys[start:stop]),
-                "status": np.full(rows, STATUS_SKIPPED, np.uint8),
-                "skipped": [],
-            }
-        ok = [it for it in items if it["error"] is None]
-        for it in items:
-            if it["error"] is not None:
-                if cfg.on_error == "raise":
-                    raise ImageError(f"{it['error']} (or pass --on-error skip)")
-                buf["skipped"].append([source.keys[it["index"]], it["error"]])
-        if ok:
-            x = torch.cat([it["pixels"] for it in ok]).to(device)  # (b, 3, S, S)
-            with autocast(device, cfg.precision):
-                f = encoder(x).float().cpu().numpy()  # (b, G*G, C)
-            for j, it in enumerate(ok):
-                r = it["index"] - start
-                pick = np.sort(
-                    key_generator(cfg.seed, source.keys[it["index"]]).choice(G * G, P, replace=False)
-                )
-                buf["features"][r] = f[j, pick].astype(np.float16)
-                buf["patch"][r] = pick
-                buf["status"][r] = STATUS_OK
-        bar.update(len(items))
-        if last:
-            skipped = buf.pop("skipped")
-            sums = write_shard(out, sid, start, buf)
-            journal.commit(
-                sid,
-                {
-                    "shard": sid,
-                    "rows": [start, stop],
-                    "ok": int((buf["status"] == 0).sum()),
-                    "sha256": sums,
-                    "skipped": skipped,
-                },
-            )
-            buf = None
-    bar.close()
-    barrier()
-    if rank == 0:
-        records = journal.records(len(ranges))
-        journal.finish(
-            {
-                "format_version": FORMAT_VERSION,
-                "kind": "features",
-                "job": job,
-                "source": source.describe(),
-                "n": n,
-                "n_ok": sum(r["ok"] for r in records),
-                "patches_per_image": P,
-                "dim": C,
-                "shards": [{"rows": r["rows"], "ok": r["ok"], "sha256": r["sha256"]} for r in records],
-                "skipped": [s for r in records for s in r["skipped"]],
-            }
-        )
-    barrier()
     return out
+
+
+class _FeatureShard:
+    """Buffers one work shard of features, writes it as one zarr shard per array."""
+
+    def __init__(self, out: Path, keys, encoder, device, cfg: FeaturesConfig, P: int):
+        self.out, self.keys, self.encoder, self.device, self.cfg, self.P = out, keys, encoder, device, cfg, P
+
+    def begin(self, start: int, stop: int) -> None:
+        rows, C = stop - start, self.encoder.dim
+        self.start = start
+        self.buf = {
+            "features": np.zeros((rows, self.P, C), np.float16),
+            "patch": np.zeros((rows, self.P), np.int16),
+            "keys": np.asarray(self.keys[start:stop]),
+            "status": np.full(rows, STATUS_SKIPPED, np.uint8),
+        }
+
+    def add(self, items: list[dict]) -> None:
+        G2 = self.encoder.spec.grid**2
+        x = torch.cat([it["pixels"] for it in items]).to(self.device)  # (b, 3, S, S)
+        with autocast(self.device, self.cfg.precision):
+            f = self.encoder(x).float().cpu().numpy()  # (b, G*G, C)
+        for j, it in enumerate(items):
+            r = it["index"] - self.start
+            # the kept patches are keyed by (seed, key): the same whatever the batch or rank
+            pick = np.sort(
+                key_generator(self.cfg.seed, self.keys[it["index"]]).choice(G2, self.P, replace=False)
+            )
+            self.buf["features"][r] = f[j, pick].astype(np.float16)
+            self.buf["patch"][r] = pick
+            self.buf["status"][r] = STATUS_OK
+
+    def commit(self, shard: int) -> dict:
+        sums = write_shard(self.out, shard, self.start, self.buf)
+        return {"ok": int((self.buf["status"] == STATUS_OK).sum()), "sha256": sums}

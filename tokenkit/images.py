@@ -84,12 +84,17 @@ def sanitize_key(stem: str) -> str:
     return f"{head}/{base}" if head else base
 
 
-def check_member_name(name: str, where: str) -> None:
+def member_key(name: str, where: str) -> tuple[str, str]:
+    """A tar member's (key, extension), webdataset-style: the path up to the basename's first dot, and the
+    rest. Absolute and '..' paths are refused: the archive is hostile."""
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts or "\\" in name:
         raise SourceError(
             f"{where}: member '{name}' has an absolute or '..' path; the archive is hostile, remove it"
         )
+    d, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext
 
 
 def list_folder(root: Path) -> SampleIndex:
@@ -147,12 +152,9 @@ def list_tars(spec: str) -> SampleIndex:
                 for m in tf:
                     if not m.isfile():
                         continue
-                    check_member_name(m.name, path)
-                    d, _, base = m.name.rpartition("/")
-                    if "." not in base:
+                    key, ext = member_key(m.name, path)
+                    if not ext:
                         continue
-                    stem, ext = base.split(".", 1)
-                    key = f"{d}/{stem}" if d else stem
                     if key not in groups:
                         groups[key] = {}
                         order.append(key)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tokenkit.clip_encoder import load_encoder
 from tokenkit.codebook import Codebook
-from tokenkit.errors import CodebookError, ConfigError, ImageError
+from tokenkit.errors import CodebookError, ConfigError
 from tokenkit.images import list_source
-from tokenkit.journal import FORMAT_VERSION, Journal, sha256_file, shard_ranges
+from tokenkit.journal import FORMAT_VERSION, sha256_file
 from tokenkit.kmeans import assign
-from tokenkit.loader import ViewDataset, autocast, iter_shard_batches, pick_device
+from tokenkit.loader import ViewDataset, autocast, pick_device
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, create_arrays, write_shard
+from tokenkit.shardjob import run_shards
 from tokenkit.views import ViewConfig
 from tokenkit.wds import pack_record, write_tar
 
@@ -110,126 +110,140 @@ def tokenize(
         "source": source.fingerprint(),
     }
     zarr_out, wds_out = cfg.format in ("zarr", "both"), cfg.format in ("wds", "both")
-    journal = Journal(out)
+    dataset = ViewDataset(
+        source, cfg.views, spec.image_size, spec.mean, spec.std, min_side=G, keep_bytes=wds_out
+    )
 
     def init():
         shutil.copyfile(codebook_path, out / "codebook.safetensors")  # the store carries its codebook
         if zarr_out:
-            create_arrays(
-                out,
-                n,
-                cfg.shard_size,
-                {
-                    "tokens": ((V, G, G), tok_dtype.str),
-                    "views": ((V, 5), "int32"),
-                    "labels": ((), "int64"),
-                    "keys": ((), "str"),
-                    "locators": ((), "str"),
-                    "status": ((), "uint8"),
-                },
-            )
+            arrays = {
+                "tokens": ((V, G, G), tok_dtype.str),
+                "views": ((V, 5), "int32"),
+                "labels": ((), "int64"),
+                "keys": ((), "str"),
+                "locators": ((), "str"),
+                "status": ((), "uint8"),
+            }
+            create_arrays(out, n, cfg.shard_size, arrays)
 
-    complete = journal.begin(job, resume, init) if rank == 0 else None
-    barrier()
-    if complete or journal.is_complete():
-        return out
-    ranges = shard_ranges(n, cfg.shard_size)
-    todo = [(i, *ranges[i]) for i in journal.pending(len(ranges), rank, world)]
-    dataset = ViewDataset(
-        source, cfg.views, spec.image_size, spec.mean, spec.std, min_side=G, keep_bytes=wds_out
-    )
-    bar = tqdm(
-        total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"tokenize[{rank}]"
-    )
-    buf = None
-    for sid, items, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers):
-        start, stop = ranges[sid]
-        if buf is None:
-            rows = stop - start
-            buf = {
-                "tokens": np.zeros((rows, V, G, G), tok_dtype),
-                "views": np.zeros((rows, V, 5), np.int32),
-                "labels": source.labels[start:stop].copy(),
-                "keys": np.asarray(source.keys[start:stop]),
-                "locators": np.asarray(source.locators[start:stop]),
-                "status": np.full(rows, STATUS_SKIPPED, np.uint8),
-            }
-            samples, skipped = [], []
-        ok = [it for it in items if it["error"] is None]
-        for it in items:
-            if it["error"] is not None:
-                if cfg.on_error == "raise":
-                    raise ImageError(f"{it['error']} (or pass --on-error skip)")
-                skipped.append([source.keys[it["index"]], it["error"]])
-        if ok:
-            x = torch.cat([it["pixels"] for it in ok]).to(device)  # (b*V, 3, S, S)
-            with autocast(device, cfg.precision):
-                f = encoder(x)  # (b*V, G*G, C)
-            codes = assign(f.flatten(0, 1).float(), centroids, cb.metric)  # (b*V*G*G,)
-            codes = codes.view(len(ok), V, G, G).cpu().numpy().astype(tok_dtype)  # (b, V, G, G)
-            for j, it in enumerate(ok):
-                r, i = it["index"] - start, it["index"]
-                buf["tokens"][r], buf["views"][r], buf["status"][r] = codes[j], it["views"], STATUS_OK
-                if wds_out:
-                    ext = source.locators[i].rsplit(".", 1)[-1].lower() if source.kind == "folder" else "jpg"
-                    samples.append(
-                        {
-                            "key": source.keys[i],
-                            "ext": ext,
-                            "data": it["data"],
-                            "record": pack_record(codes[j], it["views"], int(source.labels[i])),
-                        }
-                    )
-        bar.update(len(items))
-        if not last:
-            continue
-        okm = buf["status"] == STATUS_OK
-        record = {
-            "shard": sid,
-            "rows": [start, stop],
-            "ok": int(okm.sum()),
-            "skipped": skipped,
-            "code_counts": np.bincount(buf["tokens"][okm].ravel(), minlength=K).tolist(),
-            "label_counts": np.bincount(buf["labels"][okm] + 1, minlength=len(source.classes) + 1).tolist(),
-            "sha256": {},
+    def manifest(records: list[dict]) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "tokens",
+            "job": job,
+            "source": source.describe(),
+            "codebook": {
+                "file": "codebook.safetensors",
+                "sha256": cb.sha256,
+                "k": K,
+                "dim": cb.dim,
+                "metric": cb.metric,
+            },
+            "grid": G,
+            "num_views": V,
+            "token_dtype": tok_dtype.name,
+            "formats": [f for f, on in (("zarr", zarr_out), ("wds", wds_out)) if on],
+            "n": n,
+            "n_ok": sum(r["ok"] for r in records),
+            "shards": [{k: r[k] for k in ("rows", "ok", "sha256", "tar") if k in r} for r in records],
+            "skipped": [s for r in records for s in r["skipped"]],
+            "code_counts": np.sum([r["code_counts"] for r in records], axis=0).tolist(),
+            "label_counts": np.sum([r["label_counts"] for r in records], axis=0).tolist(),
         }
-        if wds_out:
-            write_tar(out / tar_name(sid), samples)
-            record["tar"] = {"path": tar_name(sid), "samples": len(samples)}
-        if zarr_out:
-            record["sha256"] = write_shard(out, sid, start, buf)
-        if wds_out:
-            record["sha256"][tar_name(sid)] = sha256_file(out / tar_name(sid))
-        journal.commit(sid, record)
-        buf = None
-    bar.close()
-    barrier()
-    if rank == 0:
-        records = journal.records(len(ranges))
-        journal.finish(
-            {
-                "format_version": FORMAT_VERSION,
-                "kind": "tokens",
-                "job": job,
-                "source": source.describe(),
-                "codebook": {
-                    "file": "codebook.safetensors",
-                    "sha256": cb.sha256,
-                    "k": K,
-                    "dim": cb.dim,
-                    "metric": cb.metric,
-                },
-                "grid": G,
-                "num_views": V,
-                "token_dtype": tok_dtype.name,
-                "formats": [f for f, on in (("zarr", zarr_out), ("wds", wds_out)) if on],
-                "n": n,
-                "n_ok": sum(r["ok"] for r in records),
-                "shards": [{k: r[k] for k in ("rows", "ok", "sha256", "tar") if k in r} for r in records],
-                "skipped": [s for r in records for s in r["skipped"]],
-                "code_counts": np.sum([r["code_counts"] for r in records], axis=0).tolist(),
-                "label_counts": (np.sum([r["label_counts"] for r in records], axis=0)).tolist(),
-            }
-        )
-    barrier()
+
+    writer = _TokenShard(
+        out, source, encoder, centroids, cb.metric, device, cfg, tok_dtype, zarr_out, wds_out
+    )
+    run_shards(
+        out,
+        job,
+        init,
+        dataset,
+        writer,
+        manifest,
+        shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        on_error=cfg.on_error,
+        resume=resume,
+        rank=rank,
+        world=world,
+        barrier=barrier,
+        progress=progress,
+        desc="tokenize",
+    )
     return out
+
+
+class _TokenShard:
+    """Buffers one work shard of tokens; writes its zarr shards and/or its webdataset tar."""
+
+    def __init__(self, out, source, encoder, centroids, metric, device, cfg, tok_dtype, zarr_out, wds_out):
+        self.out, self.source, self.encoder, self.centroids, self.metric = (
+            out,
+            source,
+            encoder,
+            centroids,
+            metric,
+        )
+        self.device, self.cfg, self.tok_dtype, self.zarr_out, self.wds_out = (
+            device,
+            cfg,
+            tok_dtype,
+            zarr_out,
+            wds_out,
+        )
+        self.K = centroids.shape[0]
+
+    def begin(self, start: int, stop: int) -> None:
+        src, rows, V, G = self.source, stop - start, self.cfg.views.views, self.encoder.spec.grid
+        self.start, self.samples = start, []
+        self.buf = {
+            "tokens": np.zeros((rows, V, G, G), self.tok_dtype),
+            "views": np.zeros((rows, V, 5), np.int32),
+            "labels": src.labels[start:stop].copy(),
+            "keys": np.asarray(src.keys[start:stop]),
+            "locators": np.asarray(src.locators[start:stop]),
+            "status": np.full(rows, STATUS_SKIPPED, np.uint8),
+        }
+
+    def add(self, items: list[dict]) -> None:
+        src, V, G = self.source, self.cfg.views.views, self.encoder.spec.grid
+        x = torch.cat([it["pixels"] for it in items]).to(self.device)  # (b*V, 3, S, S)
+        with autocast(self.device, self.cfg.precision):
+            f = self.encoder(x)  # (b*V, G*G, C)
+        codes = assign(f.flatten(0, 1).float(), self.centroids, self.metric)  # (b*V*G*G,) on CLIP's device
+        codes = codes.view(len(items), V, G, G).cpu().numpy().astype(self.tok_dtype)  # (b, V, G, G)
+        for j, it in enumerate(items):
+            i = it["index"]
+            r = i - self.start
+            self.buf["tokens"][r], self.buf["views"][r], self.buf["status"][r] = (
+                codes[j],
+                it["views"],
+                STATUS_OK,
+            )
+            if self.wds_out:
+                record = pack_record(codes[j], it["views"], int(src.labels[i]))
+                self.samples.append(
+                    {"key": src.keys[i], "ext": src.ext(i), "data": it["data"], "record": record}
+                )
+
+    def commit(self, shard: int) -> dict:
+        buf = self.buf
+        okm = buf["status"] == STATUS_OK
+        n_classes = len(self.source.classes)
+        record = {
+            "ok": int(okm.sum()),
+            "sha256": {},
+            "code_counts": np.bincount(buf["tokens"][okm].ravel(), minlength=self.K).tolist(),
+            "label_counts": np.bincount(buf["labels"][okm] + 1, minlength=n_classes + 1).tolist(),
+        }
+        if self.zarr_out:
+            record["sha256"] = write_shard(self.out, shard, self.start, buf)
+        if self.wds_out:
+            path = tar_name(shard)
+            write_tar(self.out / path, self.samples)
+            record["tar"] = {"path": path, "samples": len(self.samples)}
+            record["sha256"][path] = sha256_file(self.out / path)
+        return record

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenkit.errors import SourceError, StoreError
-from tokenkit.images import check_member_name
+from tokenkit.images import member_key
 from tokenkit.journal import atomic_write_bytes
 
 TOKENS_EXT = "tokens.npy"
@@ -86,10 +86,7 @@ def iter_tar(path: Path | str) -> Iterator[dict]:
             for m in tf:
                 if not m.isfile():
                     continue
-                check_member_name(m.name, path)
-                d, _, base = m.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                key = f"{d}/{stem}" if d else stem
+                key, ext = member_key(m.name, path)
                 data = tf.extractfile(m).read()
                 if cur is not None and cur["key"] != key:
                     yield _finish(cur, path)

@@ -1,0 +1,84 @@
+"""The loop that both sharded jobs (`features`, `tokenize`) run, so they resume and split ranks alike.
+
+A job is N source rows cut into work shards of `shard_size` rows. Rank 0 creates or checks the output
+(`Journal.begin`); every rank then takes its pending shards (round-robin), feeds their batches to a
+`ShardWriter`, and commits each finished shard with a record; rank 0 collects the records into the manifest.
+Bad images are skipped and listed (`on_error="skip"`) or stop the job (`"raise"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from tokenkit.errors import ImageError
+from tokenkit.journal import Journal, shard_ranges
+from tokenkit.loader import ViewDataset, iter_shard_batches
+
+
+class ShardWriter(Protocol):
+    def begin(self, start: int, stop: int) -> None:
+        """A new work shard of rows [start, stop) starts: allocate its buffers."""
+
+    def add(self, items: list[dict]) -> None:
+        """The decoded items of one batch (ViewDataset items without errors)."""
+
+    def commit(self, shard: int) -> dict:
+        """Write the shard's files; return its record (at least "ok", the stored count, and "sha256")."""
+
+
+def run_shards(
+    out: Path,
+    spec: dict,
+    init: Callable[[], None],
+    dataset: ViewDataset,
+    writer: ShardWriter,
+    manifest: Callable[[list[dict]], dict],
+    *,
+    shard_size: int,
+    batch_size: int,
+    workers: int,
+    on_error: str,
+    resume: bool,
+    rank: int,
+    world: int,
+    barrier: Callable[[], None],
+    progress: bool,
+    desc: str,
+) -> None:
+    """Run (or resume) the job whose output is `out`; rank 0 writes manifest(records) at the end."""
+    journal = Journal(out)
+    complete = journal.begin(spec, resume, init) if rank == 0 else None
+    barrier()
+    if complete or journal.is_complete():
+        return
+    keys = dataset.source.keys
+    ranges = shard_ranges(len(dataset), shard_size)
+    todo = [(i, *ranges[i]) for i in journal.pending(len(ranges), rank, world)]
+    bar = tqdm(total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"{desc}[{rank}]")
+    current, skipped = None, []
+    for sid, items, last in iter_shard_batches(dataset, todo, batch_size, workers):
+        if sid != current:
+            current, skipped = sid, []
+            writer.begin(*ranges[sid])
+        for it in items:
+            if it["error"] is not None:
+                if on_error == "raise":
+                    raise ImageError(f"{it['error']} (or pass --on-error skip)")
+                skipped.append([keys[it["index"]], it["error"]])
+        ok = [it for it in items if it["error"] is None]
+        if ok:
+            writer.add(ok)
+        bar.update(len(items))
+        if last:
+            journal.commit(
+                sid, {**writer.commit(sid), "shard": sid, "rows": list(ranges[sid]), "skipped": skipped}
+            )
+    bar.close()
+    barrier()
+    if rank == 0:
+        journal.finish(manifest(journal.records(len(ranges))))
+    barrier()
