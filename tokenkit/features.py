@@ -145,24 +145,7 @@ def extract_features(
         }
 
     writer = _FeatureShard(out, source.keys, encoder, device, cfg, P)
-    run_shards(
-        out,
-        job,
-        init,
-        dataset,
-        writer,
-        manifest,
-        shard_size=cfg.shard_size,
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        on_error=cfg.on_error,
-        resume=resume,
-        rank=rank,
-        world=world,
-        barrier=barrier,
-        progress=progress,
-        desc="features",
-    )
+    run_shards(out, job, init, dataset, writer, manifest, cfg, resume, (rank, world, barrier), progress)
     return out
 
 

@@ -37,19 +37,17 @@ def run_shards(
     dataset: ViewDataset,
     writer: ShardWriter,
     manifest: Callable[[list[dict]], dict],
-    *,
-    shard_size: int,
-    batch_size: int,
-    workers: int,
-    on_error: str,
+    cfg,
     resume: bool,
-    rank: int,
-    world: int,
-    barrier: Callable[[], None],
+    dist: tuple[int, int, Callable[[], None]],
     progress: bool,
-    desc: str,
 ) -> None:
-    """Run (or resume) the job whose output is `out`; rank 0 writes manifest(records) at the end."""
+    """Run (or resume) the job whose output is `out`; rank 0 writes manifest(records) at the end.
+
+    cfg: the job's config (shard_size, batch_size, workers, on_error); dist: (rank, world, barrier).
+    """
+    rank, world, barrier = dist
+    shard_size, on_error = cfg.shard_size, cfg.on_error
     journal = Journal(out)
     complete = journal.begin(spec, resume, init) if rank == 0 else None
     barrier()
@@ -58,9 +56,10 @@ def run_shards(
     keys = dataset.source.keys
     ranges = shard_ranges(len(dataset), shard_size)
     todo = [(i, *ranges[i]) for i in journal.pending(len(ranges), rank, world)]
-    bar = tqdm(total=sum(e - s for _, s, e in todo), unit="img", disable=not progress, desc=f"{desc}[{rank}]")
+    total = sum(e - s for _, s, e in todo)
+    bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{spec['job']}[{rank}]")
     current, skipped = None, []
-    for sid, items, last in iter_shard_batches(dataset, todo, batch_size, workers):
+    for sid, items, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers):
         if sid != current:
             current, skipped = sid, []
             writer.begin(*ranges[sid])

@@ -155,24 +155,7 @@ def tokenize(
     writer = _TokenShard(
         out, source, encoder, centroids, cb.metric, device, cfg, tok_dtype, zarr_out, wds_out
     )
-    run_shards(
-        out,
-        job,
-        init,
-        dataset,
-        writer,
-        manifest,
-        shard_size=cfg.shard_size,
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        on_error=cfg.on_error,
-        resume=resume,
-        rank=rank,
-        world=world,
-        barrier=barrier,
-        progress=progress,
-        desc="tokenize",
-    )
+    run_shards(out, job, init, dataset, writer, manifest, cfg, resume, (rank, world, barrier), progress)
     return out
 
 
