@@ -13,7 +13,6 @@ with the image bytes inside, resampled per rank and epoch so every rank gets equ
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,16 +22,11 @@ from torch.utils.data import IterableDataset, Sampler
 
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
-from tokenkit.views import render_view, to_tensor
+from tokenkit.views import keyed_rng, render_view, to_tensor
 from tokenkit.wds import iter_tar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def keyed_rng(*parts) -> np.random.Generator:
-    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:

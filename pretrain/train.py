@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from pretrain.data import EpochSampler, StoreDataset, StreamDataset, keyed_rng
+from pretrain.data import EpochSampler, StoreDataset, StreamDataset
 from pretrain.mapet import MaPeT, random_orders
 from pretrain.vit import PRESETS, ViTConfig
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.store import TokenStore, verify
+from tokenkit.views import keyed_rng
 
 
 @dataclass(frozen=True)
@@ -254,10 +255,11 @@ def pretrain(
     net.train()
     while step < last:
         epoch, start = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch, start * cfg.accum_steps) if use_wds else (
-            dataset.set_epoch(epoch),
-            sampler.set_epoch(epoch, start * cfg.accum_steps),
-        )
+        if use_wds:
+            dataset.set_epoch(epoch, start * cfg.accum_steps)  # skips the batches already trained on
+        else:
+            dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch, start * cfg.accum_steps)
         loader = DataLoader(
             dataset,
             num_workers=cfg.workers,

@@ -76,6 +76,20 @@ def token_grid(store: TokenStore, out: Path, n: int = 8, size: int = 160) -> Non
     sheet.save(out)
 
 
+def verdicts(rows: list[tuple]) -> list[str]:
+    """One line per task and evaluation: does pre-training beat the random-init encoder?"""
+    out = []
+    for task in TASKS.values():
+        mine = {e: (k, lp) for t, e, k, lp, _ in rows if t == task}
+        for i, ev in enumerate(("k-NN", "linear probe")):
+            parts = []
+            for enc in ("mapet", "beit"):
+                d = 100 * (mine[enc][i] - mine["random"][i])
+                parts.append(f"{enc} {'beats' if d > 0 else 'does not beat'} random init ({d:+.1f} points)")
+            out.append(f"- {task}, {ev}: " + "; ".join(parts) + ".")
+    return out
+
+
 def main() -> None:
     run = Path(sys.argv[1])
     store = TokenStore.open(run / "tokens")
@@ -104,10 +118,10 @@ def main() -> None:
     lines += [
         f"| {t} | {e} | {100 * k:.1f}% | {100 * lp:.1f}% | {100 * mj:.1f}% |" for t, e, k, lp, mj in rows
     ]
-    best = {t: max((r for r in rows if r[0] == t), key=lambda r: r[3]) for t in TASKS.values()}
     lines += [
         "",
-        "Best linear probe per task: " + "; ".join(f"{t}: {r[1]}" for t, r in best.items()) + ".",
+        *verdicts(rows),
+        "",
         "These are tiny CPU budgets: the numbers are what they are, not tuned.",
         "",
         "## Pre-training",

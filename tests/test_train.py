@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from pretrain.checkpoint import load_checkpoint
-from pretrain.data import EpochSampler, StoreDataset, keyed_rng
+from pretrain.data import EpochSampler, StoreDataset
 from pretrain.mapet import MaPeT, random_orders
 from pretrain.train import Objective, TrainConfig, build_model, lr_at, param_groups, pretrain, step_aux
 from pretrain.vit import ViTConfig
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.tokenize import TokenizeConfig, tokenize
-from tokenkit.views import ViewConfig
+from tokenkit.views import ViewConfig, keyed_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from tokenkit.journal import FORMAT_VERSION
 from tokenkit.loader import ViewDataset, autocast, pick_device
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, RowStore, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
-from tokenkit.views import ViewConfig, key_generator
+from tokenkit.views import ViewConfig, keyed_rng
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,7 @@ class _FeatureShard:
         for j, it in enumerate(items):
             r = it["index"] - self.start
             # the kept patches are keyed by (seed, key): the same whatever the batch or rank
-            pick = np.sort(
-                key_generator(self.cfg.seed, self.keys[it["index"]]).choice(G2, self.P, replace=False)
-            )
+            pick = np.sort(keyed_rng(self.cfg.seed, self.keys[it["index"]]).choice(G2, self.P, replace=False))
             self.buf["features"][r] = f[j, pick].astype(np.float16)
             self.buf["patch"][r] = pick
             self.buf["status"][r] = STATUS_OK

@@ -31,9 +31,10 @@ class ViewConfig:
     seed: int = 0
 
 
-def key_generator(seed: int, key: str) -> np.random.Generator:
-    """A generator keyed by (seed, sample key): the same views on any machine, rank or batch order."""
-    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+def keyed_rng(*parts) -> np.random.Generator:
+    """A generator keyed by its parts, e.g. (seed, sample key): the same draws on any machine, rank or batch
+    order. Used for views, kept feature patches, and every random draw of the trainer."""
+    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
@@ -71,7 +72,7 @@ def draw_views(cfg: ViewConfig, key: str, width: int, height: int) -> np.ndarray
     if cfg.mode == "center":
         out[:, :4] = center_box(width, height)
         return out
-    rng = key_generator(cfg.seed, key)
+    rng = keyed_rng(cfg.seed, key)
     for v in range(cfg.views):
         out[v, :4] = random_box(rng, width, height, cfg.scale, cfg.ratio)
         out[v, 4] = int(rng.uniform() < cfg.flip)
