@@ -90,3 +90,41 @@ def test_store_of_a_newer_format_is_refused_by_every_command(tmp_path, photos, c
         assert rc == 2 and "format_version 7 is newer than this tokenkit reads" in err
     rc, _, err = run(["verify", out], capsys)
     assert rc == 1 and "format_version 7" in err
+
+
+def test_on_error_raise_names_the_file_and_wds_only_stores_still_show(
+    tmp_path, photos, codebook_path, capsys
+):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(photos, src)
+    (src / "odd" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rc, _, err = run(
+        ["tokenize", src, codebook_path, tmp_path / "t", "--on-error", "raise", "--workers", "0", "--quiet"],
+        capsys,
+    )
+    assert rc == 2 and "odd/broken.jpg" in err and "--on-error skip" in err and "Traceback" not in err
+    (src / "odd" / "broken.jpg").unlink()
+    rc, _, err = run(
+        [
+            "tokenize",
+            src,
+            codebook_path,
+            tmp_path / "w",
+            "--format",
+            "wds",
+            "--views",
+            "2",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    rc, _, _ = run(
+        ["show", tmp_path / "w", "odd/chelsea", "--out", tmp_path / "w.png", "--size", "64"], capsys
+    )
+    assert rc == 0 and Image.open(tmp_path / "w.png").size == (2 * 64 + 12, 2 * (64 + 6) + 6)
+    assert run(["show", tmp_path / "w", "nope", "--out", tmp_path / "x.png"], capsys)[0] == 2

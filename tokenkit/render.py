@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tokenkit.errors import StoreError
+from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import render_view
+from tokenkit.wds import iter_tar
 
 
 def code_color(code: int) -> tuple[int, int, int]:
@@ -41,11 +44,21 @@ def token_overlay(
 
 
 def show(store: TokenStore, key: str, out: Path, size: int = 224, source_root: str | None = None) -> Path:
-    """Write a PNG: for each stored view of `key`, the rendered view and the view with its tokens."""
-    pos = store.index_of(key)
-    sample = store.read([pos])
-    img = store.image(pos, source_root)
-    views, tokens = sample["views"][0], sample["tokens"][0]  # (V, 5), (V, G, G)
+    """Write a PNG: for each stored view of `key`, the rendered view and the view with its tokens.
+
+    Reads the zarr arrays and the recorded source when the store has them, else scans its webdataset shards
+    (which carry the image bytes)."""
+    if store.has_zarr:
+        pos = store.index_of(key)
+        sample = store.read([pos])
+        img = store.image(pos, source_root)
+        views, tokens = sample["views"][0], sample["tokens"][0]  # (V, 5), (V, G, G)
+    else:
+        found = next((s for p in store.tar_paths() for s in iter_tar(p) if s["key"] == key), None)
+        if found is None:
+            raise StoreError(f"{store.root}: no stored sample with key '{key}'")
+        img = decode_image(found["data"], key)
+        views, tokens = found["views"], found["tokens"]
     V = len(views)
     sheet = Image.new("RGB", (2 * size + 12, V * (size + 6) + 6), (255, 255, 255))
     for v in range(V):

@@ -85,7 +85,8 @@ class RowStore:
 
     def __init__(self, root: Path, manifest: dict):
         self.root, self.manifest = Path(root), manifest
-        self.group = zarr.open_group(str(self.root), mode="r") if self.manifest.get("zarr", True) else None
+        has_zarr = "zarr" in manifest.get("formats", ["zarr"])  # feature stores are always zarr
+        self.group = zarr.open_group(str(self.root), mode="r") if has_zarr else None
 
     @classmethod
     def open(cls, root: Path):
