@@ -51,6 +51,7 @@ def test_bad_model_layer_and_checkpoint():
 def test_local_checkpoint_is_loaded_and_fingerprinted(tmp_path):
     import open_clip
 
+    resolve_spec("tokenkit-tiny-vit", "none", grid=4)  # registers tokenkit's tiny configs with open_clip
     torch.manual_seed(7)
     model = open_clip.create_model("tokenkit-tiny-vit", pretrained=None)
     ckpt = tmp_path / "clip.pt"
@@ -63,3 +64,34 @@ def test_local_checkpoint_is_loaded_and_fingerprinted(tmp_path):
     torch.save({k: v + 1 for k, v in model.state_dict().items()}, ckpt)  # the file changed under the spec
     with pytest.raises(ConfigError, match="differ from the recorded"):
         load_encoder(spec)
+
+
+def test_local_dir_model_folder_is_loaded_with_its_own_config(tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from tokenkit.clip_encoder import MODEL_CONFIGS
+
+    resolve_spec("tokenkit-tiny-vit", "none", grid=4)  # registers tokenkit's tiny configs with open_clip
+    torch.manual_seed(11)
+    model = open_clip.create_model("tokenkit-tiny-vit", pretrained=None)
+    folder = tmp_path / "my-clip"
+    folder.mkdir()
+    cfg = json.loads((MODEL_CONFIGS / "tokenkit-tiny-vit.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
+    # the model name given does not matter: the folder's config decides the architecture
+    spec = resolve_spec("ViT-B-16", f"local-dir:{folder}", grid=4)
+    assert spec.arch == "vit" and spec.image_size == 64 and spec.weights_id.startswith("sha256:")
+    x = torch.randn(1, 3, 64, 64)
+    ref = model.visual.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")
+    assert torch.allclose(load_encoder(spec)(x), ref["image_intermediates"][0], atol=1e-6)
+    with pytest.raises(ConfigError, match="not a readable open_clip config"):
+        resolve_spec("ViT-B-16", f"local-dir:{tmp_path}", grid=4)
+    (folder / "open_clip_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no open_clip_model.safetensors"):
+        resolve_spec("ViT-B-16", f"local-dir:{folder}", grid=4)

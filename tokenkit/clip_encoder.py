@@ -9,6 +9,7 @@ stride 32 for ResNets, the patch size for ViTs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,23 +54,60 @@ def _open_clip():
     return open_clip
 
 
+# the checkpoint names open_clip looks for in a `local-dir:` folder, in its order
+LOCAL_DIR_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
 def _weights_id(pretrained: str, seed: int) -> str:
+    """What identifies the weights: the tag, the sha256 of the checkpoint file, or the random-init seed."""
     if pretrained == "none":
         return f"none:seed={seed}"
-    path = pretrained.removeprefix("local-dir:")
-    if os.path.exists(path):
-        if os.path.isdir(path):
-            return f"dir:{Path(path).resolve()}"
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-        return f"sha256:{h.hexdigest()}"
-    if pretrained.startswith("local-dir:") or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+    if pretrained.startswith("local-dir:"):
+        folder = Path(pretrained.removeprefix("local-dir:"))
+        found = [folder / n for n in LOCAL_DIR_WEIGHTS if (folder / n).is_file()]
+        if not found:
+            raise ConfigError(
+                f"{folder}: no {' / '.join(LOCAL_DIR_WEIGHTS)} in this folder; pass an open_clip "
+                "model folder (open_clip_config.json + weights)"
+            )
+        return _sha256(found[0])
+    if os.path.isfile(pretrained):
+        return _sha256(Path(pretrained))
+    if pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise ConfigError(
             f"{pretrained}: checkpoint not found; pass an existing file, an open_clip tag or 'none'"
         )
     return pretrained
+
+
+def _model_config(oc, model: str, pretrained: str) -> dict:
+    """The model's open_clip config: from the `local-dir:` folder when weights come from one, else by name."""
+    if pretrained.startswith("local-dir:"):
+        path = Path(pretrained.removeprefix("local-dir:")) / "open_clip_config.json"
+        try:
+            local = json.loads(path.read_text())
+            return {**local["model_cfg"], "preprocess_cfg": local.get("preprocess_cfg", {})}
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(
+                f"{path}: not a readable open_clip config with 'model_cfg' ({e}); fix the folder"
+            ) from e
+    cfg = oc.get_model_config(model)
+    if cfg is None:
+        raise ConfigError(f"--model {model}: unknown open_clip model; see open_clip.list_models()")
+    return cfg
 
 
 def resolve_spec(
@@ -84,9 +122,7 @@ def resolve_spec(
     oc = _open_clip()
     if grid < 1:
         raise ConfigError(f"--grid {grid}: must be >= 1")
-    cfg = oc.get_model_config(model)
-    if cfg is None:
-        raise ConfigError(f"--model {model}: unknown open_clip model; see open_clip.list_models()")
+    cfg = _model_config(oc, model, pretrained)
     vcfg = cfg["vision_cfg"]
     if "timm_model_name" in vcfg and vcfg["timm_model_name"]:
         raise ConfigError(f"--model {model}: timm vision towers are not supported; use a ResNet or ViT CLIP")
