@@ -95,3 +95,14 @@ def test_local_dir_model_folder_is_loaded_with_its_own_config(tmp_path):
     (folder / "open_clip_model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no open_clip_model.safetensors"):
         resolve_spec("ViT-B-16", f"local-dir:{folder}", grid=4)
+
+
+def test_weights_that_cannot_be_loaded_are_one_line_errors(tmp_path):
+    # a tag open_clip has no weights for fails before any download is tried
+    spec = resolve_spec("tokenkit-tiny-vit", "laion2b_s34b_b79k", grid=4)
+    with pytest.raises(ConfigError, match="could not load tokenkit-tiny-vit weights"):
+        load_encoder(spec)
+    bad = tmp_path / "clip.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="could not load"):
+        load_encoder(resolve_spec("tokenkit-tiny-vit", str(bad), grid=4))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -189,16 +190,29 @@ def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> GridE
         model = oc.create_model(spec.model, pretrained=None, **kwargs)
     else:
         weights = spec.pretrained
-        if weights.startswith("local-dir:"):
-            model = oc.create_model(weights, **kwargs)
-        else:
-            model = oc.create_model(spec.model, pretrained=weights, **kwargs)
         got = _weights_id(spec.pretrained, spec.seed)
         if got != spec.weights_id:
             raise ConfigError(
                 f"{spec.pretrained}: weights {got} differ from the recorded {spec.weights_id}; "
                 "pass the checkpoint the codebook was built with"
             )
+        try:
+            if weights.startswith("local-dir:"):
+                model = oc.create_model(weights, **kwargs)
+            else:
+                model = oc.create_model(spec.model, pretrained=weights, **kwargs)
+        except (
+            RuntimeError,
+            OSError,
+            ValueError,
+            KeyError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as e:  # tag, network, file
+            raise ConfigError(
+                f"--pretrained {weights}: could not load {spec.model} weights ({str(e).splitlines()[0][:200]}); "
+                "pass a local checkpoint (--pretrained PATH or local-dir:PATH) or 'none'"
+            ) from e
     visual = model.visual
     if spec.arch == "vit":
         visual.prune_intermediate_layers(indices=[spec.layer], prune_norm=True, prune_head=True)
