@@ -87,8 +87,8 @@ class StoreDataset(torch.utils.data.Dataset):
     def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         block = self.store.read(positions)  # one sorted read per array for the whole batch
         out = []
-        for j, pos in enumerate(positions):
-            data = self.store.image_bytes(pos, self.source_root)
+        for j in range(len(positions)):
+            data = self.store.read_source(block["locators"][j], self.source_root)
             key = block["keys"][j]
             out.append(
                 make_sample(

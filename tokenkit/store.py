@@ -80,23 +80,21 @@ class TokenStore(RowStore):
     def read(self, positions) -> dict:
         """Read a block of stored samples by position.
 
-        Returns tokens (b, V, G, G) int64, views (b, V, 5) int32, labels (b,) int64, keys list[str],
-        in the order of `positions`. Rows are fetched with one sorted orthogonal read per array.
+        Returns tokens (b, V, G, G) int64, views (b, V, 5) int32, labels (b,) int64, keys and locators
+        list[str], in the order of `positions`. Rows are fetched with one sorted orthogonal read per array.
         """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
             raise IndexError(f"positions out of range [0, {len(self)})")
-        rows = self.rows[pos]
-        uniq, inv = np.unique(rows, return_inverse=True)
+        uniq, inv = np.unique(self.rows[pos], return_inverse=True)
         g = self.group
-        out = {
-            name: g[name].get_orthogonal_selection((uniq,))[inv]
-            for name in ("tokens", "views", "labels", "keys")
-        }
+        names = ("tokens", "views", "labels", "keys", "locators")
+        out = {name: g[name].get_orthogonal_selection((uniq,))[inv] for name in names}
         out["tokens"] = out["tokens"].astype(
             np.int64
         )  # embeddings index with int64; uint16 is the disk dtype
         out["keys"] = [str(k) for k in out["keys"]]
+        out["locators"] = [str(k) for k in out["locators"]]
         return out
 
     def index_of(self, key: str) -> int:
@@ -111,15 +109,17 @@ class TokenStore(RowStore):
 
     def image_bytes(self, position: int, source_root: str | None = None) -> bytes:
         """The original image bytes, read from the source the store records (or `source_root`)."""
-        row = int(self.rows[position])
-        loc = str(self.group["locators"][row])
+        return self.read_source(str(self.group["locators"][int(self.rows[position])]), source_root)
+
+    def read_source(self, locator: str, source_root: str | None = None) -> bytes:
+        """The bytes behind a locator of this store's source (a moved folder can be passed as source_root)."""
         src = self.manifest["source"]
         root = source_root or src["root"]
         try:
-            return read_locator(src["kind"], root, src["tars"], loc)
+            return read_locator(src["kind"], root, src["tars"], locator)
         except OSError as e:
             raise StoreError(
-                f"{root}: cannot read source image '{loc}' ({e}); pass the moved source folder"
+                f"{root}: cannot read source image '{locator}' ({e}); pass the moved source folder"
             ) from e
 
     def image(self, position: int, source_root: str | None = None):
