@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli.runtime import init_distributed, run_cli
+from cli.runtime import init_distributed, run_cli, with_options
 from pretrain.evaluate import (
     ProbeConfig,
     extract,
@@ -92,45 +92,42 @@ def pretrain(tokens, out, resume, quiet, **kw):
         click.echo(f"checkpoint: {last}")
 
 
-def encoder_options(f):
-    for opt in reversed(
-        [
-            click.option(
-                "--checkpoint",
-                required=True,
-                help="RUN/last.pt of 'mapet pretrain', or 'random' (random init).",
-            ),
-            click.option(
-                "--train", "train_dir", required=True, type=EXISTING, help="Labelled image folder or store."
-            ),
-            click.option(
-                "--val", "val_dir", required=True, type=EXISTING, help="Labelled image folder or store."
-            ),
-            click.option(
-                "--model",
-                type=click.Choice(list(PRESETS)),
-                default="mapet_small",
-                show_default=True,
-                help="With --checkpoint random.",
-            ),
-            click.option("--image-size", type=int, default=None, help="With --checkpoint random."),
-            click.option("--patch-size", type=int, default=None, help="With --checkpoint random."),
-            click.option("--seed", type=int, default=0, show_default=True),
-            click.option("--batch-size", type=int, default=64, show_default=True),
-            click.option("--workers", type=int, default=2, show_default=True),
-            click.option("--device", default="auto", show_default=True),
-            click.option(
-                "--out",
-                "out_json",
-                type=click.Path(path_type=Path),
-                default=None,
-                help="Result JSON (default: beside the checkpoint).",
-            ),
-            click.option("--quiet", is_flag=True),
-        ]
-    ):
-        f = opt(f)
-    return f
+encoder_options = with_options(
+    [
+        click.option(
+            "--checkpoint",
+            required=True,
+            help="RUN/last.pt of 'mapet pretrain', or 'random' (random init).",
+        ),
+        click.option(
+            "--train", "train_dir", required=True, type=EXISTING, help="Labelled image folder or store."
+        ),
+        click.option(
+            "--val", "val_dir", required=True, type=EXISTING, help="Labelled image folder or store."
+        ),
+        click.option(
+            "--model",
+            type=click.Choice(list(PRESETS)),
+            default="mapet_small",
+            show_default=True,
+            help="With --checkpoint random.",
+        ),
+        click.option("--image-size", type=int, default=None, help="With --checkpoint random."),
+        click.option("--patch-size", type=int, default=None, help="With --checkpoint random."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--workers", type=int, default=2, show_default=True),
+        click.option("--device", default="auto", show_default=True),
+        click.option(
+            "--out",
+            "out_json",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Result JSON (default: beside the checkpoint).",
+        ),
+        click.option("--quiet", is_flag=True),
+    ]
+)
 
 
 def _setup(kw):

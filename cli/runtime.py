@@ -87,3 +87,14 @@ def apply_preset(ctx: click.Context, presets: dict, name: str | None, params: di
         if k in out and ctx.get_parameter_source(k) != click.core.ParameterSource.COMMANDLINE:
             out[k] = v
     return out
+
+
+def with_options(options: list):
+    """One decorator applying a shared list of click options (first listed = first in --help)."""
+
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return apply

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from cli.runtime import apply_preset, init_distributed, run_cli
+from cli.runtime import apply_preset, init_distributed, run_cli, with_options
 from tokenkit.clip_encoder import resolve_spec
 from tokenkit.codebook import build_codebook
 from tokenkit.features import FeaturesConfig, extract_features
@@ -36,34 +36,31 @@ def cli():
     """k-CLIP visual tokenizers and the offline token cache."""
 
 
-def job_options(f):
-    for opt in reversed(
-        [
-            click.option(
-                "--shard-size", default=1024, show_default=True, help="Images per work shard / zarr shard."
-            ),
-            click.option("--batch-size", default=32, show_default=True, help="Images per CLIP forward."),
-            click.option("--workers", default=4, show_default=True, help="DataLoader decoding workers."),
-            click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
-            click.option(
-                "--precision",
-                default="auto",
-                show_default=True,
-                help="auto (bf16 on CUDA) | fp32 | bf16 | fp16.",
-            ),
-            click.option(
-                "--on-error",
-                type=click.Choice(["skip", "raise"]),
-                default="skip",
-                show_default=True,
-                help="Bad images: skip and list them in the manifest, or stop.",
-            ),
-            click.option("--resume", is_flag=True, help="Continue an unfinished job in OUT."),
-            click.option("--quiet", is_flag=True, help="No progress bar."),
-        ]
-    ):
-        f = opt(f)
-    return f
+job_options = with_options(
+    [
+        click.option(
+            "--shard-size", default=1024, show_default=True, help="Images per work shard / zarr shard."
+        ),
+        click.option("--batch-size", default=32, show_default=True, help="Images per CLIP forward."),
+        click.option("--workers", default=4, show_default=True, help="DataLoader decoding workers."),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
+        click.option(
+            "--precision",
+            default="auto",
+            show_default=True,
+            help="auto (bf16 on CUDA) | fp32 | bf16 | fp16.",
+        ),
+        click.option(
+            "--on-error",
+            type=click.Choice(["skip", "raise"]),
+            default="skip",
+            show_default=True,
+            help="Bad images: skip and list them in the manifest, or stop.",
+        ),
+        click.option("--resume", is_flag=True, help="Continue an unfinished job in OUT."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+)
 
 
 @cli.command()

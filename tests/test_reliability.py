@@ -22,17 +22,12 @@ import tokenkit.wds
 from cli.tokenkit import main as tokenkit_main
 from pretrain.checkpoint import load_checkpoint
 from tests.reliability_jobs import HOOKS, count_hooks, run_job, run_with_kill
+from tests.test_tokenize import tree_bytes
 from tokenkit.store import verify
 
 CTX = mp.get_context("forkserver")
 CTX.set_forkserver_preload(["tests.reliability_jobs"])
 POINTS = 20
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()
-    }
 
 
 def kill_points(job: str, args: dict, seed: int) -> list[tuple[str, int]]:
