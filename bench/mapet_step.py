@@ -1,18 +1,25 @@
 """One full training step (forward, backward, clip, AdamW) of MaPeT, BEiT and plain ViTs, same sizes.
 
     python bench/mapet_step.py [--sizes tiny small] [--batch 8] [--threads 2] [--device cpu|cuda] [--online]
+        [--official PATH/TO/aimagelab-MaPeT --official-pythonpath TIMM_0_6_DIR]
 
 Prints seconds per step (median of --iters after --warmup) and the ratios the project's goals are stated in:
 MaPeT / official MaPeT (the official figures measured on this kind of machine: MaPeT-T 1.10 s, MaPeT-S 2.79 s
 at fp32, batch 8, 2 threads), MaPeT / BEiT (goal <= 2.2), the static mask's build time / step (goal <= 1%),
 and with --online the images/s of training from the token cache versus tokenizing each batch online with a
-CLIP encoder (open_clip ViT-B-16, random init) plus nearest-centroid assignment.
+CLIP encoder (open_clip ViT-B-16, random init) plus nearest-centroid assignment. With --official the official
+implementation's step (bench/official_step.py, in a subprocess with timm 0.6 on its path) runs on the same
+machine, sizes, batch and precision, and the ratios against it (time, and peak memory on CUDA) are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -88,6 +95,10 @@ def main() -> None:
     ap.add_argument(
         "--online", action="store_true", help="also compare training from the cache with online CLIP"
     )
+    ap.add_argument("--official", metavar="REPO", help="checkout of aimagelab/MaPeT: time its step too")
+    ap.add_argument(
+        "--official-pythonpath", default="", help="folder holding timm 0.6.x for the official code"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -142,7 +153,13 @@ def main() -> None:
         print(
             f"  MaPeT / BEiT: {t_mapet / t_beit:.2f} (goal <= 2.2)   MaPeT / ViT+head: {t_mapet / t_head:.2f}"
         )
-        if device.type == "cpu" and size in OFFICIAL_CPU and args.batch == 8 and args.threads == 2:
+        if (
+            not args.official
+            and device.type == "cpu"
+            and size in OFFICIAL_CPU
+            and args.batch == 8
+            and args.threads == 2
+        ):
             print(
                 f"  MaPeT / official MaPeT ({OFFICIAL_CPU[size]:.2f} s): {t_mapet / OFFICIAL_CPU[size]:.2f} "
                 "(goal <= 0.75)"
@@ -152,8 +169,42 @@ def main() -> None:
         )
         if device.type == "cuda":
             print(f"  peak memory: MaPeT {m_mapet:.2f} GiB, BEiT {m_beit:.2f} GiB")
+        if args.official:
+            off = official(args, size)
+            print(
+                f"  official MaPeT step {off['step_s']:.3f} s (its loader builds masks: {off['mask_build_s']:.3f} s"
+                f" per batch) -> MaPeT / official: {t_mapet / off['step_s']:.2f} (goal <= "
+                f"{0.5 if device.type == 'cuda' else 0.75})"
+            )
+            if off["peak_gib"]:
+                print(
+                    f"  peak memory: official {off['peak_gib']:.2f} GiB -> MaPeT / official "
+                    f"{m_mapet / off['peak_gib']:.2f} (goal <= 0.5)"
+                )
         if args.online:
             online(cfg, mapet, B, device, args, precision, t_mapet)
+
+
+def official(args, size: str) -> dict:
+    """Run bench/official_step.py in a subprocess (timm 0.6 on its path) and return its JSON result."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (args.official_pythonpath, env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-W", "ignore", os.path.join(os.path.dirname(__file__), "official_step.py")]
+    cmd += [
+        "--repo",
+        args.official,
+        "--size",
+        size,
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+    ]
+    cmd += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "official step failed")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def online(cfg, mapet, B, device, args, precision, t_mapet) -> None:

@@ -45,7 +45,7 @@ def reference_logits(model: MaPeT, images: torch.Tensor, orders: torch.Tensor) -
         target_ids = orders[b, c - 1 :]  # patch indices of the P targets, in prediction order
         masks = model.mask_token[0, 0] + enc.pos_embed[0, 1 + target_ids]  # (P, D)
         x = torch.cat([tokens, masks, masks])  # (N+2P, D)
-        m = per_sample_mask(orders[b], c)
+        m = per_sample_mask(orders[b].cpu(), c).to(x.device)
         for blk in enc.blocks:
             a = blk.attn
             y = blk.norm1(x)

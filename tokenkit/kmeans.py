@@ -118,9 +118,12 @@ def _fit_faiss(x: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(km.centroids, dtype=np.float32), f"faiss-gpu:{ngpu}" if ngpu else "faiss-cpu"
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of each row of x (M, C) among c (K, C): indices (M,) int64, squared distances (M,)."""
-    low = x.is_cuda  # bf16 matmul on GPU: the argmin tolerates it, and it halves the traffic
+def _nearest(
+    x: torch.Tensor, c: torch.Tensor, block: int = 65536, low: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each row of x (M, C) among c (K, C): indices (M,) int64, squared distances (M,).
+    low: bf16 dot products (k-means iterations on a GPU: Lloyd's steps tolerate near-tie flips, and it halves
+    the traffic); tokens and objectives always use the exact fp32 path."""
     c2 = (c * c).sum(1)  # (K,)
     cm = c.to(torch.bfloat16) if low else c
     idx, dist = [], []
@@ -147,7 +150,7 @@ def _fit_torch(x: torch.Tensor, cfg: KMeansConfig) -> np.ndarray:
     for _ in range(cfg.nredo):
         c = x[torch.randperm(n, generator=gen)[: cfg.k].to(x.device)].clone()  # (K, C) distinct points
         for _ in range(cfg.niter):
-            a, _ = _nearest(x, c)
+            a, _ = _nearest(x, c, low=x.is_cuda)
             counts = torch.bincount(a, minlength=cfg.k)  # (K,)
             sums = torch.zeros_like(c).index_add_(0, a, x)  # (K, C)
             nonempty = counts > 0

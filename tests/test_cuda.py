@@ -1,0 +1,119 @@
+"""The GPU paths: compiled FlexAttention with BlockMasks, bf16 training, CLIP under autocast, torch k-means.
+
+Skipped without CUDA (CI has none); run on a GPU machine with `pytest tests/test_cuda.py`.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.mapet import MaPeT, random_orders
+from pretrain.train import TrainConfig, pretrain
+from pretrain.vit import ViTConfig
+from tests.mapet_reference import reference_logits
+from tokenkit.kmeans import KMeansConfig, assign, fit
+from tokenkit.store import TokenStore
+from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.views import ViewConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 means fp32 here: no TF32 in matmuls or convolutions while a test compares against a reference."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def paper_sized_model(backend: str) -> MaPeT:
+    """ViT/16 at 224 (N = 197, c = 50, P = 147: the paper's mask) with a narrow, shallow trunk."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=224, patch_size=16, dim=96, depth=2, heads=3, drop_path=0.0, layer_scale=1.0)
+    return MaPeT(cfg, vocab_size=64, attn_backend=backend).to(CUDA)
+
+
+def test_flex_path_matches_the_dense_reference_and_sdpa_gradients():
+    model = paper_sized_model("flex")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 224, 224, generator=g).to(CUDA)
+    targets = torch.randint(0, 64, (3, 196), generator=g).to(CUDA)
+    orders = random_orders(3, 196, g).to(CUDA)
+    flex, y = model(images, targets, orders)
+    with torch.no_grad():
+        ref = reference_logits(model, images, orders)
+    torch.testing.assert_close(flex, ref, rtol=1e-4, atol=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_flex = torch.autograd.grad(torch.nn.functional.cross_entropy(flex.flatten(0, 1), y.flatten()), params)
+    model.attn_backend = "sdpa"
+    sdpa, _ = model(images, targets, orders)
+    g_sdpa = torch.autograd.grad(torch.nn.functional.cross_entropy(sdpa.flatten(0, 1), y.flatten()), params)
+    for a, b in zip(g_flex, g_sdpa, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_flex_logits_stay_close_to_fp32():
+    model = paper_sized_model("flex")
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 224, 224, generator=g).to(CUDA)
+    orders = random_orders(2, 196, g).to(CUDA)
+    t = torch.zeros(2, 196, dtype=torch.long, device=CUDA)
+    with torch.no_grad():
+        ref, _ = model(images, t, orders)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low, _ = model(images, t, orders)
+    err = (low.float() - ref).norm() / ref.norm()
+    assert err < 2e-2, f"bf16 relative error {err:.3g}"
+
+
+def test_bf16_training_on_cuda_learns_and_checkpoints(store_cuda, tmp_path):
+    for objective in ("mapet", "beit"):
+        cfg = TrainConfig(
+            tokens=str(store_cuda), out=str(tmp_path / objective), model="mapet_micro", image_size=64,
+            patch_size=16, batch_size=4, epochs=6, warmup_epochs=1, lr=2e-3, workers=0, log_every=1, seed=0,
+            objective=objective, device="cuda",
+        )  # fmt: skip
+        last = pretrain(cfg, progress=False)
+        ckpt = torch.load(last, weights_only=True, map_location="cpu")
+        assert ckpt["objective"] == objective
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def store_cuda(tmp_path_factory, photos, codebook_path):
+    cfg = TokenizeConfig(views=ViewConfig(2, "random", seed=3), format="zarr", shard_size=8, workers=0)
+    return tokenize(photos, codebook_path, tmp_path_factory.mktemp("cuda") / "tokens", cfg, progress=False)
+
+
+def test_cuda_tokens_agree_with_cpu_tokens(photos, codebook_path, tmp_path):
+    """Same codebook, same views: fp32 on the GPU gives the CPU's tokens up to rare near-ties; bf16 autocast
+    (the default on CUDA) moves some features across Voronoi borders, and the share that stays is printed."""
+    tokens = {}
+    for dev, prec in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
+        cfg = TokenizeConfig(views=ViewConfig(2, "random", seed=3), shard_size=8, workers=0, device=dev,
+                             precision=prec)  # fmt: skip
+        out = tokenize(photos, codebook_path, tmp_path / f"{dev}-{prec}", cfg, progress=False)
+        with TokenStore(out) as s:
+            tokens[dev, prec] = s.read(np.arange(len(s)))["tokens"]
+    fp32 = (tokens["cuda", "fp32"] == tokens["cpu", "fp32"]).mean()
+    bf16 = (tokens["cuda", "bf16"] == tokens["cpu", "fp32"]).mean()
+    print(f"token agreement with CPU fp32: CUDA fp32 {fp32:.4f}, CUDA bf16 {bf16:.4f}")
+    assert fp32 >= 0.99
+    assert bf16 >= 0.8
+
+
+def test_torch_kmeans_on_cuda_is_within_one_percent_of_faiss_and_assigns_exactly():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(20000, 16)) * np.linspace(0.5, 2, 16)).astype(np.float32)
+    cfg = dict(k=64, niter=20, nredo=2, seed=0)
+    f = fit(x, KMeansConfig(backend="faiss", **cfg))
+    t = fit(x, KMeansConfig(backend="torch", **cfg), device="cuda")
+    assert t.backend == "torch-cuda"
+    assert abs(t.objective - f.objective) / f.objective < 0.01
+    # assignment on the GPU is the exact fp32 nearest centroid, the CPU's answer
+    on_gpu = assign(torch.from_numpy(x).to(CUDA), t.centroids).cpu().numpy()
+    assert np.array_equal(on_gpu, assign(x, t.centroids))
