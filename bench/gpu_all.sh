@@ -5,7 +5,7 @@
 #
 # OUTDIR gets one log per step. With a checkout of aimagelab/MaPeT and a folder holding timm 0.6.x, the
 # official step runs beside this project's (bench/official_step.py). Steps run in order of importance and
-# each one's failure is logged without stopping the rest.
+# each one's failure is logged without stopping the rest. STEPS="name ..." runs only the steps named.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_all.sh OUTDIR [OFFICIAL_REPO TIMM_0_6_DIR]}
 official=()
@@ -17,6 +17,7 @@ py=${PYTHON:-python}
 step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, report the exit status
     local name=$1
     shift
+    [[ -z ${STEPS:-} || " $STEPS " == *" $name "* ]] || return 0
     echo "== $name: $*"
     local t=$SECONDS
     "$@" 2>&1 | tee "$out/$name.log"
@@ -29,5 +30,7 @@ step mapet_step_b8 "$py" bench/mapet_step.py --device cuda --sizes tiny small ba
     --warmup 5 "${official[@]}"
 step mapet_step_b128 "$py" bench/mapet_step.py --device cuda --sizes small base --batch 128 --iters 10 \
     --warmup 3 "${official[@]}"
-step tokenize "$py" bench/tokenize_throughput.py --device cuda --images 512 --batch-size 64 --workers 8
+step mapet_step_b128_compile "$py" bench/mapet_step.py --device cuda --sizes base --batch 128 \
+    --iters 10 --warmup 3 --compile "${official[@]}"
+step tokenize "$py" bench/tokenize_throughput.py --device cuda --images 4096 --batch-size 64 --workers 14
 step kmeans "$py" bench/kmeans_backends.py --n 200000 --dim 768 --k 1024 8192 --niter 10

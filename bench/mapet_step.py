@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
 from pretrain.mapet import MaPeT, random_orders, visibility_mask
-from pretrain.train import param_groups
+from pretrain.train import Objective, param_groups
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 
 OFFICIAL_CPU = {"tiny": 1.10, "small": 2.79}  # s/step, fp32, batch 8, 2 threads (official aimagelab/MaPeT)
@@ -51,9 +51,12 @@ class PlainViT(torch.nn.Module):
         return F.cross_entropy(self.head(x[:, 1:].mean(1)), targets[:, 0] % 1000), None
 
 
-def time_steps(model, make_aux, batch, device, iters, warmup, precision) -> tuple[float, float]:
+def time_steps(
+    model, make_aux, batch, device, iters, warmup, precision, compile=False
+) -> tuple[float, float]:
     cfg = model.encoder.cfg
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    step = torch.compile(Objective(model)) if compile else Objective(model)  # what the trainer runs
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     targets = torch.randint(0, 8192, (batch, cfg.num_patches), generator=g).to(device)
@@ -71,7 +74,7 @@ def time_steps(model, make_aux, batch, device, iters, warmup, precision) -> tupl
             torch.cuda.synchronize()
         t = time.perf_counter()
         with ac:
-            loss, _ = model.loss(images, targets, aux)
+            loss, _ = step(images, targets, aux)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
@@ -95,6 +98,9 @@ def main() -> None:
     ap.add_argument(
         "--online", action="store_true", help="also compare training from the cache with online CLIP"
     )
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile every model's step (the trainer's --compile)"
+    )
     ap.add_argument("--official", metavar="REPO", help="checkout of aimagelab/MaPeT: time its step too")
     ap.add_argument(
         "--official-pythonpath", default="", help="folder holding timm 0.6.x for the official code"
@@ -104,7 +110,10 @@ def main() -> None:
     device = torch.device(args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"device: {name}; {precision}; batch {args.batch}; median of {args.iters} steps")
+    print(
+        f"device: {name}; {precision}; batch {args.batch}; median of {args.iters} steps"
+        + ("; torch.compile" if args.compile else "")
+    )
     for size in args.sizes:
         cfg = ViTConfig(**PRESETS[SIZES[size]])
         G, B = cfg.grid, args.batch
@@ -120,9 +129,11 @@ def main() -> None:
         def masks(B=B, G=G, rng=rng, nm=nm):
             return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(B)]))
 
-        t_mapet, m_mapet = time_steps(mapet, orders, B, device, args.iters, args.warmup, precision)
+        t_mapet, m_mapet = time_steps(
+            mapet, orders, B, device, args.iters, args.warmup, precision, args.compile
+        )
         beit = BEiT(cfg, 8192).to(device)
-        t_beit, m_beit = time_steps(beit, masks, B, device, args.iters, args.warmup, precision)
+        t_beit, m_beit = time_steps(beit, masks, B, device, args.iters, args.warmup, precision, args.compile)
         t_plain, _ = time_steps(
             PlainViT(cfg, 8192, 0).to(device),
             lambda: torch.zeros(1),
@@ -131,6 +142,7 @@ def main() -> None:
             args.iters,
             args.warmup,
             precision,
+            args.compile,
         )
         t_head, _ = time_steps(
             PlainViT(cfg, 8192, mapet.num_predict).to(device),
@@ -140,6 +152,7 @@ def main() -> None:
             args.iters,
             args.warmup,
             precision,
+            args.compile,
         )
         t = time.perf_counter()
         for _ in range(10):
