@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from step_timing import time_train_steps
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
 from pretrain.mapet import MaPeT, random_orders, visibility_mask
@@ -51,40 +52,17 @@ class PlainViT(torch.nn.Module):
         return F.cross_entropy(self.head(x[:, 1:].mean(1)), targets[:, 0] % 1000), None
 
 
-def time_steps(
-    model, make_aux, batch, device, iters, warmup, precision, compile=False
-) -> tuple[float, float]:
+def time_steps(model, make_aux, batch, device, iters, warmup, compile=False) -> tuple[float, float]:
     cfg = model.encoder.cfg
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     step = torch.compile(Objective(model)) if compile else Objective(model)  # what the trainer runs
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     targets = torch.randint(0, 8192, (batch, cfg.num_patches), generator=g).to(device)
-    ac = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else torch.autocast("cpu", enabled=False)
-    )
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + iters):
-        aux = make_aux().to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with ac:
-            loss, _ = step(images, targets, aux)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    return time_train_steps(
+        lambda aux: step(images, targets, aux.to(device))[0], model.parameters(), opt, make_aux, device, iters,
+        warmup,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -129,11 +107,9 @@ def main() -> None:
         def masks(B=B, G=G, rng=rng, nm=nm):
             return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(B)]))
 
-        t_mapet, m_mapet = time_steps(
-            mapet, orders, B, device, args.iters, args.warmup, precision, args.compile
-        )
+        t_mapet, m_mapet = time_steps(mapet, orders, B, device, args.iters, args.warmup, args.compile)
         beit = BEiT(cfg, 8192).to(device)
-        t_beit, m_beit = time_steps(beit, masks, B, device, args.iters, args.warmup, precision, args.compile)
+        t_beit, m_beit = time_steps(beit, masks, B, device, args.iters, args.warmup, args.compile)
         t_plain, _ = time_steps(
             PlainViT(cfg, 8192, 0).to(device),
             lambda: torch.zeros(1),
@@ -141,7 +117,6 @@ def main() -> None:
             device,
             args.iters,
             args.warmup,
-            precision,
             args.compile,
         )
         t_head, _ = time_steps(
@@ -151,7 +126,6 @@ def main() -> None:
             device,
             args.iters,
             args.warmup,
-            precision,
             args.compile,
         )
         t = time.perf_counter()

@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from step_timing import time_train_steps
 
 
 def main() -> None:
@@ -70,51 +71,33 @@ def main() -> None:
     images = torch.randn(B, 3, 224, 224, generator=g).to(device)
     tokens = torch.randint(0, 8192, (B, N - 1), generator=g)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    ac = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else torch.autocast("cpu", enabled=False)
-    )
+    builds = []
 
     def loader_batch():
         """What the official data loader yields for one batch (its collate of per-sample masks)."""
+        t = time.perf_counter()
         per = []
         for _ in range(B):
             perm = torch.cat([torch.ones(1), torch.randperm(N - 1) + 2])
             per.append(attention_mask_full_mapet_1(perm, heads, 50, N))
         mask_q, mask_h, index, upper = (torch.stack(t) for t in zip(*per, strict=True))
-        sel = index * upper
-        target = tokens[sel[:, 1:]].reshape(B, -1).long()
+        target = tokens[(index * upper)[:, 1:]].reshape(B, -1).long()
+        builds.append(time.perf_counter() - t)
         return mask_q.float(), mask_h.float(), index, upper, target
 
-    times, builds = [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.iters):
-        t = time.perf_counter()
-        mask_q, mask_h, index, upper, target = loader_batch()
-        builds.append(time.perf_counter() - t)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    def step_loss(batch):
+        """engine.py's step: masks and targets to the device, forward, its output re-indexing, loss."""
+        mask_q, mask_h, index, upper, target = batch
         mask_q, mask_h, target = mask_q.to(device), mask_h.to(device), target.to(device)
-        with ac:
-            out = model(images, mask_q, mask_h, index)  # (B, K, P)
-            out = (
-                out.permute(1, 0, 2)[:, upper[index].reshape(B, -1)]
-                .reshape(out.shape[1], B, -1)
-                .permute(1, 0, 2)
-            )
-            loss = F.cross_entropy(out, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        out = model(images, mask_q, mask_h, index)  # (B, K, P)
+        out = (
+            out.permute(1, 0, 2)[:, upper[index].reshape(B, -1)].reshape(out.shape[1], B, -1).permute(1, 0, 2)
+        )
+        return F.cross_entropy(out, target)
+
+    step_s, peak = time_train_steps(
+        step_loss, model.parameters(), opt, loader_batch, device, args.iters, args.warmup
+    )
     print(
         json.dumps(
             {
@@ -124,8 +107,8 @@ def main() -> None:
                 else f"CPU, {args.threads} threads",
                 "precision": precision,
                 "batch": B,
-                "step_s": statistics.median(times),
-                "peak_gib": peak,
+                "step_s": step_s,
+                "peak_gib": peak if device.type == "cuda" else None,
                 "mask_build_s": statistics.median(builds),
             }
         )

@@ -24,7 +24,7 @@ from tokenkit.journal import FORMAT_VERSION
 from tokenkit.loader import ViewDataset, autocast, pick_device
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, RowStore, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
-from tokenkit.views import ViewConfig, keyed_rng
+from tokenkit.views import ViewConfig, keyed_rng, normalize
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,11 @@ class _FeatureShard:
             "status": np.full(rows, STATUS_SKIPPED, np.uint8),
         }
 
-    def add(self, items: list[dict]) -> None:
+    def add(self, items: list[dict], pixels: torch.Tensor) -> None:
         G2 = self.encoder.spec.grid**2
-        x = torch.cat([it["pixels"] for it in items]).to(self.device)  # (b, 3, S, S)
+        x = normalize(
+            pixels.to(self.device, non_blocking=True), self.encoder.spec.mean, self.encoder.spec.std
+        )  # (b*V, 3, S, S)
         with autocast(self.device, self.cfg.precision):
             f = self.encoder(x).float().cpu().numpy()  # (b, G*G, C)
         for j, it in enumerate(items):

@@ -14,14 +14,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from tokenkit.errors import ConfigError, ImageError
 from tokenkit.images import SampleIndex, decode_image
-from tokenkit.views import ViewConfig, draw_views, render_view, to_tensor
+from tokenkit.views import ViewConfig, draw_views, render_view, to_uint8
 
 
 class ViewDataset(Dataset):
     """Item i: the V rendered views of source sample i, or the reason it was skipped.
 
-    Returns a dict: index, error (str or None), pixels (V, 3, S, S) float32, views (V, 5) int32,
-    and data (the original bytes) when keep_bytes.
+    Returns a dict: index, error (str or None), pixels (V, S, S, 3) uint8 (normalised on the model's device by
+    views.normalize), views (V, 5) int32, and data (the original bytes) when keep_bytes.
     """
 
     def __init__(
@@ -48,21 +48,29 @@ class ViewDataset(Dataset):
         except (ImageError, OSError) as e:
             return {"index": i, "error": str(e).splitlines()[0]}
         views = draw_views(self.views, self.source.keys[i], img.width, img.height)  # (V, 5)
-        pixels = torch.stack([to_tensor(render_view(img, v, self.size), self.mean, self.std) for v in views])
-        item = {"index": i, "error": None, "pixels": pixels, "views": views}  # pixels (V, 3, S, S)
+        pixels = torch.stack([to_uint8(render_view(img, v, self.size)) for v in views])  # (V, S, S, 3)
+        item = {"index": i, "error": None, "pixels": pixels, "views": views}
         if self.keep_bytes:
             item["data"] = data
         return item
 
 
-def _as_list(batch):
-    return batch
+def _collate(items: list[dict]) -> tuple[list[dict], torch.Tensor | None]:
+    """In the worker: the batch's items without pixels, and the pixels of its decodable items stacked into
+    one (n_ok * V, S, S, 3) uint8 tensor (one shared-memory transfer per batch, not one per image)."""
+    ok = [it.pop("pixels") for it in items if it["error"] is None]
+    return items, torch.cat(ok) if ok else None
 
 
 def iter_shard_batches(
-    dataset: ViewDataset, shards: list[tuple[int, int, int]], batch_size: int, workers: int
-) -> Iterator[tuple[int, list[dict], bool]]:
-    """Yield (shard id, items of one batch, is_last_batch_of_shard) over shards [(id, start, stop)] in order."""
+    dataset: ViewDataset,
+    shards: list[tuple[int, int, int]],
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+) -> Iterator[tuple[int, list[dict], torch.Tensor | None, bool]]:
+    """Yield (shard id, items of one batch, pixels of its decodable items, is_last_batch_of_shard) over
+    shards [(id, start, stop)] in order; pixels (n_ok * V, S, S, 3) uint8 or None (see _collate)."""
     plan = []  # (shard id, indices, last)
     for sid, start, stop in shards:
         for s in range(start, stop, batch_size):
@@ -73,12 +81,13 @@ def iter_shard_batches(
         dataset,
         batch_sampler=[p[1] for p in plan],
         num_workers=workers,
-        collate_fn=_as_list,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
-    for (sid, _, last), items in zip(plan, loader, strict=True):
-        yield sid, items, last
+    for (sid, _, last), (items, pixels) in zip(plan, loader, strict=True):
+        yield sid, items, pixels, last
 
 
 def pick_device(device: str) -> torch.device:

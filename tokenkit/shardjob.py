@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from tqdm import tqdm
 
 from tokenkit.errors import ImageError
@@ -20,11 +21,14 @@ from tokenkit.loader import ViewDataset, iter_shard_batches
 
 
 class ShardWriter(Protocol):
+    device: torch.device  # where the model runs: batches are pinned for it when it is a GPU
+
     def begin(self, start: int, stop: int) -> None:
         """A new work shard of rows [start, stop) starts: allocate its buffers."""
 
-    def add(self, items: list[dict]) -> None:
-        """The decoded items of one batch (ViewDataset items without errors)."""
+    def add(self, items: list[dict], pixels: torch.Tensor) -> None:
+        """The decoded items of one batch (ViewDataset items without errors) and their views' pixels,
+        (len(items) * V, S, S, 3) uint8 in item order."""
 
     def commit(self, shard: int) -> dict:
         """Write the shard's files; return its record (at least "ok", the stored count, and "sha256")."""
@@ -59,7 +63,8 @@ def run_shards(
     total = sum(e - s for _, s, e in todo)
     bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{spec['job']}[{rank}]")
     current, skipped = None, []
-    for sid, items, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers):
+    pin = writer.device.type == "cuda"
+    for sid, items, pixels, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers, pin):
         if sid != current:
             current, skipped = sid, []
             writer.begin(*ranges[sid])
@@ -70,7 +75,7 @@ def run_shards(
                 skipped.append([keys[it["index"]], it["error"]])
         ok = [it for it in items if it["error"] is None]
         if ok:
-            writer.add(ok)
+            writer.add(ok, pixels)
         bar.update(len(items))
         if last:
             journal.commit(

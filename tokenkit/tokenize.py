@@ -25,7 +25,7 @@ from tokenkit.kmeans import assign
 from tokenkit.loader import ViewDataset, autocast, pick_device
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
-from tokenkit.views import ViewConfig
+from tokenkit.views import ViewConfig, normalize
 from tokenkit.wds import pack_record, write_tar
 
 FORMATS = ("zarr", "wds", "both")
@@ -191,9 +191,11 @@ class _TokenShard:
             "status": np.full(rows, STATUS_SKIPPED, np.uint8),
         }
 
-    def add(self, items: list[dict]) -> None:
+    def add(self, items: list[dict], pixels: torch.Tensor) -> None:
         src, V, G = self.source, self.cfg.views.views, self.encoder.spec.grid
-        x = torch.cat([it["pixels"] for it in items]).to(self.device)  # (b*V, 3, S, S)
+        x = normalize(
+            pixels.to(self.device, non_blocking=True), self.encoder.spec.mean, self.encoder.spec.std
+        )  # (b*V, 3, S, S)
         with autocast(self.device, self.cfg.precision):
             f = self.encoder(x)  # (b*V, G*G, C)
         codes = assign(f.flatten(0, 1).float(), self.centroids, self.metric)  # (b*V*G*G,) on CLIP's device
