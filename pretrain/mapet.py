@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.vit import Block, VisionTransformer, ViTConfig, drop_path
+from pretrain.vit import Block, VisionTransformer, ViTConfig, compute_dtype, drop_path, mlp
 
 
 def default_context(num_patches: int) -> int:
@@ -62,7 +62,7 @@ def two_stream_block(
     attn = blk.attn
     B, L, D = x.shape
     H, Dh = attn.heads, attn.dh
-    y = blk.norm1(x)  # (B, L, D)
+    y = compute_dtype(blk.norm1(x))  # (B, L, D)
     k, v = attn.kv(y[:, :s]).view(B, s, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, c+2P, Dh)
     sdpa = F.scaled_dot_product_attention if flex is None else flex
     if last:
@@ -76,7 +76,7 @@ def two_stream_block(
         o = torch.cat([o_a, o_b], dim=2)  # (B, H, L, Dh)
     o = attn.proj(o.transpose(1, 2).reshape(B, -1, D))  # (B, L or P, D)
     x = x + drop_path(blk.gamma1 * o, blk.drop_path, blk.training)
-    return x + drop_path(blk.gamma2 * blk.mlp(blk.norm2(x)), blk.drop_path, blk.training)
+    return x + drop_path(blk.gamma2 * mlp(blk.mlp, blk.norm2(x)), blk.drop_path, blk.training)
 
 
 class MaPeT(nn.Module):

@@ -56,6 +56,39 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep / (1 - p)
 
 
+def compute_dtype(y: torch.Tensor) -> torch.Tensor:
+    """y in autocast's compute dtype, cast once: the q and kv projections then save one shared bf16 copy of
+    their input for backward instead of casting (and keeping) one each."""
+    dev = y.device.type
+    return y.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else y
+
+
+class _GeluLinear(torch.autograd.Function):
+    """linear(gelu(h), weight, bias) that keeps only h for backward and recomputes gelu(h) there: the GELU
+    output (4D per token) is not stored. Same arithmetic as GELU followed by Linear, in h's dtype."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (M, out)
+        gw = (g2.T @ F.gelu(h).reshape(-1, h.shape[-1])).to(weight.dtype)  # (out, hidden)
+        gb = None if ctx.bias_dtype is None else g2.sum(0).to(ctx.bias_dtype)
+        gh = torch.ops.aten.gelu_backward(grad @ weight.to(grad.dtype), h)  # (..., hidden)
+        return gh, gw, gb
+
+
+def mlp(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The block MLP (Linear, GELU, Linear) with the GELU recomputed in backward (see _GeluLinear)."""
+    fc1, fc2 = seq[0], seq[2]
+    return _GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -68,6 +101,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D), every token attending to every token (fused SDPA)."""
         B, N, D = x.shape
+        x = compute_dtype(x)
         q = self.q(x).view(B, N, self.heads, self.dh).transpose(1, 2)  # (B, H, N, Dh)
         k, v = self.kv(x).view(B, N, 2, self.heads, self.dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, Dh)
         o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
@@ -90,7 +124,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D). MaPeT runs the same weights through pretrain.mapet.two_stream_block."""
         x = x + drop_path(self.gamma1 * self.attn(self.norm1(x)), self.drop_path, self.training)
-        x = x + drop_path(self.gamma2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.gamma2 * mlp(self.mlp, self.norm2(x)), self.drop_path, self.training)
         return x
 
 
