@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="time every model this many times, in turn")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--online", action="store_true", help="also compare training from the cache with online CLIP"
@@ -107,66 +108,70 @@ def main() -> None:
         def masks(B=B, G=G, rng=rng, nm=nm):
             return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(B)]))
 
-        t_mapet, m_mapet = time_steps(mapet, orders, B, device, args.iters, args.warmup, args.compile)
         beit = BEiT(cfg, 8192).to(device)
-        t_beit, m_beit = time_steps(beit, masks, B, device, args.iters, args.warmup, args.compile)
-        t_plain, _ = time_steps(
-            PlainViT(cfg, 8192, 0).to(device),
-            lambda: torch.zeros(1),
-            B,
-            device,
-            args.iters,
-            args.warmup,
-            args.compile,
-        )
-        t_head, _ = time_steps(
-            PlainViT(cfg, 8192, mapet.num_predict).to(device),
-            lambda: torch.zeros(1),
-            B,
-            device,
-            args.iters,
-            args.warmup,
-            args.compile,
-        )
+        plain = PlainViT(cfg, 8192, 0).to(device)
+        head = PlainViT(cfg, 8192, mapet.num_predict).to(device)
+        zero = lambda: torch.zeros(1)  # noqa: E731
+        rounds = []  # one row per round: every model in turn, so a drifting machine affects all alike
+        for _ in range(args.rounds):
+            row = {}
+            for key, model, aux in (("mapet", mapet, orders), ("beit", beit, masks), ("plain", plain, zero),
+                                    ("head", head, zero)):  # fmt: skip
+                row[key] = time_steps(model, aux, B, device, args.iters, args.warmup, args.compile)
+            if args.official:
+                off = official(args, size)
+                row["official"] = off["step_s"], off["peak_gib"] or float("nan")
+                row["mask_build"] = off["mask_build_s"], float("nan")
+            rounds.append(row)
+
+        def med(key, i=0, rounds=rounds):
+            return statistics.median(r[key][i] for r in rounds)
+
+        def ratio(a, b, i=0, rounds=rounds):
+            return statistics.median(r[a][i] / r[b][i] for r in rounds)
+
+        t_mapet = med("mapet")
         t = time.perf_counter()
         for _ in range(10):
             visibility_mask(mapet.num_tokens, mapet.num_context)
         t_mask = (time.perf_counter() - t) / 10
-        print(f"\n[{size}] N={mapet.num_tokens} c={mapet.num_context} P={mapet.num_predict}")
         print(
-            f"  MaPeT step {t_mapet:.3f} s | BEiT step {t_beit:.3f} s | plain ViT {t_plain:.3f} s | "
-            f"ViT + 8192-way head on {mapet.num_predict} tokens {t_head:.3f} s"
+            f"\n[{size}] N={mapet.num_tokens} c={mapet.num_context} P={mapet.num_predict}; {args.rounds} round(s)"
         )
         print(
-            f"  MaPeT / BEiT: {t_mapet / t_beit:.2f} (goal <= 2.2)   MaPeT / ViT+head: {t_mapet / t_head:.2f}"
+            f"  MaPeT step {t_mapet:.3f} s | BEiT step {med('beit'):.3f} s | plain ViT {med('plain'):.3f} s | "
+            f"ViT + 8192-way head on {mapet.num_predict} tokens {med('head'):.3f} s"
+        )
+        print(
+            f"  MaPeT / BEiT: {ratio('mapet', 'beit'):.2f} (goal <= 2.2)   "
+            f"MaPeT / ViT+head: {ratio('mapet', 'head'):.2f}"
         )
         if (
             not args.official
             and device.type == "cpu"
             and size in OFFICIAL_CPU
-            and args.batch == 8
-            and args.threads == 2
+            and (B, args.threads) == (8, 2)
         ):
             print(
-                f"  MaPeT / official MaPeT ({OFFICIAL_CPU[size]:.2f} s): {t_mapet / OFFICIAL_CPU[size]:.2f} "
-                "(goal <= 0.75)"
+                f"  MaPeT / official MaPeT ({OFFICIAL_CPU[size]:.2f} s, issue 5's figure): "
+                f"{t_mapet / OFFICIAL_CPU[size]:.2f} (goal <= 0.75)"
             )
         print(
             f"  mask built once: {1e3 * t_mask:.2f} ms = {100 * t_mask / t_mapet:.3f}% of one step (goal <= 1%)"
         )
         if device.type == "cuda":
-            print(f"  peak memory: MaPeT {m_mapet:.2f} GiB, BEiT {m_beit:.2f} GiB")
+            print(f"  peak memory: MaPeT {med('mapet', 1):.2f} GiB, BEiT {med('beit', 1):.2f} GiB")
         if args.official:
-            off = official(args, size)
             print(
-                f"  official MaPeT step {off['step_s']:.3f} s (its loader builds masks: {off['mask_build_s']:.3f} s"
-                f" per batch) -> MaPeT / official: {t_mapet / off['step_s']:.2f} (goal <= "
-                f"{0.5 if device.type == 'cuda' else 0.75})"
+                f"  official MaPeT step {med('official'):.3f} s (its loader builds masks: {med('mask_build'):.3f} s"
+                f" per batch) -> MaPeT / official: {ratio('mapet', 'official'):.2f} (goal <= "
+                f"{0.5 if device.type == 'cuda' else 0.75}); per round: "
+                + ", ".join(f"{r['mapet'][0] / r['official'][0]:.2f}" for r in rounds)
             )
-            if off["peak_gib"]:
+            if device.type == "cuda":
                 print(
-                    f"  peak memory: official {off['peak_gib']:.2f} GiB -> MaPeT / official "
-                    f"{m_mapet / off['peak_gib']:.2f} (goal <= 0.5)"
+                    f"  peak memory: official {med('official', 1):.2f} GiB -> MaPeT / official "
+                    f"{ratio('mapet', 'official', 1):.2f} (goal <= 0.5)"
                 )
         if args.online:
             online(cfg, mapet, B, device, args, precision, t_mapet)
