@@ -14,6 +14,8 @@ with the image bytes inside, resampled per rank and epoch so every rank gets equ
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from torch.utils.data import IterableDataset, Sampler
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import keyed_rng, render_view, to_tensor
-from tokenkit.wds import iter_tar
+from tokenkit.wds import SampleRef, index_tar, read_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -142,8 +144,9 @@ class StreamDataset(IterableDataset):
     Per (epoch, rank) a keyed generator draws `len(shards)` shards with replacement (resampled shards: every
     rank streams the same amount whatever the shard sizes), a shuffle buffer mixes samples, and each
     DataLoader worker w takes batches start + w, start + w + W, ... so the batch sequence is the same for any
-    worker count (each worker reads the whole stream and decodes only its own batches).
-    `start_batch` skips already-consumed batches without decoding them.
+    worker count: every worker shuffles the same stream of sample references, built from the tars' member
+    headers alone, and reads from disk and decodes only its own batches, so W workers read the data once,
+    not W times. `start_batch` skips already-consumed batches without reading them.
     """
 
     def __init__(
@@ -171,36 +174,43 @@ class StreamDataset(IterableDataset):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _raw_samples(self) -> Iterator[dict]:
+    def _refs(self) -> Iterator[tuple[int, SampleRef]]:
+        """The epoch's shuffled stream of (tar number, sample reference): drawn from the tars' headers only."""
         rng = keyed_rng("stream", self.seed, self.epoch, self.rank)
-        buf: list[dict] = []
+        buf: list[tuple[int, SampleRef]] = []
         while True:
             for t in rng.integers(0, len(self.tars), len(self.tars)):
-                for s in iter_tar(self.tars[t]):
-                    buf.append(s)
+                for ref in index_tar(self.tars[t]):
+                    buf.append((int(t), ref))
                     if len(buf) >= self.buffer:
                         yield buf.pop(int(rng.integers(0, len(buf))))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        raw = self._raw_samples()
-        for b in range(self.batches_per_epoch):
-            batch = [next(raw) for _ in range(self.batch_size)]  # every worker walks the same stream
-            if b < self.start_batch or (b - self.start_batch) % nw != wid:
-                continue  # the DataLoader takes workers round-robin from worker 0
-            pairs = [
-                make_sample(
-                    s["data"],
-                    s["key"],
-                    s["key"],
-                    s["tokens"],
-                    s["views"],
-                    self.epoch,
-                    self.seed,
-                    self.image_size,
-                    self.strength,
-                )
-                for s in batch
-            ]
-            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        refs = self._refs()
+        with ExitStack() as files:
+            opened: dict[int, BinaryIO] = {}
+            for b in range(self.batches_per_epoch):
+                batch = [next(refs) for _ in range(self.batch_size)]  # every worker walks the same references
+                if b < self.start_batch or (b - self.start_batch) % nw != wid:
+                    continue  # the DataLoader takes workers round-robin from worker 0
+                pairs = []
+                for t, ref in batch:  # only this worker's batches are read from disk and decoded
+                    if t not in opened:
+                        opened[t] = files.enter_context(open(self.tars[t], "rb"))
+                    s = read_sample(opened[t], self.tars[t], ref)
+                    pairs.append(
+                        make_sample(
+                            s["data"],
+                            s["key"],
+                            s["key"],
+                            s["tokens"],
+                            s["views"],
+                            self.epoch,
+                            self.seed,
+                            self.image_size,
+                            self.strength,
+                        )  # fmt: skip
+                    )
+                yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

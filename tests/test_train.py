@@ -279,3 +279,23 @@ def test_streamed_webdataset_training_is_deterministic_and_resumable(store, tmp_
     cfg = tiny(store, tmp_path / "run", data="wds", epochs=1)
     pretrain(cfg, progress=False)
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
+    """Each worker shuffles header-only references and reads the payload of its own batches alone."""
+    import pretrain.data as data
+
+    reads = []
+    real = data.read_sample
+    monkeypatch.setattr(data, "read_sample", lambda f, path, ref: reads.append(ref.key) or real(f, path, ref))
+    ds = data.StreamDataset(store, 64, batch_size=2, batches_per_epoch=6, seed=1, jitter=0.4, buffer=4)
+    everything = [(x.sum().item(), y.tolist()) for x, y in ds]
+    assert len(reads) == 12
+    reads.clear()
+
+    class Worker:
+        id, num_workers = 1, 3
+
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Worker)
+    mine = [(x.sum().item(), y.tolist()) for x, y in ds]
+    assert mine == everything[1::3] and len(reads) == 2 * 2  # batches 1 and 4, two samples each

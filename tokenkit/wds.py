@@ -1,4 +1,4 @@
-"""webdataset shards of the token cache: deterministic tar writing and a plain-generator reader.
+"""webdataset shards of the token cache: deterministic tar writing, a header-only index and a reader.
 
 Each sample is two members sharing the key: `{key}.{ext}`, the original image bytes, and `{key}.tokens.npy`,
 one numpy record (structured dtype, no pickle) with fields tokens (V, G, G) uint16|int32, views (V, 5)
@@ -12,6 +12,7 @@ import io
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -74,22 +75,39 @@ def write_tar(path: Path, samples: list[dict]) -> None:
     atomic_write_bytes(path, tar_bytes(members))
 
 
-def iter_tar(path: Path | str) -> Iterator[dict]:
-    """Yield samples {key, ext, data, tokens, views, label} of one token shard, in order.
+class SampleRef(NamedTuple):
+    """Where one sample of a token shard lies: its key, image extension and the two members' byte ranges."""
 
-    Members with absolute or '..' paths are refused; a key seen twice in the shard is an error.
+    key: str
+    ext: str
+    image: tuple[int, int]  # (offset, size) of the image bytes
+    record: tuple[int, int]  # (offset, size) of the token record
+
+
+def index_tar(path: Path | str) -> list[SampleRef]:
+    """The samples of one token shard, in order, from its member headers alone (no payload is read).
+
+    Members with absolute or '..' paths are refused; a key seen twice in the shard, or a sample lacking its
+    image or its tokens, is an error.
     """
     path = str(path)
-    seen, cur = set(), None
+    refs, seen, cur = [], set(), None
+
+    def finish(c):
+        if "record" not in c or "image" not in c:
+            raise StoreError(
+                f"{path}: sample '{c['key']}' lacks its image or its tokens; the shard is damaged"
+            )
+        refs.append(SampleRef(c["key"], c["ext"], c["image"], c["record"]))
+
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
                 key, ext = member_key(m.name, path)
-                data = tf.extractfile(m).read()
                 if cur is not None and cur["key"] != key:
-                    yield _finish(cur, path)
+                    finish(cur)
                     cur = None
                 if cur is None:
                     if key in seen:
@@ -99,20 +117,36 @@ def iter_tar(path: Path | str) -> Iterator[dict]:
                     seen.add(key)
                     cur = {"key": key}
                 if ext == TOKENS_EXT:
-                    cur.update(unpack_record(data, f"{path}:{m.name}"))
+                    cur["record"] = (m.offset_data, m.size)
                 else:
-                    cur["ext"], cur["data"] = ext, data
+                    cur["ext"], cur["image"] = ext, (m.offset_data, m.size)
             if cur is not None:
-                yield _finish(cur, path)
+                finish(cur)
     except tarfile.TarError as e:
         raise StoreError(
             f"{path}: truncated or not a tar ({e}); the shard is damaged, re-run tokenize"
         ) from e
+    return refs
 
 
-def _finish(sample: dict, path: str) -> dict:
-    if "tokens" not in sample or "data" not in sample:
-        raise StoreError(
-            f"{path}: sample '{sample['key']}' lacks its image or its tokens; the shard is damaged"
-        )
-    return sample
+def read_sample(f: BinaryIO, path: str, ref: SampleRef) -> dict:
+    """Sample {key, ext, data, tokens, views, label} at `ref` of the open shard file f."""
+    out = {"key": ref.key, "ext": ref.ext}
+    for what, (offset, size) in (("data", ref.image), ("record", ref.record)):
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise StoreError(
+                f"{path}: truncated inside sample '{ref.key}'; the shard is damaged, re-run tokenize"
+            )
+        out[what] = data
+    out.update(unpack_record(out.pop("record"), f"{path}:{ref.key}.{TOKENS_EXT}"))
+    return out
+
+
+def iter_tar(path: Path | str) -> Iterator[dict]:
+    """Yield samples {key, ext, data, tokens, views, label} of one token shard, in order (see index_tar)."""
+    refs = index_tar(path)
+    with open(path, "rb") as f:
+        for ref in refs:
+            yield read_sample(f, str(path), ref)
