@@ -211,6 +211,6 @@ class StreamDataset(IterableDataset):
                             self.seed,
                             self.image_size,
                             self.strength,
-                        )  # fmt: skip
+                        )
                     )
                 yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -119,7 +119,7 @@ def extract_features(
     device = pick_device(cfg.device)
     encoder = load_encoder(spec, device)
     C = encoder.dim
-    dataset = ViewDataset(source, ViewConfig(1, "center"), spec.image_size, spec.mean, spec.std, min_side=G)
+    dataset = ViewDataset(source, ViewConfig(1, "center"), spec.image_size, min_side=G)
 
     def init():
         arrays = {

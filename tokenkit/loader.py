@@ -29,12 +29,10 @@ class ViewDataset(Dataset):
         source: SampleIndex,
         views: ViewConfig,
         size: int,
-        mean,
-        std,
         min_side: int,
         keep_bytes: bool = False,
     ):
-        self.source, self.views, self.size, self.mean, self.std = source, views, size, mean, std
+        self.source, self.views, self.size = source, views, size
         self.min_side, self.keep_bytes = min_side, keep_bytes
 
     def __len__(self) -> int:

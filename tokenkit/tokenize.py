@@ -110,9 +110,7 @@ def tokenize(
         "source": source.fingerprint(),
     }
     zarr_out, wds_out = cfg.format in ("zarr", "both"), cfg.format in ("wds", "both")
-    dataset = ViewDataset(
-        source, cfg.views, spec.image_size, spec.mean, spec.std, min_side=G, keep_bytes=wds_out
-    )
+    dataset = ViewDataset(source, cfg.views, spec.image_size, min_side=G, keep_bytes=wds_out)
 
     def init():
         shutil.copyfile(codebook_path, out / "codebook.safetensors")  # the store carries its codebook
