@@ -81,3 +81,25 @@ def test_missing_faiss_names_both_extras(monkeypatch):
     # auto falls back to the torch backend
     x = blobs(n=500, d=4, centers=4)
     assert fit(x, KMeansConfig(k=4, niter=5, nredo=1)).backend == "torch-cpu"
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_faiss_gets_its_gpus_only_when_it_has_some(monkeypatch, gpus):
+    """faiss.Kmeans(gpu=True) silently runs on CPU without GPUs: the backend asks faiss.get_num_gpus() and
+    records what ran. faiss itself runs (the real CPU library); only the GPU count it reports is set."""
+    import faiss
+
+    import tokenkit.kmeans as km
+
+    seen = {}
+    real = faiss.Kmeans
+
+    def kmeans(d, k, **kw):
+        seen["gpu"] = kw["gpu"]
+        return real(d, k, **{**kw, "gpu": False})  # this machine has no GPU for faiss to use
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus)
+    monkeypatch.setattr(faiss, "Kmeans", kmeans)
+    r = km.fit(blobs(n=500), KMeansConfig(k=8, niter=3, nredo=1, backend="faiss"))
+    assert seen["gpu"] == (gpus if gpus else False)
+    assert r.backend == ("faiss-gpu:2" if gpus else "faiss-cpu")
