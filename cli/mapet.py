@@ -235,20 +235,38 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--resume",
+    type=click.Choice(["auto", "no"]),
+    default="no",
+    show_default=True,
+    help="auto: continue OUT/last.pt when it exists.",
+)
 @click.option("--quiet", is_flag=True)
-def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, quiet, **kw):
-    """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay)."""
+def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):
+    """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay); torchrun for DDP."""
     import torch
 
+    dist = init_distributed()
+    kw["device"] = dist.device(kw["device"])
     if kw["device"] == "auto":
         kw["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     enc = load_encoder(checkpoint, model, image_size, patch_size, kw["seed"])
     res = run_finetune(
-        enc, labelled_source(train_dir), labelled_source(val_dir), out, FinetuneConfig(**kw), not quiet
+        enc,
+        labelled_source(train_dir),
+        labelled_source(val_dir),
+        out,
+        FinetuneConfig(**kw),
+        not quiet,
+        resume == "auto",
+        dist.rank,
+        dist.world,
     )
-    click.echo(
-        f"finetune top-1: {100 * res['top1']:.2f}% (best {100 * res['best_top1']:.2f}%)  -> {out}/result.json"
-    )
+    if dist.rank == 0:
+        click.echo(
+            f"finetune top-1: {100 * res['top1']:.2f}% (best {100 * res['best_top1']:.2f}%)  -> {out}/result.json"
+        )
 
 
 @cli.command()

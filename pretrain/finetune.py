@@ -4,7 +4,8 @@ BEiT / MaPeT protocol (paper Sec. 4.1): average pooling of the patch tokens + fc
 norm is dropped), layer-wise lr decay (0.65), label smoothing 0.1, drop path 0.1, AdamW with warmup and
 cosine; RandAugment (rand-m9-mstd0.5) and mixup / cutmix are optional (the paper uses mixup 0.8, cutmix 1.0).
 Validation: the central square at the encoder's input size. Writes OUT/metrics.jsonl, OUT/result.json and
-OUT/last.pt (weights-only loadable).
+OUT/last.pt (weights-only loadable), checkpointed after every epoch (`--resume auto` continues it); runs
+under torchrun as DDP; bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -26,8 +28,12 @@ from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.evaluate import CenterCropDataset
 from pretrain.train import lr_at
 from pretrain.vit import VisionTransformer
+from tokenkit.errors import ConfigError, StoreError
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
+from tokenkit.views import keyed_rng
+
+KIND, FORMAT_VERSION = "mapet-finetune", 1
 
 
 @dataclass(frozen=True)
@@ -113,15 +119,23 @@ class TrainDataset(Dataset):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader, device) -> float:
+def accuracy(model: nn.Module, loader: DataLoader, device, autocast, world: int = 1) -> tuple[float, int]:
+    """Top-1 and the number of samples it counts (unreadable images, label -1, excluded), over all ranks."""
     model.eval()
-    correct = total = 0
+    counts = torch.zeros(2, dtype=torch.float64)  # correct, total
     for x, y in loader:
         keep = y >= 0
-        pred = model(x.to(device)).argmax(1).cpu()
-        correct += int((pred[keep] == y[keep]).sum())
-        total += int(keep.sum())
-    return correct / max(total, 1)
+        with autocast:
+            pred = model(x.to(device)).argmax(1).cpu()
+        counts += torch.tensor([float((pred[keep] == y[keep]).sum()), float(keep.sum())], dtype=torch.float64)
+    if world > 1:
+        counts = counts.to(device)
+        torch.distributed.all_reduce(counts)
+    correct, total = counts.tolist()
+    return correct / max(total, 1), int(total)
+
+
+RESUME_FREE = ("workers", "device")  # settings that may change between a run and its resume
 
 
 def finetune(
@@ -131,29 +145,68 @@ def finetune(
     out: Path,
     cfg: FinetuneConfig = FinetuneConfig(),
     progress: bool = True,
+    resume: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
+    """Fine-tune on `train`, validate on `val` each epoch; checkpoint OUT/last.pt after every epoch.
+
+    resume: continue OUT/last.pt (same settings); every random draw of an epoch is keyed by (seed, epoch,
+    rank), so a resumed run repeats the uninterrupted one. Under torchrun (world > 1) the model is wrapped in
+    DDP, each rank trains on its split of every epoch's permutation and validates its share of `val`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same head init on every rank
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     for blk, rate in zip(
         encoder.blocks, torch.linspace(0, cfg.drop_path, len(encoder.blocks)).tolist(), strict=True
     ):
         blk.drop_path = rate
-    model = Classifier(encoder, num_classes).to(device)
-    opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
-    size = encoder.cfg.image_size
-    g = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(
-        TrainDataset(train, size, cfg.randaug),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train) > cfg.batch_size,
-        num_workers=cfg.workers,
-        generator=g,
+    net = Classifier(encoder, num_classes).to(device)
+    opt = torch.optim.AdamW(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
+    history, start = [], 0
+    if resume and (out / "last.pt").exists():
+        ckpt = _load(out / "last.pt")
+        was = {k: v for k, v in ckpt["config"].items() if k not in RESUME_FREE}
+        now = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+        if was != now or ckpt["num_classes"] != num_classes:
+            diff = ", ".join(f"{k} {was[k]} -> {now.get(k)}" for k in was if was[k] != now.get(k))
+            raise ConfigError(
+                f"{out}/last.pt: fine-tuned with other settings ({diff or 'classes'}); resume with the same flags"
+            )
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        history, start = ckpt["history"], ckpt["epoch"] + 1
+    model = (
+        nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else net
     )
-    val_loader = DataLoader(CenterCropDataset(val, size), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    size = encoder.cfg.image_size
+    train_ds = TrainDataset(train, size, cfg.randaug)
+    sampler = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=len(sampler) > cfg.batch_size,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
+    val_loader = DataLoader(
+        Subset(CenterCropDataset(val, size), range(rank, len(val), world)),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+    )
     mix = []
     if cfg.mixup > 0:
         mix.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
@@ -162,51 +215,81 @@ def finetune(
     mixer = v2.RandomChoice(mix) if mix else None
     steps = len(train_loader)
     total, warmup = cfg.epochs * steps, round(cfg.warmup_epochs * steps)
-    history, step = [], 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         model.train()
-        losses = []
-        for x, y in tqdm(train_loader, desc=f"finetune {epoch}", disable=not progress, leave=False):
+        sampler.set_epoch(epoch)
+        # augmentation, mixup / cutmix and drop path of this epoch: keyed, so a resumed run draws the same
+        torch.manual_seed(int(keyed_rng("finetune", cfg.seed, epoch, rank).integers(2**62)))
+        step, losses = epoch * steps, []
+        for x, y in tqdm(
+            train_loader, desc=f"finetune {epoch}", disable=not progress or rank > 0, leave=False
+        ):
             lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            x, y = x.to(device), y.to(device)
-            if mixer is not None:
-                x, soft = mixer(x, y)  # soft (B, classes)
-                soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-                loss = torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                if mixer is not None:
+                    x, soft = mixer(x, y)  # soft (B, classes)
+                    soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+                    loss = torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
+                else:
+                    loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
-        acc = accuracy(model, val_loader, device)
-        rec = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "val_top1": acc}
-        history.append(rec)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        acc, n_val = accuracy(model, val_loader, device, autocast, world)
+        rec = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "val_top1": acc, "n_val": n_val}
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"epoch {epoch}: loss is {rec['loss']}; lower --lr")
+        history.append(rec)
+        if rank == 0:  # the metrics first, then the checkpoint that makes the epoch count as done
+            atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+            _save(out / "last.pt", encoder, net, opt, cfg, num_classes, epoch, history)
     result = {
         "top1": history[-1]["val_top1"],
         "best_top1": max(r["val_top1"] for r in history),
         "epochs": cfg.epochs,
+        "n_val": history[-1]["n_val"],
         "config": asdict(cfg),
         "num_classes": num_classes,
     }
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "kind": "mapet-finetune",
-            "vit": asdict(encoder.cfg),
-            "num_classes": num_classes,
-            "model": model.state_dict(),
-            "result": result,
-        },
-        buf,
-    )
-    atomic_write_bytes(out / "last.pt", buf.getvalue())
-    atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
+    if rank == 0:
+        _save(out / "last.pt", encoder, net, opt, cfg, num_classes, cfg.epochs - 1, history, result)
+        atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def _save(path, encoder, net, opt, cfg, num_classes, epoch, history, result=None) -> None:
+    buf = io.BytesIO()
+    ckpt = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "vit": asdict(encoder.cfg),
+        "num_classes": num_classes,
+        "config": asdict(cfg),
+        "epoch": epoch,
+        "history": history,
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+    }
+    if result is not None:
+        ckpt["result"] = result
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise StoreError(
+            f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0][:160]})"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        raise StoreError(f"{path}: not a 'mapet finetune' checkpoint; pass another --out or drop --resume")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise StoreError(f"{path}: format_version {ckpt['format_version']} is newer than this code; upgrade")
+    return ckpt

@@ -164,3 +164,72 @@ def test_planted_pickle_checkpoint_is_refused(run, tmp_path):
     with pytest.raises(StoreError, match="not a mapet checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
     assert load_checkpoint(run)["kind"] == "mapet-checkpoint"
+
+
+def _ft_args(data, out, *extra):
+    return [
+        "finetune", "--checkpoint", "random", "--model", "mapet_micro", "--image-size", "64",
+        "--train", str(data / "train"), "--val", str(data / "val"), "--out", str(out), "--epochs", "3",
+        "--batch-size", "8", "--lr", "1e-3", "--warmup-epochs", "1", "--workers", "0", "--quiet",
+        "--mixup", "0.8", "--cutmix", "1.0", "--randaug", *extra,
+    ]  # fmt: skip
+
+
+def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import pretrain.finetune as ft
+
+    data = separable_folder(tmp_path / "data", n_per_class=8)
+    assert main(_ft_args(data, tmp_path / "ref")) == 0
+    real, calls = ft.accuracy, []
+
+    def dies_in_epoch_2(*a, **k):  # killed after epoch 1's checkpoint, before epoch 2's
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "accuracy", dies_in_epoch_2)
+    assert main(_ft_args(data, tmp_path / "run")) != 0  # the CLI reports the interrupt and exits non-zero
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(ft, "accuracy", real)
+    assert main(_ft_args(data, tmp_path / "run", "--resume", "auto")) == 0
+    ref, got = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "ref", tmp_path / "run"))
+    assert got["history"] == ref["history"] and len(got["history"]) == 3
+    for k in ref["model"]:
+        torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=0, atol=0)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (
+        tmp_path / "ref" / "metrics.jsonl"
+    ).read_text()
+    # other settings are refused, naming what changed
+    assert main(_ft_args(data, tmp_path / "run", "--resume", "auto", "--lr", "2e-3")) == 2
+
+
+def test_two_rank_finetune_validates_every_sample_once(tmp_path):
+    """torchrun, gloo: both ranks train as one DDP model and the reported top-1 is that model's on all of val."""
+    import os
+    import subprocess
+    import sys
+
+    from pretrain.evaluate import CenterCropDataset
+    from pretrain.finetune import Classifier
+    from pretrain.vit import VisionTransformer, ViTConfig
+    from tokenkit.images import list_folder
+
+    data = separable_folder(tmp_path / "data", n_per_class=7)  # 14 val images: odd per rank split is 7 / 7
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "cli.mapet", *_ft_args(data, out)[:-5], "--epochs", "2"]  # fmt: skip
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    enc = VisionTransformer(ViTConfig(**ckpt["vit"]))
+    model = Classifier(enc, ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    val = CenterCropDataset(list_folder(data / "val"), 64)
+    x, y = zip(*(val[i] for i in range(len(val))), strict=True)
+    with torch.no_grad():
+        pred = model(torch.stack(x)).argmax(1)
+    want = float((pred == torch.tensor(y)).float().mean())
+    res = json.loads((out / "result.json").read_text())
+    assert res["n_val"] == 14 and res["top1"] == pytest.approx(want)
