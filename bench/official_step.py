@@ -28,6 +28,62 @@ import torch.nn.functional as F
 from step_timing import time_train_steps
 
 
+class Official:
+    """The official model of one size and its training-step pieces (imported from a checkout at `repo`)."""
+
+    def __init__(self, repo: str, size: str, batch: int, device: torch.device):
+        sys.path.insert(0, repo)
+        try:
+            import models.mapet.mapet as official
+            from utils.models import attention_mask_full_mapet_1
+        except Exception as e:  # noqa: BLE001 - any import failure means the same fix
+            raise SystemExit(
+                f"error: cannot import the official MaPeT code from {repo} ({type(e).__name__}: {e}); "
+                "pass a checkout of github.com/aimagelab/MaPeT as --repo and put timm 0.6.x on PYTHONPATH"
+            ) from None
+        self.masks_for, self.device, self.B = attention_mask_full_mapet_1, device, batch
+        torch.manual_seed(0)
+        self.model = getattr(official, f"mapet_{size}_patch16_224")(
+            least_number=50, init_values=0.1, drop_path_rate=0.1
+        ).to(device)
+        self.model.train()
+        self.heads, self.N = self.model.num_heads, self.model.embed_len
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+        self.tokens = torch.randint(0, 8192, (batch, self.N - 1), generator=g)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        named = list(self.model.named_parameters())
+        decays = [p.ndim > 1 and "token" not in n and "pos_embed" not in n for n, p in named]
+        groups = [
+            {"params": [p for (_, p), d in zip(named, decays, strict=True) if d], "weight_decay": 0.05},
+            {"params": [p for (_, p), d in zip(named, decays, strict=True) if not d], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=1e-4)
+
+    def loader_batch(self):
+        """What the official data loader yields for one batch (its collate of per-sample masks)."""
+        B, N = self.B, self.N
+        per = []
+        for _ in range(B):
+            perm = torch.cat([torch.ones(1), torch.randperm(N - 1) + 2])
+            per.append(self.masks_for(perm, self.heads, 50, N))
+        mask_q, mask_h, index, upper = (torch.stack(t) for t in zip(*per, strict=True))
+        target = self.tokens[(index * upper)[:, 1:]].reshape(B, -1).long()
+        return mask_q.float(), mask_h.float(), index, upper, target
+
+    def step_loss(self, batch):
+        """engine.py's step: masks and targets to the device, forward, its output re-indexing, loss."""
+        mask_q, mask_h, index, upper, target = batch
+        dev, B = self.device, self.B
+        mask_q, mask_h, target = mask_q.to(dev), mask_h.to(dev), target.to(dev)
+        out = self.model(self.images, mask_q, mask_h, index)  # (B, K, P)
+        out = (
+            out.permute(1, 0, 2)[:, upper[index].reshape(B, -1)].reshape(out.shape[1], B, -1).permute(1, 0, 2)
+        )
+        return F.cross_entropy(out, target)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", required=True, help="checkout of github.com/aimagelab/MaPeT")
@@ -39,64 +95,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, args.repo)
-    try:
-        import models.mapet.mapet as official
-        from utils.models import attention_mask_full_mapet_1
-    except Exception as e:  # noqa: BLE001 - any import failure means the same fix
-        raise SystemExit(
-            f"error: cannot import the official MaPeT code from {args.repo} ({type(e).__name__}: {e}); "
-            "pass a checkout of github.com/aimagelab/MaPeT as --repo and put timm 0.6.x on PYTHONPATH"
-        ) from None
-
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = getattr(official, f"mapet_{args.size}_patch16_224")(
-        least_number=50, init_values=0.1, drop_path_rate=0.1
-    ).to(device)
-    model.train()
-    heads, N, B = model.num_heads, model.embed_len, args.batch
-    decay = [
-        p for n, p in model.named_parameters() if p.ndim > 1 and "token" not in n and "pos_embed" not in n
-    ]
-    no_decay = [
-        p
-        for n, p in model.named_parameters()
-        if not (p.ndim > 1 and "token" not in n and "pos_embed" not in n)
-    ]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4
-    )
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(B, 3, 224, 224, generator=g).to(device)
-    tokens = torch.randint(0, 8192, (B, N - 1), generator=g)
+    off = Official(args.repo, args.size, args.batch, device)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    builds = []
+    B, builds = args.batch, []
 
     def loader_batch():
-        """What the official data loader yields for one batch (its collate of per-sample masks)."""
         t = time.perf_counter()
-        per = []
-        for _ in range(B):
-            perm = torch.cat([torch.ones(1), torch.randperm(N - 1) + 2])
-            per.append(attention_mask_full_mapet_1(perm, heads, 50, N))
-        mask_q, mask_h, index, upper = (torch.stack(t) for t in zip(*per, strict=True))
-        target = tokens[(index * upper)[:, 1:]].reshape(B, -1).long()
+        batch = off.loader_batch()
         builds.append(time.perf_counter() - t)
-        return mask_q.float(), mask_h.float(), index, upper, target
-
-    def step_loss(batch):
-        """engine.py's step: masks and targets to the device, forward, its output re-indexing, loss."""
-        mask_q, mask_h, index, upper, target = batch
-        mask_q, mask_h, target = mask_q.to(device), mask_h.to(device), target.to(device)
-        out = model(images, mask_q, mask_h, index)  # (B, K, P)
-        out = (
-            out.permute(1, 0, 2)[:, upper[index].reshape(B, -1)].reshape(out.shape[1], B, -1).permute(1, 0, 2)
-        )
-        return F.cross_entropy(out, target)
+        return batch
 
     step_s, peak = time_train_steps(
-        step_loss, model.parameters(), opt, loader_batch, device, args.iters, args.warmup
+        off.step_loss, off.model.parameters(), off.optimizer(), loader_batch, device, args.iters, args.warmup
     )
     print(
         json.dumps(
