@@ -33,6 +33,17 @@ from tokenkit.journal import atomic_write_json
 EXISTING = click.Path(exists=True, path_type=Path)
 
 
+def resume_option(folder: str):
+    """--resume auto|no for a job that checkpoints into FOLDER/last.pt."""
+    return click.option(
+        "--resume",
+        type=click.Choice(["auto", "no"]),
+        default="no",
+        show_default=True,
+        help=f"auto: continue {folder}/last.pt when it exists.",
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def cli():
     """MaPeT and BEiT pre-training of ViTs on cached visual tokens, and their evaluation."""
@@ -74,13 +85,7 @@ def cli():
 @click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints kept.")
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--source-root", type=str, default=None, help="Image folder, when it moved since tokenize.")
-@click.option(
-    "--resume",
-    type=click.Choice(["auto", "no"]),
-    default="no",
-    show_default=True,
-    help="auto: continue RUN/last.pt when it exists.",
-)
+@resume_option("RUN")
 @click.option("--quiet", is_flag=True)
 def pretrain(tokens, out, resume, quiet, **kw):
     """Pre-train a ViT with the MaPeT (or BEiT) objective on the cached targets of a token store."""
@@ -235,13 +240,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--resume",
-    type=click.Choice(["auto", "no"]),
-    default="no",
-    show_default=True,
-    help="auto: continue OUT/last.pt when it exists.",
-)
+@resume_option("OUT")
 @click.option("--quiet", is_flag=True)
 def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):
     """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay); torchrun for DDP."""

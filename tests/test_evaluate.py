@@ -76,38 +76,7 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     assert main(["linprobe", *map(str, common), "--out", str(tmp_path / "lp.json")]) == 0
     assert json.loads((tmp_path / "lp.json").read_text())["top1"] > 0.9
     ft = tmp_path / "ft"
-    rc = main(
-        [
-            "finetune",
-            "--checkpoint",
-            "random",
-            "--model",
-            "mapet_micro",
-            "--image-size",
-            "64",
-            "--train",
-            str(data / "train"),
-            "--val",
-            str(data / "val"),
-            "--out",
-            str(ft),
-            "--epochs",
-            "6",
-            "--batch-size",
-            "8",
-            "--lr",
-            "1e-3",
-            "--warmup-epochs",
-            "1",
-            "--workers",
-            "0",
-            "--quiet",
-            "--mixup",
-            "0.8",
-            "--cutmix",
-            "1.0",
-        ]
-    )
+    rc = main(_ft_args(data, ft, "--epochs", "6", "--mixup", "0.8", "--cutmix", "1.0"))
     assert rc == 0
     res = json.loads((ft / "result.json").read_text())
     assert res["best_top1"] >= 0.75 and len((ft / "metrics.jsonl").read_text().splitlines()) == 6
@@ -169,17 +138,19 @@ def test_planted_pickle_checkpoint_is_refused(run, tmp_path):
 def _ft_args(data, out, *extra):
     return [
         "finetune", "--checkpoint", "random", "--model", "mapet_micro", "--image-size", "64",
-        "--train", str(data / "train"), "--val", str(data / "val"), "--out", str(out), "--epochs", "3",
-        "--batch-size", "8", "--lr", "1e-3", "--warmup-epochs", "1", "--workers", "0", "--quiet",
-        "--mixup", "0.8", "--cutmix", "1.0", "--randaug", *extra,
+        "--train", str(data / "train"), "--val", str(data / "val"), "--out", str(out),
+        "--batch-size", "8", "--lr", "1e-3", "--warmup-epochs", "1", "--workers", "0", "--quiet", *extra,
     ]  # fmt: skip
+
+
+AUGMENTED = ("--epochs", "3", "--mixup", "0.8", "--cutmix", "1.0", "--randaug")
 
 
 def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     import pretrain.finetune as ft
 
     data = separable_folder(tmp_path / "data", n_per_class=8)
-    assert main(_ft_args(data, tmp_path / "ref")) == 0
+    assert main(_ft_args(data, tmp_path / "ref", *AUGMENTED)) == 0
     real, calls = ft.accuracy, []
 
     def dies_in_epoch_2(*a, **k):  # killed after epoch 1's checkpoint, before epoch 2's
@@ -189,10 +160,12 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
         return real(*a, **k)
 
     monkeypatch.setattr(ft, "accuracy", dies_in_epoch_2)
-    assert main(_ft_args(data, tmp_path / "run")) != 0  # the CLI reports the interrupt and exits non-zero
+    assert (
+        main(_ft_args(data, tmp_path / "run", *AUGMENTED)) != 0
+    )  # the CLI reports the interrupt and exits non-zero
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(ft, "accuracy", real)
-    assert main(_ft_args(data, tmp_path / "run", "--resume", "auto")) == 0
+    assert main(_ft_args(data, tmp_path / "run", *AUGMENTED, "--resume", "auto")) == 0
     ref, got = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "ref", tmp_path / "run"))
     assert got["history"] == ref["history"] and len(got["history"]) == 3
     for k in ref["model"]:
@@ -201,7 +174,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
         tmp_path / "ref" / "metrics.jsonl"
     ).read_text()
     # other settings are refused, naming what changed
-    assert main(_ft_args(data, tmp_path / "run", "--resume", "auto", "--lr", "2e-3")) == 2
+    assert main(_ft_args(data, tmp_path / "run", *AUGMENTED, "--resume", "auto", "--lr", "2e-3")) == 2
 
 
 def test_two_rank_finetune_validates_every_sample_once(tmp_path):
@@ -218,7 +191,7 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
     data = separable_folder(tmp_path / "data", n_per_class=7)  # 14 val images: odd per rank split is 7 / 7
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           "-m", "cli.mapet", *_ft_args(data, out)[:-5], "--epochs", "2"]  # fmt: skip
+           "-m", "cli.mapet", *_ft_args(data, out, "--epochs", "2")]  # fmt: skip
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     ckpt = torch.load(out / "last.pt", weights_only=True)
