@@ -4,7 +4,9 @@
 
 The bare forward runs the encoder on pre-rendered, pre-normalised tensors (nothing else); the tokenize
 figure is the whole `tokenize` job: listing, decoding and rendering in DataLoader workers, the forward,
-nearest-centroid assignment against K centroids, zarr + webdataset writes and the manifest.
+nearest-centroid assignment against K centroids, zarr + webdataset writes and the manifest. It also prints
+the input side alone (the same DataLoader workers decoding and rendering, no model): when that is below the
+bare forward, the job is bound by the CPU's decoding, not by CLIP.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from tokenkit.clip_encoder import load_encoder, resolve_spec
 from tokenkit.codebook import Codebook
 from tokenkit.images import decode_image, list_folder
+from tokenkit.loader import ViewDataset, iter_shard_batches
 from tokenkit.tokenize import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig, center_box, render_view, to_tensor
 
@@ -120,6 +123,14 @@ def main() -> None:
             load_encoder(spec, device)  # the job's one-time model build, to report the steady state too
             t_build = time.perf_counter() - t
             rows.append((len(x) / t_bare, len(x) / t_job, t_bare / t_job, t_bare / (t_job - t_build)))
+        # the input side alone: decoding + rendering in the same DataLoader workers, no model
+        ds = ViewDataset(src, cfg.views, spec.image_size, min_side=args.grid, keep_bytes=True)
+        t = time.perf_counter()
+        for _ in iter_shard_batches(
+            ds, [(0, 0, len(src))], args.batch_size, args.workers, device.type == "cuda"
+        ):
+            pass
+        loader_rate = len(src) / (time.perf_counter() - t)
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -134,6 +145,7 @@ def main() -> None:
             f"repeat {i}: bare CLIP forward {bare:.2f} img/s, tokenize job {job:.2f} img/s, ratio {ratio:.3f} "
             f"(without the one-time model build {steady:.3f})"
         )
+    print(f"input side alone (decode + render in {args.workers} workers, no model): {loader_rate:.2f} img/s")
     med = statistics.median(r[2] for r in rows)
     med_steady = statistics.median(r[3] for r in rows)
     print(
