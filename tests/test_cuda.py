@@ -129,3 +129,17 @@ def test_compiled_training_step_on_cuda(store_cuda, tmp_path):
     ckpt = torch.load(pretrain(cfg, progress=False), weights_only=True, map_location="cpu")
     assert ckpt["step"] > 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_cuda_features_match_cpu_features(photos, vit_spec, tmp_path):
+    """`tokenkit features` on the GPU (uint8 batches normalised there) stores the CPU's features, up to
+    float16 storage and fp32 rounding."""
+    from tokenkit.features import FeaturesConfig, FeatureStore, extract_features
+
+    got = {}
+    for dev in ("cpu", "cuda"):
+        cfg = FeaturesConfig(max_patches=10_000, shard_size=4, workers=0, device=dev, precision="fp32")
+        extract_features(photos, tmp_path / dev, vit_spec, cfg, progress=False)
+        got[dev] = FeatureStore.open(tmp_path / dev).group["features"][:].astype(np.float32)
+    assert got["cuda"].shape == got["cpu"].shape
+    np.testing.assert_allclose(got["cuda"], got["cpu"], rtol=1e-2, atol=1e-2)
