@@ -22,6 +22,11 @@ from tokenkit.journal import atomic_write_bytes, fsync_dir
 
 FORMAT_VERSION = 1
 KIND = "mapet-checkpoint"
+FINETUNE_KIND = "mapet-finetune"  # pretrain/finetune.py's OUT/last.pt
+_WHAT = {  # kind: (what to pass, the command that writes it, its name in errors)
+    KIND: ("RUN/last.pt", "mapet pretrain", "mapet"),
+    FINETUNE_KIND: ("OUT/last.pt", "mapet finetune", "'mapet finetune'"),
+}
 
 
 def save_checkpoint(run: Path, ckpt: dict, keep: int = 2) -> Path:
@@ -40,20 +45,21 @@ def save_checkpoint(run: Path, ckpt: dict, keep: int = 2) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def load_checkpoint(path: Path, map_location="cpu", kind: str = KIND) -> dict:
     """Load with weights_only=True: a pickle that would run code is refused with a one-line error."""
     path = Path(path)
+    where, cmd, name = _WHAT[kind]
     if not path.is_file():
-        raise StoreError(f"{path}: checkpoint not found; pass RUN/last.pt of a 'mapet pretrain' run")
+        raise StoreError(f"{path}: checkpoint not found; pass {where} of a '{cmd}' run")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         raise StoreError(
             f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0][:160]}); "
-            "pickled objects are refused, re-create it with 'mapet pretrain'"
+            f"pickled objects are refused, re-create it with '{cmd}'"
         ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
-        raise StoreError(f"{path}: not a mapet checkpoint; pass RUN/last.pt of a 'mapet pretrain' run")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise StoreError(f"{path}: not a {name} checkpoint; pass {where} of a '{cmd}' run")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise StoreError(f"{path}: format_version {ckpt['format_version']} is newer than this code; upgrade")
     return ckpt

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,16 +23,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.evaluate import CenterCropDataset
 from pretrain.train import lr_at
 from pretrain.vit import VisionTransformer
-from tokenkit.errors import ConfigError, StoreError
+from tokenkit.errors import ConfigError
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.views import keyed_rng
-
-KIND, FORMAT_VERSION = "mapet-finetune", 1
 
 
 @dataclass(frozen=True)
@@ -168,7 +166,7 @@ def finetune(
     opt = torch.optim.AdamW(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     history, start = [], 0
     if resume and (out / "last.pt").exists():
-        ckpt = _load(out / "last.pt")
+        ckpt = load_checkpoint(out / "last.pt", kind=FINETUNE_KIND)
         was = {k: v for k, v in ckpt["config"].items() if k not in RESUME_FREE}
         now = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
         if was != now or ckpt["num_classes"] != num_classes:
@@ -265,7 +263,7 @@ def finetune(
 def _save(path, encoder, net, opt, cfg, num_classes, epoch, history, result=None) -> None:
     buf = io.BytesIO()
     ckpt = {
-        "kind": KIND,
+        "kind": FINETUNE_KIND,
         "format_version": FORMAT_VERSION,
         "vit": asdict(encoder.cfg),
         "num_classes": num_classes,
@@ -279,17 +277,3 @@ def _save(path, encoder, net, opt, cfg, num_classes, epoch, history, result=None
         ckpt["result"] = result
     torch.save(ckpt, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def _load(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise StoreError(
-            f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0][:160]})"
-        ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
-        raise StoreError(f"{path}: not a 'mapet finetune' checkpoint; pass another --out or drop --resume")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise StoreError(f"{path}: format_version {ckpt['format_version']} is newer than this code; upgrade")
-    return ckpt
