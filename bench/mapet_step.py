@@ -1,35 +1,39 @@
 """One full training step (forward, backward, clip, AdamW) of MaPeT, BEiT and plain ViTs, same sizes.
 
     python bench/mapet_step.py [--sizes tiny small] [--batch 8] [--threads 2] [--device cpu|cuda] [--online]
-        [--official PATH/TO/aimagelab-MaPeT --official-pythonpath TIMM_0_6_DIR]
+        [--official PATH/TO/aimagelab-MaPeT --official-pythonpath TIMM_0_6_DIR] [--compile]
 
-Prints seconds per step (median of --iters after --warmup) and the ratios the project's goals are stated in:
-MaPeT / official MaPeT (the official figures measured on this kind of machine: MaPeT-T 1.10 s, MaPeT-S 2.79 s
-at fp32, batch 8, 2 threads), MaPeT / BEiT (goal <= 2.2), the static mask's build time / step (goal <= 1%),
-and with --online the images/s of training from the token cache versus tokenizing each batch online with a
-CLIP encoder (open_clip ViT-B-16, random init) plus nearest-centroid assignment. With --official the official
-implementation's step (bench/official_step.py, in a subprocess with timm 0.6 on its path) runs on the same
-machine, sizes, batch and precision, and the ratios against it (time, and peak memory on CUDA) are printed.
+Every iteration runs one step of every model in turn (bench/step_timing.py), so machine drift hits all
+alike; prints median seconds per step and the ratios the project's goals are stated in, as medians of the
+per-iteration ratios: MaPeT / BEiT (goal <= 2.2), MaPeT / official MaPeT (goal <= 0.75 on CPU, <= 0.5 on a
+GPU), the static mask's build time / step (goal <= 1%). Next to each time ratio it prints the ratio of the
+FLOPs the two steps do (counted by torch's FlopCounterMode): how far a ratio is from its compute floor.
+On CUDA it prints each model's peak memory (its parameters and optimizer state plus the step's transient
+memory; goal MaPeT / official <= 0.5).
+
+With --official the official implementation (bench/official_step.py: its model, its loader's per-sample
+masks built untimed, its engine's step) runs in this process beside ours, with timm 0.6 from
+--official-pythonpath; without it, the CPU ratio is against the issue's figures for the official code
+(MaPeT-T 1.10 s, MaPeT-S 2.79 s at fp32, batch 8, 2 threads, on a faster machine than this project's).
+With --online: images/s of training from the token cache versus tokenizing each batch online with a CLIP
+encoder (open_clip ViT-B-16, random init) plus nearest-centroid assignment.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from step_timing import time_train_steps
+from step_timing import TrainStep, interleave, ratio, step_flops
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
-from pretrain.mapet import MaPeT, random_orders, visibility_mask
-from pretrain.train import Objective, param_groups
+from pretrain.mapet import MaPeT, default_context, random_orders, visibility_mask
+from pretrain.train import Objective, adamw, param_groups
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 
 OFFICIAL_CPU = {"tiny": 1.10, "small": 2.79}  # s/step, fp32, batch 8, 2 threads (official aimagelab/MaPeT)
@@ -52,17 +56,73 @@ class PlainViT(torch.nn.Module):
         return F.cross_entropy(self.head(x[:, 1:].mean(1)), targets[:, 0] % 1000), None
 
 
-def time_steps(model, make_aux, batch, device, iters, warmup, compile=False) -> tuple[float, float]:
+def train_step(model, make_aux, batch: int, device: torch.device, compile: bool = False) -> TrainStep:
+    """The trainer's step (pretrain.train.Objective, its AdamW groups) on a fixed random batch; make_aux()
+    gives the per-step randomness the data loader would (orders, masks)."""
     cfg = model.encoder.cfg
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    step = torch.compile(Objective(model)) if compile else Objective(model)  # what the trainer runs
+    opt = adamw(param_groups(model, 0.05), lr=1e-4)
+    step = torch.compile(Objective(model)) if compile else Objective(model)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     targets = torch.randint(0, 8192, (batch, cfg.num_patches), generator=g).to(device)
-    return time_train_steps(
-        lambda aux: step(images, targets, aux.to(device))[0], model.parameters(), opt, make_aux, device, iters,
-        warmup,
-    )  # fmt: skip
+    return TrainStep(
+        lambda aux: step(images, targets, aux.to(device))[0], list(model.parameters()), opt, make_aux, device
+    )
+
+
+def our_steps(
+    cfg: ViTConfig, batch: int, device: torch.device, compile: bool = False
+) -> dict[str, TrainStep]:
+    """MaPeT, BEiT, a plain ViT and a ViT with MaPeT's head, as TrainSteps."""
+    G = cfg.grid
+    torch.manual_seed(0)
+    mapet = MaPeT(cfg, 8192).to(device)
+    gen, rng, nm = torch.Generator().manual_seed(1), np.random.default_rng(0), default_num_masked(G * G)
+
+    def orders():
+        return random_orders(batch, G * G, gen)
+
+    def masks():
+        return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(batch)]))
+
+    zero = lambda: torch.zeros(1)  # noqa: E731
+    models = {
+        "mapet": (mapet, orders),
+        "beit": (BEiT(cfg, 8192).to(device), masks),
+        "plain": (PlainViT(cfg, 8192, 0).to(device), zero),
+        "head": (PlainViT(cfg, 8192, mapet.num_predict).to(device), zero),
+    }
+    return {k: train_step(m, aux, batch, device, compile) for k, (m, aux) in models.items()}
+
+
+def official_step(args, size: str, batch: int, device: torch.device) -> tuple[TrainStep, list[float]]:
+    """The official step (bench/official_step.py) in this process, and the list its loader's mask build
+    times go to (the build is the data loader's work: untimed in the step)."""
+    if args.official_pythonpath and args.official_pythonpath not in sys.path:
+        sys.path.insert(0, args.official_pythonpath)  # timm 0.6 for the official models
+    from official_step import Official
+
+    off, builds = Official(args.official, size, batch, device), []
+
+    def make_batch():
+        t = time.perf_counter()
+        b = off.loader_batch()
+        builds.append(time.perf_counter() - t)
+        return b
+
+    return TrainStep(off.step_loss, list(off.model.parameters()), off.optimizer(), make_batch, device), builds
+
+
+def flops_per_sample(args, cfg: ViTConfig, size: str) -> dict[str, float]:
+    """FLOPs of one forward + backward per sample (bench/step_timing.step_flops), counted at batch 1 on the
+    CPU: MaPeT, BEiT, and the official step with --official."""
+    cpu = torch.device("cpu")
+    steps = our_steps(cfg, 1, cpu)
+    out = {k: step_flops(steps[k].step_loss, steps[k].make_batch()) for k in ("mapet", "beit")}
+    if args.official:
+        off, _ = official_step(args, size, 1, cpu)
+        out["official"] = step_flops(off.step_loss, off.make_batch())
+    return out
 
 
 def main() -> None:
@@ -70,9 +130,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10, help="timed iterations (each: one step of every model)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1, help="time every model this many times, in turn")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--online", action="store_true", help="also compare training from the cache with online CLIP"
@@ -87,71 +146,43 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    cuda = device.type == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {args.threads} threads"
     print(
-        f"device: {name}; {precision}; batch {args.batch}; median of {args.iters} steps"
-        + ("; torch.compile" if args.compile else "")
+        f"device: {name}; {precision}; batch {args.batch}; {args.iters} iterations after {args.warmup} warm-up, "
+        "each one step of every model in turn" + ("; torch.compile (ours)" if args.compile else "")
     )
     for size in args.sizes:
         cfg = ViTConfig(**PRESETS[SIZES[size]])
-        G, B = cfg.grid, args.batch
-        torch.manual_seed(0)
-        mapet = MaPeT(cfg, 8192).to(device)
-        gen = torch.Generator().manual_seed(1)
-        rng = np.random.default_rng(0)
-        nm = default_num_masked(G * G)
-
-        def orders(B=B, G=G, gen=gen):
-            return random_orders(B, G * G, gen)
-
-        def masks(B=B, G=G, rng=rng, nm=nm):
-            return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(B)]))
-
-        beit = BEiT(cfg, 8192).to(device)
-        plain = PlainViT(cfg, 8192, 0).to(device)
-        head = PlainViT(cfg, 8192, mapet.num_predict).to(device)
-        zero = lambda: torch.zeros(1)  # noqa: E731
-        rounds = []  # one row per round: every model in turn, so a drifting machine affects all alike
-        for _ in range(args.rounds):
-            row = {}
-            for key, model, aux in (("mapet", mapet, orders), ("beit", beit, masks), ("plain", plain, zero),
-                                    ("head", head, zero)):  # fmt: skip
-                row[key] = time_steps(model, aux, B, device, args.iters, args.warmup, args.compile)
-            if args.official:
-                off = official(args, size)
-                row["official"] = off["step_s"], off["peak_gib"] or float("nan")
-                row["mask_build"] = off["mask_build_s"], float("nan")
-            rounds.append(row)
-
-        def med(key, i=0, rounds=rounds):
-            return statistics.median(r[key][i] for r in rounds)
-
-        def ratio(a, b, i=0, rounds=rounds):
-            return statistics.median(r[a][i] / r[b][i] for r in rounds)
-
-        t_mapet = med("mapet")
+        B = args.batch
+        steps = our_steps(cfg, B, device, args.compile)
+        if args.official:
+            steps["official"], builds = official_step(args, size, B, device)
+        interleave(steps, args.iters, args.warmup)
+        flops = {k: v * B for k, v in flops_per_sample(args, cfg, size).items()}
+        mapet = steps["mapet"]
+        t_mapet = mapet.median
+        c, P = default_context(cfg.num_patches), 1 + cfg.num_patches - default_context(cfg.num_patches)
         t = time.perf_counter()
         for _ in range(10):
-            visibility_mask(mapet.num_tokens, mapet.num_context)
+            visibility_mask(c, P)
         t_mask = (time.perf_counter() - t) / 10
+
+        def gf(k, flops=flops, steps=steps):
+            return f"{flops[k] / 1e9:.1f} GFLOP ({flops[k] / steps[k].median / 1e9:.0f} GFLOP/s)"
+
+        print(f"\n[{size}] N={1 + cfg.num_patches} c={c} P={P}")
         print(
-            f"\n[{size}] N={mapet.num_tokens} c={mapet.num_context} P={mapet.num_predict}; {args.rounds} round(s)"
+            f"  step: MaPeT {t_mapet:.3f} s | BEiT {steps['beit'].median:.3f} s | plain ViT "
+            f"{steps['plain'].median:.3f} s | ViT + 8192-way head on {P} tokens {steps['head'].median:.3f} s"
         )
+        print(f"  forward + backward: MaPeT {gf('mapet')} | BEiT {gf('beit')}")
         print(
-            f"  MaPeT step {t_mapet:.3f} s | BEiT step {med('beit'):.3f} s | plain ViT {med('plain'):.3f} s | "
-            f"ViT + 8192-way head on {mapet.num_predict} tokens {med('head'):.3f} s"
+            f"  MaPeT / BEiT: {ratio(steps, 'mapet', 'beit'):.2f} (goal <= 2.2; FLOPs "
+            f"{flops['mapet'] / flops['beit']:.2f})   MaPeT / ViT+head: {ratio(steps, 'mapet', 'head'):.2f}"
         )
-        print(
-            f"  MaPeT / BEiT: {ratio('mapet', 'beit'):.2f} (goal <= 2.2)   "
-            f"MaPeT / ViT+head: {ratio('mapet', 'head'):.2f}"
-        )
-        if (
-            not args.official
-            and device.type == "cpu"
-            and size in OFFICIAL_CPU
-            and (B, args.threads) == (8, 2)
-        ):
+        if not args.official and not cuda and size in OFFICIAL_CPU and (B, args.threads) == (8, 2):
             print(
                 f"  MaPeT / official MaPeT ({OFFICIAL_CPU[size]:.2f} s, issue 5's figure): "
                 f"{t_mapet / OFFICIAL_CPU[size]:.2f} (goal <= 0.75)"
@@ -159,47 +190,30 @@ def main() -> None:
         print(
             f"  mask built once: {1e3 * t_mask:.2f} ms = {100 * t_mask / t_mapet:.3f}% of one step (goal <= 1%)"
         )
-        if device.type == "cuda":
-            print(f"  peak memory: MaPeT {med('mapet', 1):.2f} GiB, BEiT {med('beit', 1):.2f} GiB")
         if args.official:
+            r = [a / b for a, b in zip(mapet.times, steps["official"].times, strict=True)]
+            q1, _, q3 = statistics.quantiles(r, n=4)
             print(
-                f"  official MaPeT step {med('official'):.3f} s (its loader builds masks: {med('mask_build'):.3f} s"
-                f" per batch) -> MaPeT / official: {ratio('mapet', 'official'):.2f} (goal <= "
-                f"{0.5 if device.type == 'cuda' else 0.75}); per round: "
-                + ", ".join(f"{r['mapet'][0] / r['official'][0]:.2f}" for r in rounds)
+                f"  official: step {steps['official'].median:.3f} s, {gf('official')}; its loader builds masks "
+                f"in {statistics.median(builds):.3f} s per batch\n  MaPeT / official: "
+                f"{statistics.median(r):.2f} (goal <= {0.5 if cuda else 0.75}; quartiles {q1:.2f}-{q3:.2f}; "
+                f"FLOPs {flops['mapet'] / flops['official']:.2f})"
             )
-            if device.type == "cuda":
-                print(
-                    f"  peak memory: official {med('official', 1):.2f} GiB -> MaPeT / official "
-                    f"{ratio('mapet', 'official', 1):.2f} (goal <= 0.5)"
+        if cuda:
+            peak = {k: s.peak_bytes / 2**30 for k, s in steps.items()}
+            line = f"  peak GiB (parameters, optimizer state, step): MaPeT {peak['mapet']:.2f}, BEiT {peak['beit']:.2f}"
+            if args.official:
+                line += (
+                    f", official {peak['official']:.2f} -> MaPeT / official "
+                    f"{peak['mapet'] / peak['official']:.2f} (goal <= 0.5)"
                 )
+            print(line)
         if args.online:
-            online(cfg, mapet, B, device, args, precision, t_mapet)
+            online(cfg, B, device, args, precision, t_mapet)
+        del steps
 
 
-def official(args, size: str) -> dict:
-    """Run bench/official_step.py in a subprocess (timm 0.6 on its path) and return its JSON result."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (args.official_pythonpath, env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-W", "ignore", os.path.join(os.path.dirname(__file__), "official_step.py")]
-    cmd += [
-        "--repo",
-        args.official,
-        "--size",
-        size,
-        "--batch",
-        str(args.batch),
-        "--threads",
-        str(args.threads),
-    ]
-    cmd += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "official step failed")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def online(cfg, mapet, B, device, args, precision, t_mapet) -> None:
+def online(cfg, B, device, args, precision, t_mapet) -> None:
     """Images/s of a MaPeT step from cached targets vs the same step plus CLIP tokenization of the batch."""
     from tokenkit.clip_encoder import load_encoder, resolve_spec
     from tokenkit.kmeans import assign

@@ -1,31 +1,22 @@
-"""One training step of the official MaPeT implementation (aimagelab/MaPeT), timed like bench/mapet_step.py.
+"""The official MaPeT implementation's training step (aimagelab/MaPeT), for bench/mapet_step.py --official
+and bench/saved_activations.py --official.
 
-    PYTHONPATH=TIMM_0_6_DIR python bench/official_step.py --repo PATH/TO/aimagelab-MaPeT --size small \
-        [--batch 8] [--threads 2] [--device cpu|cuda]
-
-This project ships none of the official code: --repo points at a checkout of it, and its models need timm
-0.6.x importable (0.6.11 per its requirements; 0.6.13 is the first 0.6 release that imports on Python >= 3.11,
-used here). The step is the official one from its engine.py: the data loader's per-sample masks
-(utils.models.attention_mask_full_mapet_1, float32, one per sample and head) are built on the CPU outside
-the timed region (their build time is printed separately), moved to the device, then forward, the official
-output re-indexing, cross-entropy, backward, gradient clipping at 3.0 and AdamW. Model settings follow its
-pre-training config: layer scale 0.1, drop path 0.1, 50 context tokens, K 8192; bf16 autocast on CUDA.
-
-Prints one JSON line: {"size", "device", "precision", "batch", "step_s", "peak_gib", "mask_build_s"}.
-bench/mapet_step.py --official runs this in a subprocess and prints the ratios against this project's step.
+This project ships none of the official code: `repo` points at a checkout of it, and its models need timm
+0.6.x importable (0.6.11 per its requirements; 0.6.13 is the first 0.6 release that imports on Python >= 3.11).
+The step is the official one from its engine.py: the data loader's per-sample masks
+(utils.models.attention_mask_full_mapet_1, float32, one per sample and head) are built on the CPU by
+`loader_batch` (the data loader's work), then `step_loss` moves them to the device and runs the forward,
+the official output re-indexing and cross-entropy; the caller does backward, clipping and AdamW
+(bench/step_timing.py, as for this project's models). Model settings follow its pre-training config:
+layer scale 0.1, drop path 0.1, 50 context tokens, K 8192.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from step_timing import time_train_steps
 
 
 class Official:
@@ -82,49 +73,3 @@ class Official:
             out.permute(1, 0, 2)[:, upper[index].reshape(B, -1)].reshape(out.shape[1], B, -1).permute(1, 0, 2)
         )
         return F.cross_entropy(out, target)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", required=True, help="checkout of github.com/aimagelab/MaPeT")
-    ap.add_argument("--size", default="small", choices=["tiny", "small", "base"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    off = Official(args.repo, args.size, args.batch, device)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    B, builds = args.batch, []
-
-    def loader_batch():
-        t = time.perf_counter()
-        batch = off.loader_batch()
-        builds.append(time.perf_counter() - t)
-        return batch
-
-    step_s, peak = time_train_steps(
-        off.step_loss, off.model.parameters(), off.optimizer(), loader_batch, device, args.iters, args.warmup
-    )
-    print(
-        json.dumps(
-            {
-                "size": args.size,
-                "device": torch.cuda.get_device_name(device)
-                if device.type == "cuda"
-                else f"CPU, {args.threads} threads",
-                "precision": precision,
-                "batch": B,
-                "step_s": step_s,
-                "peak_gib": peak if device.type == "cuda" else None,
-                "mask_build_s": statistics.median(builds),
-            }
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.evaluate import CenterCropDataset
-from pretrain.train import lr_at
+from pretrain.train import adamw, lr_at
 from pretrain.vit import VisionTransformer
 from tokenkit.errors import ConfigError
 from tokenkit.images import SampleIndex, decode_image
@@ -163,7 +163,7 @@ def finetune(
     ):
         blk.drop_path = rate
     net = Classifier(encoder, num_classes).to(device)
-    opt = torch.optim.AdamW(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
+    opt = adamw(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     history, start = [], 0
     if resume and (out / "last.pt").exists():
         ckpt = load_checkpoint(out / "last.pt", kind=FINETUNE_KIND)

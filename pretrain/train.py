@@ -111,6 +111,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel on CPU and CUDA: one pass over all parameters instead of a loop of
+    small ops per tensor (about half the optimizer time of a ViT-T/S step on CPU; same update)."""
+    device = next(p for g in groups for p in g["params"]).device
+    return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kw)
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warmup from 0, then cosine from lr to min_lr, per step."""
     if step < warmup:
@@ -191,7 +198,7 @@ def pretrain(
     )
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     net = build_model(cfg, vit, store.k).to(device)
-    opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    opt = adamw(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

@@ -12,7 +12,7 @@ import torch
 from pretrain.checkpoint import load_checkpoint
 from pretrain.data import EpochSampler, StoreDataset
 from pretrain.mapet import MaPeT, random_orders
-from pretrain.train import Objective, TrainConfig, build_model, lr_at, param_groups, pretrain, step_aux
+from pretrain.train import Objective, TrainConfig, adamw, build_model, lr_at, param_groups, pretrain, step_aux
 from pretrain.vit import ViTConfig
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.tokenize import TokenizeConfig, tokenize
@@ -220,7 +220,7 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
     vit = cfg.vit()
     torch.manual_seed(0)
     net = build_model(cfg, vit, 16)
-    opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    opt = adamw(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model = Objective(net)
     grads = [torch.zeros_like(p) for p in net.parameters()]
     for rank in (0, 1):
