@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.vit import Block, VisionTransformer, ViTConfig, compute_dtype, drop_path, mlp
+from pretrain.vit import Block, VisionTransformer, ViTConfig, compute_dtype, drop_path, mlp, scaled
 
 
 def default_context(num_patches: int) -> int:
@@ -65,18 +65,22 @@ def two_stream_block(
     y = compute_dtype(blk.norm1(x))  # (B, L, D)
     k, v = attn.kv(y[:, :s]).view(B, s, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, c+2P, Dh)
     sdpa = F.scaled_dot_product_attention if flex is None else flex
+    w, b = scaled(attn.proj, blk.gamma1)  # LayerScale folded into the output projection
+
+    def proj(o):  # (B, H, n, Dh) -> (B, n, D); per attention call, so no concatenated copy is kept
+        return F.linear(o.transpose(1, 2).reshape(B, -1, D), w, b)
+
     if last:
         q = attn.q(y[:, L - P :]).view(B, P, H, Dh).transpose(1, 2)  # (B, H, P, Dh)
-        o = sdpa(q, k, v, **{"block_mask" if flex else "attn_mask": masks[1]})  # (B, H, P, Dh)
+        o = proj(sdpa(q, k, v, **{"block_mask" if flex else "attn_mask": masks[1]}))  # (B, P, D)
         x = x[:, L - P :]  # (B, P, D)
     else:
         q = attn.q(y).view(B, L, H, Dh).transpose(1, 2)  # (B, H, L, Dh)
         o_a = F.scaled_dot_product_attention(q[:, :, :a], k[:, :, :a], v[:, :, :a])  # (B, H, c+P, Dh) dense
         o_b = sdpa(q[:, :, a:], k, v, **{"block_mask" if flex else "attn_mask": masks[0]})  # (B, H, 2P, Dh)
-        o = torch.cat([o_a, o_b], dim=2)  # (B, H, L, Dh)
-    o = attn.proj(o.transpose(1, 2).reshape(B, -1, D))  # (B, L or P, D)
-    x = x + drop_path(blk.gamma1 * o, blk.drop_path, blk.training)
-    return x + drop_path(blk.gamma2 * mlp(blk.mlp, blk.norm2(x)), blk.drop_path, blk.training)
+        o = torch.cat([proj(o_a), proj(o_b)], dim=1)  # (B, L, D)
+    x = x + drop_path(o, blk.drop_path, blk.training)
+    return x + drop_path(mlp(blk.mlp, blk.norm2(x), blk.gamma2), blk.drop_path, blk.training)
 
 
 class MaPeT(nn.Module):

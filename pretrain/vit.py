@@ -83,10 +83,17 @@ class _GeluLinear(torch.autograd.Function):
         return gh, gw, gb
 
 
-def mlp(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The block MLP (Linear, GELU, Linear) with the GELU recomputed in backward (see _GeluLinear)."""
-    fc1, fc2 = seq[0], seq[2]
-    return _GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
+def scaled(lin: nn.Linear, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerScale folded into a linear layer: (weight, bias) of gamma * lin(x). gamma's gradient flows
+    through the folded weight, so the layer's output is not kept for backward as gamma * out would keep it.
+    Same parameters and the same function (rounding aside)."""
+    return gamma[:, None] * lin.weight, gamma * lin.bias
+
+
+def mlp(seq: nn.Sequential, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """gamma * MLP(x) (Linear, GELU, Linear; gamma: LayerScale) with the GELU recomputed in backward
+    (see _GeluLinear) and gamma folded into the second linear (see scaled)."""
+    return _GeluLinear.apply(seq[0](x), *scaled(seq[2], gamma))
 
 
 class Attention(nn.Module):
@@ -98,14 +105,15 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D), every token attending to every token (fused SDPA)."""
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) -> gamma * proj(attention) (B, N, D), every token attending to every token (fused
+        SDPA); gamma (LayerScale) is folded into the projection (see scaled)."""
         B, N, D = x.shape
         x = compute_dtype(x)
         q = self.q(x).view(B, N, self.heads, self.dh).transpose(1, 2)  # (B, H, N, Dh)
         k, v = self.kv(x).view(B, N, 2, self.heads, self.dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, Dh)
         o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
-        return self.proj(o.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        return F.linear(o.transpose(1, 2).reshape(B, N, D), *scaled(self.proj, gamma))  # (B, N, D)
 
 
 class Block(nn.Module):
@@ -123,8 +131,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D). MaPeT runs the same weights through pretrain.mapet.two_stream_block."""
-        x = x + drop_path(self.gamma1 * self.attn(self.norm1(x)), self.drop_path, self.training)
-        x = x + drop_path(self.gamma2 * mlp(self.mlp, self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.attn(self.norm1(x), self.gamma1), self.drop_path, self.training)
+        x = x + drop_path(mlp(self.mlp, self.norm2(x), self.gamma2), self.drop_path, self.training)
         return x
 
 
