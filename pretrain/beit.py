@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pretrain.token_loss import token_loss
 from pretrain.vit import VisionTransformer, ViTConfig
 
 
@@ -58,10 +58,10 @@ class BEiT(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor):
+    def features(self, images: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor):
         """images (B, 3, S, S), targets (B, G*G) int64, masked (B, G*G) bool.
 
-        Returns logits (M, K) of the M masked patches of the batch and their targets (M,).
+        Returns the normalised outputs (M, D) of the M masked patches of the batch and their targets (M,).
         """
         enc = self.encoder
         x = enc.embed_patches(images)  # (B, G*G, D)
@@ -70,8 +70,14 @@ class BEiT(nn.Module):
         for blk in enc.blocks:
             x = blk(x)
         x = enc.norm(x)[:, 1:]  # (B, G*G, D)
-        return self.head(x[masked]), targets[masked]  # (M, K), (M,)
+        return x[masked], targets[masked]  # (M, D), (M,)
+
+    def forward(self, images, targets, masked):
+        """Logits (M, K) of the masked patches and their targets (M,)."""
+        x, y = self.features(images, targets, masked)
+        return self.head(x), y
 
     def loss(self, images, targets, masked):
-        logits, y = self(images, targets, masked)
-        return F.cross_entropy(logits.float(), y), (logits.argmax(-1) == y).float().mean()
+        """Mean cross-entropy over the masked patches and their token top-1 (pretrain.token_loss)."""
+        x, y = self.features(images, targets, masked)
+        return token_loss(x, self.head, y)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.token_loss import token_loss
 from pretrain.vit import Block, VisionTransformer, ViTConfig, compute_dtype, drop_path, mlp, scaled
 
 
@@ -132,10 +133,11 @@ class MaPeT(nn.Module):
             )
         return self._flex[2], self._flex[1]
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, orders: torch.Tensor):
+    def features(self, images: torch.Tensor, targets: torch.Tensor, orders: torch.Tensor):
         """images (B, 3, S, S); targets (B, G*G) int64 token ids (row-major); orders (B, G*G) permutations.
 
-        Returns logits (B, P, K) and the targets in prediction order (B, P).
+        Returns the query stream's normalised outputs (B, P, D), the head's input, and the targets in
+        prediction order (B, P).
         """
         enc, c, P = self.encoder, self.num_context, self.num_predict
         B, D = images.shape[0], enc.cfg.dim
@@ -153,12 +155,15 @@ class MaPeT(nn.Module):
             x = two_stream_block(
                 blk, x, groups, attn_masks, flex, last=i == last
             )  # (B, c+3P, D); last: (B, P, D)
-        logits = self.head(enc.norm(x))  # (B, P, K)
-        return logits, targets.gather(1, orders[:, c - 1 :])  # (B, P, K), (B, P)
+        return enc.norm(x), targets.gather(1, orders[:, c - 1 :])  # (B, P, D), (B, P)
+
+    def forward(self, images, targets, orders):
+        """Logits (B, P, K) of the P predictions and their targets (B, P)."""
+        x, y = self.features(images, targets, orders)
+        return self.head(x), y
 
     def loss(self, images, targets, orders):
-        """Mean cross-entropy over all P predictions, and token top-1 accuracy (the pre-training metric)."""
-        logits, y = self(images, targets, orders)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        acc = (logits.argmax(-1) == y).float().mean()
-        return loss, acc
+        """Mean cross-entropy over all P predictions, and token top-1 accuracy (the pre-training metric),
+        without materialising the logits (pretrain.token_loss)."""
+        x, y = self.features(images, targets, orders)
+        return token_loss(x, self.head, y)
