@@ -55,7 +55,9 @@ class TrainStep:
     def resident_bytes(self) -> int:
         """Bytes this model keeps between steps: parameters and optimizer state (gradients are freed)."""
         state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
-        return sum(t.numel() * t.element_size() for t in [*self.params, *state] if t.device == self.device)
+        return sum(
+            t.numel() * t.element_size() for t in [*self.params, *state] if t.device.type == self.device.type
+        )
 
     @property
     def median(self) -> float:
