@@ -4,7 +4,8 @@ targets. CLIP never runs here.
 For each sample and epoch the view is a deterministic function of (seed, epoch, key); its crop box and flip
 come from the store and are rendered by tokenkit's own `render_view`, so the input shows exactly the pixels
 the targets were computed from, at the student's resolution. Colour jitter (brightness, contrast,
-saturation) is drawn from the same keyed generator.
+saturation) is drawn from the same keyed generator. Workers ship uint8 pixels (B, S, S, 3), 4x fewer bytes
+than float32; the trainer normalises them on its device (`tokenkit.views.normalize`), as tokenize does.
 
 Two readers: `StoreDataset` (map-style over a zarr store, token rows read in blocks through
 `__getitems__`, with `EpochSampler` for shuffling and DDP sharding) and `StreamDataset` (webdataset shards
@@ -24,7 +25,7 @@ from torch.utils.data import IterableDataset, Sampler
 
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
-from tokenkit.views import keyed_rng, render_view, to_tensor
+from tokenkit.views import keyed_rng, render_view, to_uint8
 from tokenkit.wds import SampleRef, index_tar, read_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,11 +52,11 @@ def make_sample(
     image_size: int,
     strength: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training pair: (3, S, S) float32 input, (G*G,) int64 targets of the view used this epoch."""
+    """One training pair: (S, S, 3) uint8 input pixels, (G*G,) int64 targets of the view used this epoch."""
     rng = keyed_rng(seed, epoch, key)
     v = int(rng.integers(0, len(views)))
     img = render_view(decode_image(data, name), views[v], image_size)
-    x = to_tensor(jitter(img, rng, strength), IMAGENET_MEAN, IMAGENET_STD)  # (3, S, S)
+    x = to_uint8(jitter(img, rng, strength))  # (S, S, 3)
     return x, torch.from_numpy(np.asarray(tokens[v], dtype=np.int64).reshape(-1))  # (G*G,)
 
 
@@ -139,7 +140,7 @@ class EpochSampler(Sampler[int]):
 
 
 class StreamDataset(IterableDataset):
-    """webdataset token shards, streamed: yields whole batches (images (b, 3, S, S), targets (b, G*G)).
+    """webdataset token shards, streamed: yields whole batches (pixels (b, S, S, 3) uint8, targets (b, G*G)).
 
     Per (epoch, rank) a keyed generator draws `len(shards)` shards with replacement (resampled shards: every
     rank streams the same amount whatever the shard sizes), a shuffle buffer mixes samples, and each

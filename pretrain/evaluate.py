@@ -21,7 +21,7 @@ from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, ImageError, SourceError
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
 from tokenkit.store import TokenStore
-from tokenkit.views import center_box, render_view, to_tensor
+from tokenkit.views import center_box, normalize, render_view, to_uint8
 
 
 def load_encoder(
@@ -79,9 +79,9 @@ class CenterCropDataset(Dataset):
         try:
             img = decode_image(self.source.read_bytes(i), self.source.keys[i])
         except (ImageError, OSError):
-            return torch.zeros(3, self.size, self.size), -1  # unreadable: dropped after the forward
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1  # unreadable: dropped later
         img = render_view(img, (*center_box(*img.size), 0), self.size)
-        return to_tensor(img, IMAGENET_MEAN, IMAGENET_STD), int(self.source.labels[i])
+        return to_uint8(img), int(self.source.labels[i])  # (S, S, 3) uint8: normalised on the device
 
 
 @torch.no_grad()
@@ -101,7 +101,8 @@ def extract(
     )
     feats, labels = [], []
     for x, y in tqdm(loader, desc="features", unit="batch", disable=not progress):
-        feats.append(encoder.forward_head(encoder.forward_features(x.to(device)), pool).float().cpu())
+        x = normalize(x.to(device), IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, S, S)
+        feats.append(encoder.forward_head(encoder.forward_features(x), pool).float().cpu())
         labels.append(y)
     f, y = torch.cat(feats), torch.cat(labels)
     keep = y >= 0

@@ -31,7 +31,7 @@ from pretrain.vit import VisionTransformer
 from tokenkit.errors import ConfigError
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
-from tokenkit.views import keyed_rng
+from tokenkit.views import keyed_rng, normalize
 
 
 @dataclass(frozen=True)
@@ -98,22 +98,20 @@ class TrainDataset(Dataset):
         aug = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         if randaug:
             aug.append(v2.RandAugment(num_ops=2, magnitude=9))
-        self.tf = v2.Compose(
-            [
-                *aug,
-                v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+        self.tf = v2.Compose([*aug, v2.PILToTensor()])  # (3, S, S) uint8
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int):
-        return self.tf(decode_image(self.source.read_bytes(i), self.source.keys[i])), int(
-            self.source.labels[i]
-        )
+        """(S, S, 3) uint8 pixels (normalised on the device, as every loader here) and the label."""
+        x = self.tf(decode_image(self.source.read_bytes(i), self.source.keys[i]))
+        return x.permute(1, 2, 0), int(self.source.labels[i])
+
+
+def to_input(pixels: torch.Tensor, device) -> torch.Tensor:
+    """A loader batch (B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised on `device`."""
+    return normalize(pixels.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
 @torch.no_grad()
@@ -124,7 +122,7 @@ def accuracy(model: nn.Module, loader: DataLoader, device, autocast, world: int 
     for x, y in loader:
         keep = y >= 0
         with autocast:
-            pred = model(x.to(device)).argmax(1).cpu()
+            pred = model(to_input(x, device)).argmax(1).cpu()
         counts += torch.tensor([float((pred[keep] == y[keep]).sum()), float(keep.sum())], dtype=torch.float64)
     if world > 1:
         counts = counts.to(device)
@@ -225,7 +223,7 @@ def finetune(
             lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_input(x, device), y.to(device, non_blocking=True)
             with autocast:
                 if mixer is not None:
                     x, soft = mixer(x, y)  # soft (B, classes)

@@ -184,7 +184,7 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
     import sys
 
     from pretrain.evaluate import CenterCropDataset
-    from pretrain.finetune import Classifier
+    from pretrain.finetune import Classifier, to_input
     from pretrain.vit import VisionTransformer, ViTConfig
     from tokenkit.images import list_folder
 
@@ -202,7 +202,7 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
     val = CenterCropDataset(list_folder(data / "val"), 64)
     x, y = zip(*(val[i] for i in range(len(val))), strict=True)
     with torch.no_grad():
-        pred = model(torch.stack(x)).argmax(1)
+        pred = model(to_input(torch.stack(x), "cpu")).argmax(1)
     want = float((pred == torch.tensor(y)).float().mean())
     res = json.loads((out / "result.json").read_text())
     assert res["n_val"] == 14 and res["top1"] == pytest.approx(want)
