@@ -16,8 +16,8 @@ from torch import nn
 
 
 def rows_per_block(k: int, device: torch.device) -> int:
-    """Rows whose float32 logits fit in ~8 MiB on CPU (cache-sized), ~128 MiB on a GPU (few launches)."""
-    budget = 2**25 if device.type == "cuda" else 2**21
+    """Rows whose float32 logits fit in ~8 MiB on CPU (cache-sized), ~64 MiB on a GPU (few launches)."""
+    budget = 2**24 if device.type == "cuda" else 2**21
     return max(1, budget // k)
 
 
