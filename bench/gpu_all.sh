@@ -32,5 +32,6 @@ step mapet_step_b128 "$py" bench/mapet_step.py --device cuda --sizes small base 
     --warmup 3 "${official[@]}"
 step mapet_step_b128_compile "$py" bench/mapet_step.py --device cuda --sizes base --batch 128 \
     --iters 10 --warmup 3 --compile "${official[@]}"
+step loader_transfer "$py" bench/loader_transfer.py --workers 14
 step tokenize "$py" bench/tokenize_throughput.py --device cuda --images 4096 --batch-size 64 --workers 14
 step kmeans "$py" bench/kmeans_backends.py --n 200000 --dim 768 --k 1024 8192 --niter 10
