@@ -279,7 +279,8 @@ def pretrain(
             lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum, acc_sum = 0.0, 0.0
+            loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
+            acc_sum = torch.zeros((), device=device)
             for micro in range(cfg.accum_steps):
                 pixels, targets = next(it)  # (B, S, S, 3) uint8, (B, G*G)
                 images = normalize(pixels.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
@@ -293,20 +294,28 @@ def pretrain(
                     with autocast:
                         loss, acc = model(images, targets, aux)
                     scaler.scale(loss / cfg.accum_steps).backward()
-                loss_sum += float(loss.detach())
-                acc_sum += float(acc)
+                loss_sum += loss.detach().float()
+                acc_sum += acc.detach().float()
             scaler.unscale_(opt)
-            grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad))
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
             seen += per_step
             bar.update(1)
-            loss_v, acc_v = loss_sum / cfg.accum_steps, acc_sum / cfg.accum_steps
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"step {step}: loss is {loss_v}; lower --lr or check the store")
-            if rank == 0 and (step % cfg.log_every == 0 or step == last or step == 1):
+            end_of_epoch = step % steps_per_epoch == 0
+            save = end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            log = step % cfg.log_every == 0 or step == last or step == 1
+            if not (log or save):
+                continue  # no host-device sync on this step: the GPU runs ahead
+            loss_v, acc_v = float(loss_sum) / cfg.accum_steps, float(acc_sum) / cfg.accum_steps
+            if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
+                raise FloatingPointError(
+                    f"step {step}: loss is {loss_v}; lower --lr or check the store (checked every "
+                    f"--log-every steps and before each checkpoint)"
+                )
+            if log and rank == 0:
                 ips = seen / (time.perf_counter() - t0)
                 rec = {
                     "step": step,
@@ -314,16 +323,13 @@ def pretrain(
                     "loss": loss_v,
                     "token_acc": acc_v,
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": float(grad_norm),
                     "img_per_s": ips,
                 }
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}", ips=f"{ips:.1f}")
-            end_of_epoch = step % steps_per_epoch == 0
-            if (
-                end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-            ) and rank == 0:
+            if save and rank == 0:
                 save_checkpoint(
                     run,
                     {

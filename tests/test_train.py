@@ -99,6 +99,28 @@ def test_pretrain_runs_and_checkpoints(store, tmp_path, objective):
         pretrain(cfg, progress=False)
 
 
+def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(store, tmp_path, monkeypatch):
+    """The loss is read back only at logged steps and before checkpoints (no sync on other steps), and a
+    NaN from step 5 on stops the run there, with the step in a one-line error, before step 6's checkpoint."""
+    import pretrain.train as t
+
+    real = t.Objective.forward
+    calls = [0]
+
+    def nan_from_step_5(self, images, targets, aux):
+        calls[0] += 1
+        loss, acc = real(self, images, targets, aux)
+        return (loss * float("nan") if calls[0] >= 5 else loss), acc
+
+    monkeypatch.setattr(t.Objective, "forward", nan_from_step_5)
+    run = tmp_path / "run"
+    cfg = tiny(store, run, epochs=4, log_every=4)  # 3 steps per epoch: checkpoints at 3, 6, 9, 12
+    with pytest.raises(FloatingPointError, match=r"^step 6: loss is nan; lower --lr"):
+        pretrain(cfg, progress=False)
+    assert [r["step"] for r in metrics(run)] == [1, 4]  # logged steps only; step 3 checked, not logged
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+
+
 KILLER = """
 import os, signal, sys
 import pretrain.train as t
