@@ -4,9 +4,9 @@
 
 Counts the distinct storages that autograd saves (torch.autograd.graph.saved_tensors_hooks) at batch 2 and
 batch 4; the difference, per sample, is what grows with the batch (parameter-sized tensors such as bf16
-copies of the weights cancel): a device-independent proxy for the activation part of peak training memory. The CPU's attention
-kernels save a little more than CUDA's, so compare like with like (before / after a change, or against the
-official implementation measured the same way with --official, see bench/official_step.py).
+copies of the weights cancel): a device-independent proxy for the activation part of peak training
+memory. The CPU's attention kernels save a little more than CUDA's, so compare like with like (before /
+after a change, or the official implementation measured the same way with --official).
 """
 
 from __future__ import annotations
