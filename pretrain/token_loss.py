@@ -67,8 +67,9 @@ def token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of head(x) against target, and token top-1 accuracy (no gradient).
 
-    x (..., D) features, target (...) int64 token ids; rows per block (default rows_per_block). Equals F.cross_entropy(head(x).flatten(0, -2).float(),
-    target.flatten()) with (head(x).argmax(-1) == target).float().mean(), without keeping the logits.
+    x (..., D) features, target (...) int64 token ids, rows per block (default: rows_per_block). Equals
+    F.cross_entropy(head(x).flatten(0, -2).float(), target.flatten()) with
+    (head(x).argmax(-1) == target).float().mean(), without keeping the logits.
     """
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
