@@ -24,6 +24,16 @@ def plain_block(blk: Block, x: torch.Tensor) -> torch.Tensor:
     return x + blk.gamma2 * blk.mlp(blk.norm2(x))
 
 
+def assert_same_values_and_grads(got_fn, want_fn, wrt, grad_rtol: float) -> None:
+    """fp64: equal outputs, and equal gradients of their sum of squares with respect to `wrt`."""
+    want, got = want_fn(), got_fn()
+    gw = torch.autograd.grad(want.square().sum(), wrt)
+    gg = torch.autograd.grad(got.square().sum(), wrt)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    for a, b in zip(gg, gw, strict=True):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=1e-14)
+
+
 def per_sample_saved_bytes(forward, blk: Block) -> int:
     """Bytes autograd keeps for backward per sample under bf16 autocast: the difference between batch 4 and
     batch 2 (parameter-sized tensors, such as bf16 copies of weights, cancel), halved."""
@@ -49,28 +59,16 @@ def test_mlp_equals_gamma_times_linear_gelu_linear_in_fp64():
     seq = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).double()
     gamma = nn.Parameter(torch.rand(8, dtype=torch.float64))
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
-    wrt = [x, gamma, *seq.parameters()]
-    want = gamma * seq(x)
-    gw = torch.autograd.grad(want.square().sum(), wrt)
-    got = mlp(seq, x, gamma)
-    gg = torch.autograd.grad(got.square().sum(), wrt)
-    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
-    for a, b in zip(gg, gw, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert_same_values_and_grads(
+        lambda: mlp(seq, x, gamma), lambda: gamma * seq(x), [x, gamma, *seq.parameters()], 1e-12
+    )
 
 
 def test_block_equals_the_plain_block_in_fp64():
     torch.manual_seed(1)
     blk = Block(CFG, 0.0).double()
     x = torch.randn(2, 5, CFG.dim, dtype=torch.float64, requires_grad=True)
-    wrt = [x, *blk.parameters()]
-    want = plain_block(blk, x)
-    gw = torch.autograd.grad(want.square().sum(), wrt)
-    got = blk(x)
-    gg = torch.autograd.grad(got.square().sum(), wrt)
-    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
-    for a, b in zip(gg, gw, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
+    assert_same_values_and_grads(lambda: blk(x), lambda: plain_block(blk, x), [x, *blk.parameters()], 1e-11)
 
 
 def test_block_under_bf16_autocast_matches_the_plain_block_with_fp32_grads():
