@@ -71,12 +71,16 @@ def train_step(model, make_aux, batch: int, device: torch.device, compile: bool 
 
 
 def our_steps(
-    cfg: ViTConfig, batch: int, device: torch.device, compile: bool = False
+    cfg: ViTConfig,
+    batch: int,
+    device: torch.device,
+    compile: bool = False,
+    names: tuple[str, ...] = ("mapet", "beit", "plain", "head"),
 ) -> dict[str, TrainStep]:
-    """MaPeT, BEiT, a plain ViT and a ViT with MaPeT's head, as TrainSteps."""
+    """TrainSteps of MaPeT, BEiT, a plain ViT and a ViT with MaPeT's head (those in `names`)."""
     G = cfg.grid
     torch.manual_seed(0)
-    mapet = MaPeT(cfg, 8192).to(device)
+    P = 1 + G * G - default_context(G * G)
     gen, rng, nm = torch.Generator().manual_seed(1), np.random.default_rng(0), default_num_masked(G * G)
 
     def orders():
@@ -87,12 +91,12 @@ def our_steps(
 
     zero = lambda: torch.zeros(1)  # noqa: E731
     models = {
-        "mapet": (mapet, orders),
-        "beit": (BEiT(cfg, 8192).to(device), masks),
-        "plain": (PlainViT(cfg, 8192, 0).to(device), zero),
-        "head": (PlainViT(cfg, 8192, mapet.num_predict).to(device), zero),
+        "mapet": (lambda: MaPeT(cfg, 8192), orders),
+        "beit": (lambda: BEiT(cfg, 8192), masks),
+        "plain": (lambda: PlainViT(cfg, 8192, 0), zero),
+        "head": (lambda: PlainViT(cfg, 8192, P), zero),
     }
-    return {k: train_step(m, aux, batch, device, compile) for k, (m, aux) in models.items()}
+    return {k: train_step(models[k][0]().to(device), models[k][1], batch, device, compile) for k in names}
 
 
 def official_step(args, size: str, batch: int, device: torch.device) -> tuple[TrainStep, list[float]]:
@@ -117,7 +121,7 @@ def flops_per_sample(args, cfg: ViTConfig, size: str) -> dict[str, float]:
     """FLOPs of one forward + backward per sample (bench/step_timing.step_flops), counted at batch 1 on the
     CPU: MaPeT, BEiT, and the official step with --official."""
     cpu = torch.device("cpu")
-    steps = our_steps(cfg, 1, cpu)
+    steps = our_steps(cfg, 1, cpu, names=("mapet", "beit"))
     out = {k: step_flops(steps[k].step_loss, steps[k].make_batch()) for k in ("mapet", "beit")}
     if args.official:
         off, _ = official_step(args, size, 1, cpu)

@@ -25,11 +25,17 @@ from torch.utils.data import IterableDataset, Sampler
 
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
-from tokenkit.views import keyed_rng, render_view, to_uint8
+from tokenkit.views import keyed_rng, normalize, render_view, to_uint8
 from tokenkit.wds import SampleRef, index_tar, read_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_input(pixels: torch.Tensor, device) -> torch.Tensor:
+    """A loader batch (B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised on `device` (every pretrain,
+    evaluation and fine-tuning loader ships uint8 pixels)."""
+    return normalize(pixels.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:

@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pretrain.checkpoint import load_checkpoint
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.data import to_input
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, ImageError, SourceError
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
 from tokenkit.store import TokenStore
-from tokenkit.views import center_box, normalize, render_view, to_uint8
+from tokenkit.views import center_box, render_view, to_uint8
 
 
 def load_encoder(
@@ -101,8 +101,7 @@ def extract(
     )
     feats, labels = [], []
     for x, y in tqdm(loader, desc="features", unit="batch", disable=not progress):
-        x = normalize(x.to(device), IMAGENET_MEAN, IMAGENET_STD)  # (B, 3, S, S)
-        feats.append(encoder.forward_head(encoder.forward_features(x), pool).float().cpu())
+        feats.append(encoder.forward_head(encoder.forward_features(to_input(x, device)), pool).float().cpu())
         labels.append(y)
     f, y = torch.cat(feats), torch.cat(labels)
     keep = y >= 0

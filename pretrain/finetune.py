@@ -24,14 +24,14 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.data import to_input
 from pretrain.evaluate import CenterCropDataset
 from pretrain.train import adamw, lr_at
 from pretrain.vit import VisionTransformer
 from tokenkit.errors import ConfigError
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
-from tokenkit.views import keyed_rng, normalize
+from tokenkit.views import keyed_rng
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,6 @@ class TrainDataset(Dataset):
         """(S, S, 3) uint8 pixels (normalised on the device, as every loader here) and the label."""
         x = self.tf(decode_image(self.source.read_bytes(i), self.source.keys[i]))
         return x.permute(1, 2, 0), int(self.source.labels[i])
-
-
-def to_input(pixels: torch.Tensor, device) -> torch.Tensor:
-    """A loader batch (B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised on `device`."""
-    return normalize(pixels.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
 @torch.no_grad()

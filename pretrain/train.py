@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, StoreDataset, StreamDataset
+from pretrain.data import EpochSampler, StoreDataset, StreamDataset, to_input
 from pretrain.mapet import MaPeT, random_orders
 from pretrain.vit import PRESETS, ViTConfig
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.store import TokenStore, verify
-from tokenkit.views import keyed_rng, normalize
+from tokenkit.views import keyed_rng
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def pretrain(
             acc_sum = torch.zeros((), device=device)
             for micro in range(cfg.accum_steps):
                 pixels, targets = next(it)  # (B, S, S, 3) uint8, (B, G*G)
-                images = normalize(pixels.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+                images = to_input(pixels, device)
                 targets = targets.to(device, non_blocking=True)
                 aux = step_aux(cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
                     device

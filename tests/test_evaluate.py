@@ -183,8 +183,9 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
     import subprocess
     import sys
 
+    from pretrain.data import to_input
     from pretrain.evaluate import CenterCropDataset
-    from pretrain.finetune import Classifier, to_input
+    from pretrain.finetune import Classifier
     from pretrain.vit import VisionTransformer, ViTConfig
     from tokenkit.images import list_folder
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from pretrain.checkpoint import load_checkpoint
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, StoreDataset
+from pretrain.data import EpochSampler, StoreDataset, to_input
 from pretrain.mapet import MaPeT, random_orders
 from pretrain.train import Objective, TrainConfig, adamw, build_model, lr_at, param_groups, pretrain, step_aux
 from pretrain.vit import ViTConfig
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.tokenize import TokenizeConfig, tokenize
-from tokenkit.views import ViewConfig, keyed_rng, normalize
+from tokenkit.views import ViewConfig, keyed_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
         idx = list(sampler)[:3]
         pairs = ds.__getitems__(idx)
         pixels, targets = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        images = normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)  # as the trainer does on its device
+        images = to_input(pixels, "cpu")  # as the trainer does on its device
         aux = step_aux("mapet", 3, vit.grid, cfg.seed, 0, 0, rank)
         torch.manual_seed(int(keyed_rng("droppath", cfg.seed, 0, 0, rank).integers(2**62)))
         loss, _ = model(images, targets, aux)
