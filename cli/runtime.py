@@ -68,6 +68,9 @@ def run_cli(group: click.Group, prog: str, argv: list[str] | None) -> int:
                 f"{prog}: error: {e.filename or ''}: disk full; free space and re-run with --resume", err=True
             )
             return 1
+        if e.filename:  # a path the user gave or an output that cannot be written
+            click.echo(f"{prog}: error: {e.filename}: {e.strerror or e}", err=True)
+            return 1
         raise
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

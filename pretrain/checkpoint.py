@@ -53,10 +53,15 @@ def load_checkpoint(path: Path, map_location="cpu", kind: str = KIND) -> dict:
         raise StoreError(f"{path}: checkpoint not found; pass {where} of a '{cmd}' run")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except pickle.UnpicklingError as e:
         raise StoreError(
-            f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0][:160]}); "
-            f"pickled objects are refused, re-create it with '{cmd}'"
+            f"{path}: refused by weights-only loading: not written by '{cmd}', or it holds pickled Python "
+            f"objects (which could run code); re-create it with '{cmd}'"
+        ) from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise StoreError(
+            f"{path}: unreadable checkpoint, truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+            f"copy it again or re-create it with '{cmd}'"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise StoreError(f"{path}: not a {name} checkpoint; pass {where} of a '{cmd}' run")

@@ -13,7 +13,16 @@ BATCH=${BATCH:-64}
 LIMIT=${LIMIT:-}
 bash scripts/setup.sh demo
 export PATH="$PWD/.venv/bin:$PATH"
+ENC=(--model tokenkit-tiny-vit --pretrained none --grid 7)
+K=256 VIEWS=2 MODEL=mapet_micro
+# a run folder is reused only with the settings it was built with
+SETTINGS="LIMIT=${LIMIT:-all} EPOCHS=$EPOCHS BATCH=$BATCH ${ENC[*]} K=$K VIEWS=$VIEWS MODEL=$MODEL"
+if [ -f "$RUN/settings" ] && [ "$(cat "$RUN/settings")" != "$SETTINGS" ]; then
+  echo "quickstart: error: $RUN was built with '$(cat "$RUN/settings")', not '$SETTINGS'; pass another run folder or delete it" >&2
+  exit 2
+fi
 mkdir -p "$RUN/eval"
+echo "$SETTINGS" > "$RUN/settings"
 : > "$RUN/timings.txt"
 stage() {  # stage NAME DONE_FILE CMD...: run CMD unless DONE_FILE exists, print and record its time
   local name=$1 done=$2 t0=$SECONDS
@@ -26,18 +35,17 @@ stage() {  # stage NAME DONE_FILE CMD...: run CMD unless DONE_FILE exists, print
 T0=$SECONDS
 ELPV="$RUN/elpv"
 stage export "$ELPV/split.json" python scripts/export_elpv.py "$ELPV" ${LIMIT:+--limit "$LIMIT"}
-ENC=(--model tokenkit-tiny-vit --pretrained none --grid 7)
 stage features "$RUN/features/manifest.json" tokenkit features "$ELPV/type/train" "$RUN/features" "${ENC[@]}" \
   --max-patches 100000 --workers 2 --resume --quiet
 stage codebook "$RUN/codebook.safetensors" tokenkit codebook "$RUN/features" "$RUN/codebook.safetensors" \
-  --k 256 --niter 20 --nredo 2
+  --k $K --niter 20 --nredo 2
 stage tokenize "$RUN/tokens/manifest.json" tokenkit tokenize "$ELPV/type/train" "$RUN/codebook.safetensors" \
-  "$RUN/tokens" --views 2 --format both --workers 2 --resume --quiet
+  "$RUN/tokens" --views $VIEWS --format both --workers 2 --resume --quiet
 tokenkit verify "$RUN/tokens"
 tokenkit inspect "$RUN/tokens"
 for OBJ in mapet beit; do
   stage "pretrain $OBJ" "$RUN/pretrain-$OBJ/done" bash -c "mapet pretrain --tokens '$RUN/tokens' \
-    --out '$RUN/pretrain-$OBJ' --model mapet_micro --objective $OBJ --epochs $EPOCHS --batch-size $BATCH \
+    --out '$RUN/pretrain-$OBJ' --model $MODEL --objective $OBJ --epochs $EPOCHS --batch-size $BATCH \
     --lr 1e-3 --warmup-epochs 1 --workers 2 --log-every 5 --resume auto --quiet && touch '$RUN/pretrain-$OBJ/done'"
 done
 for TASK in type defect; do
@@ -46,7 +54,7 @@ for TASK in type defect; do
     [ "$ENCODER" = random ] || CK="$RUN/pretrain-$ENCODER/last.pt"
     for EVAL in knn linprobe; do
       OUT="$RUN/eval/$EVAL-$ENCODER-$TASK.json"
-      stage "$EVAL $ENCODER $TASK" "$OUT" mapet "$EVAL" --checkpoint "$CK" --model mapet_micro \
+      stage "$EVAL $ENCODER $TASK" "$OUT" mapet "$EVAL" --checkpoint "$CK" --model $MODEL \
         --train "$ELPV/$TASK/train" --val "$ELPV/$TASK/val" --workers 2 --out "$OUT" --quiet
     done
   done

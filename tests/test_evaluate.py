@@ -116,8 +116,17 @@ def test_export_loads_into_timm_and_matches(run, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ref.forward_features(x), enc.forward_features(x), rtol=1e-5, atol=1e-5)
-    assert main(["export", str(run), str(tmp_path / "cli.safetensors")]) == 0
-    assert load_file(str(tmp_path / "cli.safetensors")).keys() == load_file(str(path)).keys()
+    cli_out = tmp_path / "new" / "folder" / "cli.safetensors"  # its folder is created
+    assert main(["export", str(run), str(cli_out)]) == 0
+    assert load_file(str(cli_out)).keys() == load_file(str(path)).keys()
+
+
+def test_export_to_an_unwritable_path_is_a_one_line_error(run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(run), str(tmp_path / "file" / "enc.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mapet: error: ") and str(tmp_path / "file") in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_planted_pickle_checkpoint_is_refused(run, tmp_path):
@@ -129,6 +138,10 @@ def test_planted_pickle_checkpoint_is_refused(run, tmp_path):
     bad.write_bytes(pickle.dumps({"kind": "mapet-checkpoint", "x": Evil()}))
     with pytest.raises(StoreError, match="weights-only"):
         load_checkpoint(bad)
+    cut = tmp_path / "cut.pt"  # a checkpoint copied half-way
+    cut.write_bytes(run.read_bytes()[: run.stat().st_size // 2])
+    with pytest.raises(StoreError, match="truncated or corrupt"):
+        load_checkpoint(cut)
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(StoreError, match="not a mapet checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

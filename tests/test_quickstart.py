@@ -28,3 +28,12 @@ def test_quickstart_on_a_tiny_slice(tmp_path):
         ["bash", "scripts/quickstart.sh", str(run)], cwd=ROOT, env=env, capture_output=True, timeout=900
     )
     assert r.returncode == 0 and r.stdout.decode().count(": reused") >= 17
+    # ... and only with the settings it was built with
+    r = subprocess.run(
+        ["bash", "scripts/quickstart.sh", str(run)],
+        cwd=ROOT,
+        env={**env, "EPOCHS": "2"},
+        capture_output=True,
+        timeout=900,
+    )
+    assert r.returncode == 2 and "EPOCHS=1" in r.stderr.decode() and "EPOCHS=2" in r.stderr.decode()

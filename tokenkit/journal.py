@@ -31,8 +31,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync it, rename it into place, fsync the folder."""
+    """Write `data` to `path` (its folder created if missing) through a temporary file, fsync it, rename it
+    into place, fsync the folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
