@@ -164,6 +164,7 @@ def knn(k, temperature, pool, **kw):
     enc, train, val, device = _setup(kw)
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
+    k = min(k, len(ty))  # every training sample votes when there are fewer than k
     acc = top1(knn_classify(tf, ty, vf, k, temperature, int(max(ty.max(), vy.max())) + 1), vy)
     res = {
         "eval": "knn",
