@@ -97,12 +97,16 @@ def pretrain(tokens, out, resume, quiet, **kw):
         click.echo(f"checkpoint: {last}")
 
 
+CHECKPOINT_HELP = (
+    "RUN/last.pt of 'mapet pretrain', an encoder .safetensors with timm ViT key names ('mapet export', or "
+    "another codebase's timm ViT), or 'random' (random init)."
+)
 encoder_options = with_options(
     [
         click.option(
             "--checkpoint",
             required=True,
-            help="RUN/last.pt of 'mapet pretrain', or 'random' (random init).",
+            help=CHECKPOINT_HELP,
         ),
         click.option(
             "--train", "train_dir", required=True, type=EXISTING, help="Labelled image folder or store."
@@ -220,7 +224,7 @@ def linprobe(pool, l2, max_iter, **kw):
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, help="RUN/last.pt of 'mapet pretrain', or 'random'.")
+@click.option("--checkpoint", required=True, help=CHECKPOINT_HELP)
 @click.option("--train", "train_dir", required=True, type=EXISTING)
 @click.option("--val", "val_dir", required=True, type=EXISTING)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Fine-tuning run folder.")

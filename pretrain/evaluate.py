@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pretrain.checkpoint import load_checkpoint
 from pretrain.data import to_input
+from pretrain.export import load_timm
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, ImageError, SourceError
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
@@ -31,7 +32,9 @@ def load_encoder(
     patch_size: int | None = None,
     seed: int = 0,
 ) -> VisionTransformer:
-    """The encoder of a pre-training checkpoint, or a random-init one for `checkpoint="random"`."""
+    """The encoder of a pre-training checkpoint, of a safetensors file with timm ViT key names (`mapet
+    export`, or another codebase's timm ViT: pretrain.export.load_timm), or a random-init one for
+    `checkpoint="random"`."""
     if checkpoint == "random":
         if model not in PRESETS:
             raise ConfigError(f"--model {model}: choose one of {', '.join(PRESETS)}")
@@ -39,6 +42,8 @@ def load_encoder(
         kw.update({k: v for k, v in (("image_size", image_size), ("patch_size", patch_size)) if v})
         torch.manual_seed(seed)
         return VisionTransformer(ViTConfig(**kw, drop_path=0.0)).eval()
+    if checkpoint.endswith(".safetensors"):
+        return load_timm(Path(checkpoint))
     ckpt = load_checkpoint(Path(checkpoint))
     enc = VisionTransformer(ViTConfig(**ckpt["vit"]))
     state = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}

@@ -1,20 +1,41 @@
-"""`mapet export`: a pre-trained encoder as safetensors with timm's VisionTransformer key names.
+"""Encoders as safetensors with timm's VisionTransformer key names, both ways.
 
-Loads into `timm.models.vision_transformer.VisionTransformer(img_size, patch_size, embed_dim, depth,
-num_heads, init_values=<layer scale>, qkv_bias=True, num_classes=0)`; the timm arguments are stored in the
-file's metadata under `timm_args`. Our separate q and kv linears become timm's fused qkv.
+`mapet export` writes a file that loads into `timm.models.vision_transformer.VisionTransformer(img_size,
+patch_size, embed_dim, depth, num_heads, init_values=<layer scale>, qkv_bias=True, num_classes=0)`; the timm
+arguments are stored in the file's metadata under `timm_args`. Our separate q and kv linears become timm's
+fused qkv. `load_timm` reads such a file back, or the state dict of any plain timm ViT with a class token
+(MAE's, DeiT's, an AugReg ViT's, saved as safetensors), so that k-NN, the linear probe and fine-tuning judge
+encoders from other codebases by the same protocol.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from pretrain.vit import VisionTransformer
+from pretrain.vit import VisionTransformer, ViTConfig
+from tokenkit.errors import StoreError
 from tokenkit.journal import atomic_write_bytes
+
+# per block: (our name, timm's name) of the layers whose weight and bias carry over unchanged
+_SAME = (
+    ("norm1", "norm1"),
+    ("norm2", "norm2"),
+    ("attn.proj", "attn.proj"),
+    ("mlp.0", "mlp.fc1"),
+    ("mlp.2", "mlp.fc2"),
+)
+# every key of timm's plain VisionTransformer (class token, learned positions, no pooling norm); head.* is dropped
+_TIMM_KEY = re.compile(
+    r"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|head\..*"
+    r"|blocks\.\d+\.((norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)|ls[12]\.gamma)"
+)
 
 
 def timm_state_dict(enc: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -31,13 +52,7 @@ def timm_state_dict(enc: VisionTransformer) -> dict[str, torch.Tensor]:
         b, t = f"blocks.{i}.", f"blocks.{i}."
         out[t + "attn.qkv.weight"] = torch.cat([s[b + "attn.q.weight"], s[b + "attn.kv.weight"]])  # (3D, D)
         out[t + "attn.qkv.bias"] = torch.cat([s[b + "attn.q.bias"], s[b + "attn.kv.bias"]])  # (3D,)
-        for ours, theirs in (
-            ("norm1", "norm1"),
-            ("norm2", "norm2"),
-            ("attn.proj", "attn.proj"),
-            ("mlp.0", "mlp.fc1"),
-            ("mlp.2", "mlp.fc2"),
-        ):
+        for ours, theirs in _SAME:
             out[f"{t}{theirs}.weight"], out[f"{t}{theirs}.bias"] = (
                 s[f"{b}{ours}.weight"],
                 s[f"{b}{ours}.bias"],
@@ -65,3 +80,79 @@ def export(enc: VisionTransformer, out: Path) -> Path:
     data = save(timm_state_dict(enc), metadata={"timm_args": json.dumps(timm_args(enc)), "format": "pt"})
     atomic_write_bytes(Path(out), data)
     return Path(out)
+
+
+def load_timm(path: Path) -> VisionTransformer:
+    """The encoder in a safetensors file with timm ViT key names: `mapet export`'s output, or a timm ViT's
+    state dict. Geometry comes from the tensor shapes (width, patch size, grid, depth, MLP ratio); the head
+    count from the `timm_args` metadata, else width / 64 (every ViT-T/S/B/L/H). A model without LayerScale
+    gets gammas of one (the same function), one without q/k/v biases gets zero biases. The classifier
+    (`head.*`) is dropped; any other key timm's plain ViT does not have (register tokens, a pooling norm, a
+    relative position bias) is refused, rather than silently left out."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, s = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise StoreError(
+            f"{path}: not a readable safetensors file ({e}); pass a 'mapet export' output"
+        ) from e
+    need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight")
+    if missing := [k for k in need if k not in s]:
+        raise StoreError(
+            f"{path}: not a timm VisionTransformer with a class token (no {', '.join(missing)}); "
+            "pass a 'mapet export' output or a plain timm ViT state dict"
+        )
+    if extra := sorted(k for k in s if not _TIMM_KEY.fullmatch(k)):
+        raise StoreError(
+            f"{path}: keys a plain timm ViT does not have: {', '.join(extra[:4])}{' ...' * (len(extra) > 4)}; "
+            "not supported"
+        )
+    args = json.loads(meta.get("timm_args", "{}"))
+    D, p = s["cls_token"].shape[-1], s["patch_embed.proj.weight"].shape[-1]
+    n = s["pos_embed"].shape[1] - 1
+    G, depth = math.isqrt(n), 1 + max(int(k.split(".")[1]) for k in s if k.startswith("blocks."))
+    if G * G != n:
+        raise StoreError(f"{path}: pos_embed holds {n} patch positions, not a square grid; not supported")
+    cfg = ViTConfig(
+        image_size=G * p,
+        patch_size=p,
+        dim=D,
+        depth=depth,
+        heads=args.get("num_heads", max(1, D // 64)),
+        mlp_ratio=s["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        layer_scale=1.0,
+        drop_path=0.0,
+    )
+    enc = VisionTransformer(cfg)
+    ours = enc.state_dict()
+    try:
+        state = {
+            "cls_token": s.pop("cls_token"),
+            "pos_embed": s.pop("pos_embed"),
+            "patch_embed.weight": s.pop("patch_embed.proj.weight"),
+            "patch_embed.bias": s.pop("patch_embed.proj.bias", torch.zeros(D)),
+            "norm.weight": s.pop("norm.weight"),
+            "norm.bias": s.pop("norm.bias"),
+        }
+        for i in range(depth):
+            b = f"blocks.{i}."
+            w = s.pop(b + "attn.qkv.weight")  # (3D, D): q, k, v
+            bias = s.pop(b + "attn.qkv.bias", torch.zeros(3 * D))
+            state[b + "attn.q.weight"], state[b + "attn.kv.weight"] = w[:D], w[D:]
+            state[b + "attn.q.bias"], state[b + "attn.kv.bias"] = bias[:D], bias[D:]
+            for mine, theirs in _SAME:
+                for t in ("weight", "bias"):
+                    state[f"{b}{mine}.{t}"] = s.pop(f"{b}{theirs}.{t}")
+            for mine, theirs in (("gamma1", "ls1.gamma"), ("gamma2", "ls2.gamma")):
+                state[b + mine] = s.pop(b + theirs, torch.ones(D))
+    except KeyError as e:
+        raise StoreError(f"{path}: no {e.args[0]}; not a complete timm ViT state dict") from e
+    wrong = [k for k, v in state.items() if v.shape != ours[k].shape]
+    if wrong:
+        raise StoreError(
+            f"{path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected "
+            f"{tuple(ours[wrong[0]].shape)} for the geometry read from its shapes; not supported"
+        )
+    enc.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()})
+    return enc.eval()

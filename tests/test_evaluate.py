@@ -223,3 +223,41 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
     want = float((pred == torch.tensor(y)).float().mean())
     res = json.loads((out / "result.json").read_text())
     assert res["n_val"] == 14 and res["top1"] == pytest.approx(want)
+
+
+def test_exported_encoder_loads_back_for_evaluation(run, tmp_path):
+    enc = load_encoder(str(run))
+    back = load_encoder(str(export(enc, tmp_path / "enc.safetensors")))
+    assert back.cfg.heads == enc.cfg.heads and back.cfg.grid == enc.cfg.grid
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x), enc.forward_features(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_timm_vit_is_judged_by_the_same_protocol(tmp_path, capsys):
+    """A plain timm ViT (no LayerScale, a classifier head, 2 heads of 64) saved as safetensors: the same
+    features through load_timm, k-NN from the CLI, and a one-line refusal of a ViT with register tokens."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    ViT = timm.models.vision_transformer.VisionTransformer
+    torch.manual_seed(0)
+    ref = ViT(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, num_classes=10).eval()
+    for p in ref.parameters():  # timm zero-initialises some biases: make every tensor count
+        p.data.add_(0.02 * torch.randn_like(p))
+    path = tmp_path / "timm-vit.safetensors"
+    save_file(ref.state_dict(), str(path))
+    enc = load_encoder(str(path))
+    assert (enc.cfg.image_size, enc.cfg.dim, enc.cfg.depth, enc.cfg.heads) == (64, 128, 2, 2)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_features(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
+    data = separable_folder(tmp_path / "data")
+    args = ["--train", str(data / "train"), "--val", str(data / "val"), "--workers", "0", "--quiet"]
+    assert main(["knn", "--checkpoint", str(path), *args, "--out", str(tmp_path / "knn.json")]) == 0
+    assert json.loads((tmp_path / "knn.json").read_text())["top1"] > 0.75
+    regs = ViT(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, reg_tokens=4)
+    save_file(regs.state_dict(), str(tmp_path / "regs.safetensors"))
+    assert main(["knn", "--checkpoint", str(tmp_path / "regs.safetensors"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "reg_token" in err and len(err.strip().splitlines()) == 1
