@@ -309,7 +309,10 @@ def pretrain(
             log = step % cfg.log_every == 0 or step == last or step == 1
             if not (log or save):
                 continue  # no host-device sync on this step: the GPU runs ahead
-            loss_v, acc_v = float(loss_sum) / cfg.accum_steps, float(acc_sum) / cfg.accum_steps
+            sums = torch.stack([loss_sum, acc_sum])
+            if world > 1:  # every rank's mean: the logged figures, and the same NaN verdict on every rank
+                torch.distributed.all_reduce(sums)
+            loss_v, acc_v = (sums / (cfg.accum_steps * world)).tolist()
             if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
                 raise FloatingPointError(
                     f"step {step}: loss is {loss_v}; lower --lr or check the store (checked every "

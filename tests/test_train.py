@@ -243,7 +243,7 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
     net = build_model(cfg, vit, 16)
     opt = adamw(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model = Objective(net)
-    grads = [torch.zeros_like(p) for p in net.parameters()]
+    grads, losses = [torch.zeros_like(p) for p in net.parameters()], []
     for rank in (0, 1):
         ds = StoreDataset(store, vit.image_size, cfg.seed, cfg.jitter)
         sampler = EpochSampler(len(ds), 3, rank, 2, cfg.seed)
@@ -254,6 +254,7 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
         aux = step_aux("mapet", 3, vit.grid, cfg.seed, 0, 0, rank)
         torch.manual_seed(int(keyed_rng("droppath", cfg.seed, 0, 0, rank).integers(2**62)))
         loss, _ = model(images, targets, aux)
+        losses.append(float(loss))
         net.zero_grad()
         loss.backward()
         for gacc, p in zip(grads, net.parameters(), strict=True):
@@ -265,6 +266,9 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
     want = net.state_dict()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)  # the mean over ranks, not rank 0's
+    assert abs(losses[0] - losses[1]) > 1e-3
 
 
 def test_trainer_refuses_a_damaged_store_before_step_0(store, tmp_path):
