@@ -12,8 +12,10 @@ from pathlib import Path
 import click
 
 from cli.runtime import init_distributed, run_cli, with_options
+from pretrain.checkpoint import FINETUNE_KIND, KIND, load_checkpoint
 from pretrain.evaluate import (
     ProbeConfig,
+    encoder_of,
     extract,
     knn_classify,
     labelled_source,
@@ -23,7 +25,7 @@ from pretrain.evaluate import (
     top1,
 )
 from pretrain.export import export as export_encoder
-from pretrain.finetune import FinetuneConfig
+from pretrain.finetune import FinetuneConfig, classifier_of
 from pretrain.finetune import finetune as run_finetune
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
@@ -277,8 +279,14 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
 @click.argument("checkpoint", type=EXISTING)
 @click.argument("out", type=click.Path(path_type=Path))
 def export(checkpoint, out):
-    """Write the encoder of CHECKPOINT as safetensors with timm ViT key names."""
-    export_encoder(load_encoder(str(checkpoint)), out)
+    """Write CHECKPOINT as safetensors with timm ViT key names: a pre-training run's encoder, or a fine-tuned
+    classifier (timm's VisionTransformer with global_pool="avg", fc_norm and the head)."""
+    ckpt = load_checkpoint(checkpoint, kind=(KIND, FINETUNE_KIND))
+    if ckpt["kind"] == KIND:
+        export_encoder(encoder_of(ckpt), out)
+    else:
+        clf = classifier_of(ckpt)
+        export_encoder(clf.encoder, out, clf)
     click.echo(f"wrote {out}")
 
 

@@ -45,10 +45,12 @@ def save_checkpoint(run: Path, ckpt: dict, keep: int = 2) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, map_location="cpu", kind: str = KIND) -> dict:
-    """Load with weights_only=True: a pickle that would run code is refused with a one-line error."""
+def load_checkpoint(path: Path, map_location="cpu", kind: str | tuple[str, ...] = KIND) -> dict:
+    """Load with weights_only=True: a pickle that would run code is refused with a one-line error. `kind`:
+    the checkpoint kind(s) accepted (errors name the first)."""
     path = Path(path)
-    where, cmd, name = _WHAT[kind]
+    kinds = (kind,) if isinstance(kind, str) else kind
+    where, cmd, name = _WHAT[kinds[0]]
     if not path.is_file():
         raise StoreError(f"{path}: checkpoint not found; pass {where} of a '{cmd}' run")
     try:
@@ -63,7 +65,7 @@ def load_checkpoint(path: Path, map_location="cpu", kind: str = KIND) -> dict:
             f"{path}: unreadable checkpoint, truncated or corrupt ({str(e).splitlines()[0][:120]}); "
             f"copy it again or re-create it with '{cmd}'"
         ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
         raise StoreError(f"{path}: not a {name} checkpoint; pass {where} of a '{cmd}' run")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise StoreError(f"{path}: format_version {ckpt['format_version']} is newer than this code; upgrade")

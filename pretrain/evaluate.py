@@ -44,7 +44,11 @@ def load_encoder(
         return VisionTransformer(ViTConfig(**kw, drop_path=0.0)).eval()
     if checkpoint.endswith(".safetensors"):
         return load_timm(Path(checkpoint))
-    ckpt = load_checkpoint(Path(checkpoint))
+    return encoder_of(load_checkpoint(Path(checkpoint)))
+
+
+def encoder_of(ckpt: dict) -> VisionTransformer:
+    """The encoder in a loaded pre-training checkpoint."""
     enc = VisionTransformer(ViTConfig(**ckpt["vit"]))
     state = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     enc.load_state_dict(state)

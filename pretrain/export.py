@@ -1,8 +1,10 @@
 """Encoders as safetensors with timm's VisionTransformer key names, both ways.
 
 `mapet export` writes a file that loads into `timm.models.vision_transformer.VisionTransformer(img_size,
-patch_size, embed_dim, depth, num_heads, init_values=<layer scale>, qkv_bias=True, num_classes=0)`; the timm
-arguments are stored in the file's metadata under `timm_args`. Our separate q and kv linears become timm's
+patch_size, embed_dim, depth, num_heads, init_values=<layer scale>, qkv_bias=True, num_classes=0)`, or for a
+fine-tuned model (`mapet finetune`'s OUT/last.pt) into the same with num_classes, global_pool="avg" and
+fc_norm=True: the classifier itself, logits and all. The timm arguments are stored in the file's metadata
+under `timm_args`. Our separate q and kv linears become timm's
 fused qkv. `load_timm` reads such a file back, or the state dict of any plain timm ViT with a class token
 (MAE's, DeiT's, an AugReg ViT's, saved as safetensors), so that k-NN, the linear probe and fine-tuning judge
 encoders from other codebases by the same protocol.
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+from torch import nn
 
 from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import StoreError
@@ -38,16 +41,22 @@ _TIMM_KEY = re.compile(
 )
 
 
-def timm_state_dict(enc: VisionTransformer) -> dict[str, torch.Tensor]:
+def timm_state_dict(enc: VisionTransformer, classifier: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """timm key names for the encoder, or with `classifier` (pretrain.finetune.Classifier) for a fine-tuned
+    model: its fc_norm and head, and no final norm (timm's VisionTransformer with global_pool="avg")."""
     s = enc.state_dict()
     out = {
         "cls_token": s["cls_token"],
         "pos_embed": s["pos_embed"],
         "patch_embed.proj.weight": s["patch_embed.weight"],
         "patch_embed.proj.bias": s["patch_embed.bias"],
-        "norm.weight": s["norm.weight"],
-        "norm.bias": s["norm.bias"],
     }
+    if classifier is None:
+        out["norm.weight"], out["norm.bias"] = s["norm.weight"], s["norm.bias"]
+    else:
+        for name in ("fc_norm", "head"):
+            layer = getattr(classifier, name)
+            out[f"{name}.weight"], out[f"{name}.bias"] = layer.weight, layer.bias
     for i in range(len(enc.blocks)):
         b, t = f"blocks.{i}.", f"blocks.{i}."
         out[t + "attn.qkv.weight"] = torch.cat([s[b + "attn.q.weight"], s[b + "attn.kv.weight"]])  # (3D, D)
@@ -61,8 +70,11 @@ def timm_state_dict(enc: VisionTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
-def timm_args(enc: VisionTransformer) -> dict:
+def timm_args(enc: VisionTransformer, num_classes: int = 0) -> dict:
+    """timm VisionTransformer arguments: the encoder alone, or with num_classes the fine-tuned classifier
+    (average pooling of the patch tokens, fc_norm, head)."""
     c = enc.cfg
+    head = {"num_classes": num_classes, "global_pool": "avg", "fc_norm": True} if num_classes else {}
     return {
         "img_size": c.image_size,
         "patch_size": c.patch_size,
@@ -73,11 +85,14 @@ def timm_args(enc: VisionTransformer) -> dict:
         "init_values": c.layer_scale,
         "qkv_bias": True,
         "num_classes": 0,
+        **head,
     }
 
 
-def export(enc: VisionTransformer, out: Path) -> Path:
-    data = save(timm_state_dict(enc), metadata={"timm_args": json.dumps(timm_args(enc)), "format": "pt"})
+def export(enc: VisionTransformer, out: Path, classifier: nn.Module | None = None) -> Path:
+    """Write the encoder (or, with `classifier`, the fine-tuned model) as timm-named safetensors."""
+    args = timm_args(enc, 0 if classifier is None else classifier.head.out_features)
+    data = save(timm_state_dict(enc, classifier), metadata={"timm_args": json.dumps(args), "format": "pt"})
     atomic_write_bytes(Path(out), data)
     return Path(out)
 

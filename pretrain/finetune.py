@@ -27,7 +27,7 @@ from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import to_input
 from pretrain.evaluate import CenterCropDataset
 from pretrain.train import adamw, lr_at
-from pretrain.vit import VisionTransformer
+from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
@@ -66,6 +66,13 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder.forward_features(x)  # (B, N, D), final norm dropped
         return self.head(self.fc_norm(h[:, 1:].mean(1)))  # (B, classes)
+
+
+def classifier_of(ckpt: dict) -> Classifier:
+    """The fine-tuned classifier in a loaded `mapet finetune` checkpoint."""
+    net = Classifier(VisionTransformer(ViTConfig(**ckpt["vit"])), ckpt["num_classes"])
+    net.load_state_dict(ckpt["model"])
+    return net.eval()
 
 
 def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:

@@ -85,6 +85,23 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     assert res["best_top1"] >= 0.75 and len((ft / "metrics.jsonl").read_text().splitlines()) == 6
     assert "finetune top-1" in capsys.readouterr().out
 
+    # the fine-tuned classifier exports to timm whole: same logits from timm's VisionTransformer
+    timm = pytest.importorskip("timm")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pretrain.finetune import classifier_of
+
+    assert main(["export", str(ft / "last.pt"), str(tmp_path / "ft.safetensors")]) == 0
+    with safe_open(str(tmp_path / "ft.safetensors"), "pt") as f:
+        args = json.loads(f.metadata()["timm_args"])
+    ref = timm.models.vision_transformer.VisionTransformer(**args).eval()
+    ref.load_state_dict(load_file(str(tmp_path / "ft.safetensors")), strict=True)
+    ours = classifier_of(torch.load(ft / "last.pt", weights_only=True))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), ours(x), rtol=1e-5, atol=1e-5)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, photos, codebook_path):
@@ -201,8 +218,7 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
 
     from pretrain.data import to_input
     from pretrain.evaluate import CenterCropDataset
-    from pretrain.finetune import Classifier
-    from pretrain.vit import VisionTransformer, ViTConfig
+    from pretrain.finetune import classifier_of
     from tokenkit.images import list_folder
 
     data = separable_folder(tmp_path / "data", n_per_class=7)  # 14 val images: odd per rank split is 7 / 7
@@ -211,11 +227,7 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
            "-m", "cli.mapet", *_ft_args(data, out, "--epochs", "2")]  # fmt: skip
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    enc = VisionTransformer(ViTConfig(**ckpt["vit"]))
-    model = Classifier(enc, ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = classifier_of(torch.load(out / "last.pt", weights_only=True))
     val = CenterCropDataset(list_folder(data / "val"), 64)
     x, y = zip(*(val[i] for i in range(len(val))), strict=True)
     with torch.no_grad():
