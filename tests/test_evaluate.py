@@ -149,6 +149,7 @@ def test_export_to_an_unwritable_path_is_a_one_line_error(run, tmp_path, capsys)
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the planted file
 def test_planted_pickle_checkpoint_is_refused(run, tmp_path):
     class Evil:
         def __reduce__(self):

@@ -182,7 +182,7 @@ def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
         assert torch.equal(y, torch.from_numpy(block["tokens"][0, v].reshape(-1)))
         want = render_view(s.image(3), block["views"][0, v], 64)
         assert x.dtype == torch.uint8 and x.shape == (64, 64, 3)
-        assert torch.equal(x, torch.from_numpy(np.asarray(want)))  # exactly the stored view's pixels
+        assert torch.equal(x, torch.from_numpy(np.array(want)))  # exactly the stored view's pixels
 
 
 def test_sampler_splits_ranks_disjointly_and_resumes_mid_epoch():
@@ -254,7 +254,7 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
         aux = step_aux("mapet", 3, vit.grid, cfg.seed, 0, 0, rank)
         torch.manual_seed(int(keyed_rng("droppath", cfg.seed, 0, 0, rank).integers(2**62)))
         loss, _ = model(images, targets, aux)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         net.zero_grad()
         loss.backward()
         for gacc, p in zip(grads, net.parameters(), strict=True):
