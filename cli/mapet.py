@@ -171,7 +171,7 @@ def knn(k, temperature, pool, **kw):
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
     k = min(k, len(ty))  # every training sample votes when there are fewer than k
-    acc = top1(knn_classify(tf, ty, vf, k, temperature, int(max(ty.max(), vy.max())) + 1), vy)
+    acc = top1(knn_classify(tf, ty, vf, k, temperature, int(max(ty.max(), vy.max())) + 1, device=device), vy)
     res = {
         "eval": "knn",
         "top1": acc,
@@ -207,7 +207,7 @@ def linprobe(pool, l2, max_iter, **kw):
     enc, train, val, device = _setup(kw)
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
-    res = linear_probe(tf, ty, vf, vy, ProbeConfig(l2=l2, max_iter=max_iter))
+    res = linear_probe(tf, ty, vf, vy, ProbeConfig(l2=l2, max_iter=max_iter), device)
     res.update(
         {
             "eval": "linprobe",

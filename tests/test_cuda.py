@@ -183,3 +183,18 @@ def test_token_loss_on_cuda_matches_the_plain_head_in_bf16_and_keeps_no_logits()
         f"peak above inputs: plain head {peak_plain / 2**20:.0f} MiB, token_loss {peak_fused / 2**20:.0f} MiB"
     )
     assert peak_fused < 0.5 * peak_plain
+
+
+def test_knn_and_linear_probe_on_cuda_agree_with_cpu():
+    """k-NN and the full-batch L-BFGS probe run on the GPU (ImageNet-sized evaluations) with the CPU's answers."""
+    from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 64, generator=g) * 0.3  # overlapping classes: k-NN ~0.67, probe ~0.76 here
+    y = torch.arange(3000) % 10
+    x = centers[y] + torch.randn(3000, 64, generator=g)
+    cpu, gpu = (knn_classify(x[:2500], y[:2500], x[2500:], block=256, device=d) for d in ("cpu", CUDA))
+    assert gpu.device.type == "cpu" and (cpu != gpu).sum() <= 2  # float ties may fall either way
+    a, b = (linear_probe(x[:2500], y[:2500], x[2500:], y[2500:], ProbeConfig(), d) for d in ("cpu", CUDA))
+    assert abs(a["top1"] - b["top1"]) <= 0.01 and abs(a["train_top1"] - b["train_top1"]) <= 0.004
+    assert 0.5 < b["top1"] < 1.0
