@@ -124,12 +124,14 @@ def knn_classify(
     k: int = 20,
     temperature: float = 0.07,
     num_classes: int | None = None,
-    block: int = 1024,
+    block: int | None = None,
     device="cpu",
 ) -> torch.Tensor:
     """DINO's weighted k-NN: cosine similarity, top-k neighbours vote with weight exp(sim / T). Returns (M,)
-    preds on the CPU. The similarities run on `device` (a GPU turns ImageNet's 50k x 1.28M into seconds)."""
+    preds on the CPU. The similarities run on `device` (a GPU turns ImageNet's 50k x 1.28M into seconds), in
+    blocks of val rows whose (block, Ntrain) similarities take ~1 GiB at most (default)."""
     num_classes = num_classes or int(train_y.max()) + 1
+    block = block or max(1, min(1024, 2**28 // len(train_f)))
     k = min(k, len(train_f))
     tf, ty = F.normalize(train_f.to(device), dim=1), train_y.to(device)
     preds = []
