@@ -4,10 +4,10 @@
 patch_size, embed_dim, depth, num_heads, init_values=<layer scale>, qkv_bias=True, num_classes=0)`, or for a
 fine-tuned model (`mapet finetune`'s OUT/last.pt) into the same with num_classes, global_pool="avg" and
 fc_norm=True: the classifier itself, logits and all. The timm arguments are stored in the file's metadata
-under `timm_args`. Our separate q and kv linears become timm's
-fused qkv. `load_timm` reads such a file back, or the state dict of any plain timm ViT with a class token
-(MAE's, DeiT's, an AugReg ViT's, saved as safetensors), so that k-NN, the linear probe and fine-tuning judge
-encoders from other codebases by the same protocol.
+under `timm_args`. Our separate q and kv linears become timm's fused qkv. `load_timm` reads an encoder file
+back, or the state dict of any plain timm ViT with a class token (MAE's, DeiT's, an AugReg ViT's, saved as
+safetensors), so that k-NN, the linear probe and fine-tuning judge encoders from other codebases by the same
+protocol.
 """
 
 from __future__ import annotations
@@ -58,15 +58,13 @@ def timm_state_dict(enc: VisionTransformer, classifier: nn.Module | None = None)
             layer = getattr(classifier, name)
             out[f"{name}.weight"], out[f"{name}.bias"] = layer.weight, layer.bias
     for i in range(len(enc.blocks)):
-        b, t = f"blocks.{i}.", f"blocks.{i}."
-        out[t + "attn.qkv.weight"] = torch.cat([s[b + "attn.q.weight"], s[b + "attn.kv.weight"]])  # (3D, D)
-        out[t + "attn.qkv.bias"] = torch.cat([s[b + "attn.q.bias"], s[b + "attn.kv.bias"]])  # (3D,)
+        b = f"blocks.{i}."  # the same block prefix in both
+        out[b + "attn.qkv.weight"] = torch.cat([s[b + "attn.q.weight"], s[b + "attn.kv.weight"]])  # (3D, D)
+        out[b + "attn.qkv.bias"] = torch.cat([s[b + "attn.q.bias"], s[b + "attn.kv.bias"]])  # (3D,)
         for ours, theirs in _SAME:
-            out[f"{t}{theirs}.weight"], out[f"{t}{theirs}.bias"] = (
-                s[f"{b}{ours}.weight"],
-                s[f"{b}{ours}.bias"],
-            )
-        out[t + "ls1.gamma"], out[t + "ls2.gamma"] = s[b + "gamma1"], s[b + "gamma2"]
+            for t in ("weight", "bias"):
+                out[f"{b}{theirs}.{t}"] = s[f"{b}{ours}.{t}"]
+        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = s[b + "gamma1"], s[b + "gamma2"]
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
@@ -115,8 +113,8 @@ def load_timm(path: Path) -> VisionTransformer:
     need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight")
     if missing := [k for k in need if k not in s]:
         raise StoreError(
-            f"{path}: not a timm VisionTransformer with a class token (no {', '.join(missing)}); "
-            "pass a 'mapet export' output or a plain timm ViT state dict"
+            f"{path}: not a plain timm ViT encoder (no {', '.join(missing)}); pass an encoder from "
+            "'mapet export' of a pre-training run, or a timm ViT state dict with a class token and final norm"
         )
     if extra := sorted(k for k in s if not _TIMM_KEY.fullmatch(k)):
         raise StoreError(

@@ -218,7 +218,7 @@ def finetune(
         sampler.set_epoch(epoch)
         # augmentation, mixup / cutmix and drop path of this epoch: keyed, so a resumed run draws the same
         torch.manual_seed(int(keyed_rng("finetune", cfg.seed, epoch, rank).integers(2**62)))
-        step, loss_sum = epoch * steps, torch.zeros(2, dtype=torch.float64, device=device)  # sum, steps
+        step, loss_sum = epoch * steps, torch.zeros((), dtype=torch.float64, device=device)
         for x, y in tqdm(
             train_loader, desc=f"finetune {epoch}", disable=not progress or rank > 0, leave=False
         ):
@@ -236,13 +236,12 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += torch.stack([loss.detach().double(), loss_sum.new_ones(())])  # no host sync per step
+            loss_sum += loss.detach()  # read back once per epoch: no host sync per step
             step += 1
         if world > 1:  # every rank's mean: the logged loss, and the same NaN verdict on every rank
             torch.distributed.all_reduce(loss_sum)
         acc, n_val = accuracy(model, val_loader, device, autocast, world)
-        loss_v = float(loss_sum[0] / loss_sum[1].clamp_min(1))
-        rec = {"epoch": epoch, "loss": loss_v, "val_top1": acc, "n_val": n_val}
+        rec = {"epoch": epoch, "loss": float(loss_sum) / (steps * world), "val_top1": acc, "n_val": n_val}
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"epoch {epoch}: loss is {rec['loss']}; lower --lr")
         history.append(rec)
