@@ -66,7 +66,7 @@ def cli():
 @click.option("--clip-grad", type=float, default=3.0, show_default=True)
 @click.option("--drop-path", type=float, default=0.1, show_default=True)
 @click.option("--image-size", type=int, default=None, help="Student input size (default: the preset's).")
-@click.option("--patch-size", type=int, default=None)
+@click.option("--patch-size", type=int, default=None, help="With --checkpoint random.")
 @click.option("--num-context", type=int, default=None, help="MaPeT context tokens c (default CLS + 25%).")
 @click.option("--jitter", type=float, default=0.4, show_default=True, help="Colour jitter on the input only.")
 @click.option("--data", type=click.Choice(["auto", "zarr", "wds"]), default="auto", show_default=True)
@@ -103,6 +103,7 @@ CHECKPOINT_HELP = (
     "RUN/last.pt of 'mapet pretrain', an encoder .safetensors with timm ViT key names ('mapet export', or "
     "another codebase's timm ViT), or 'random' (random init)."
 )
+IMAGE_SIZE_HELP = "Input size (default: the checkpoint's; another one resamples its position embeddings)."
 encoder_options = with_options(
     [
         click.option(
@@ -123,7 +124,12 @@ encoder_options = with_options(
             show_default=True,
             help="With --checkpoint random.",
         ),
-        click.option("--image-size", type=int, default=None, help="With --checkpoint random."),
+        click.option(
+            "--image-size",
+            type=int,
+            default=None,
+            help=IMAGE_SIZE_HELP,
+        ),
         click.option("--patch-size", type=int, default=None, help="With --checkpoint random."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--batch-size", type=int, default=64, show_default=True),
@@ -231,8 +237,13 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--val", "val_dir", required=True, type=EXISTING)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Fine-tuning run folder.")
 @click.option("--model", type=click.Choice(list(PRESETS)), default="mapet_small", show_default=True)
-@click.option("--image-size", type=int, default=None)
-@click.option("--patch-size", type=int, default=None)
+@click.option(
+    "--image-size",
+    type=int,
+    default=None,
+    help=IMAGE_SIZE_HELP,
+)
+@click.option("--patch-size", type=int, default=None, help="With --checkpoint random.")
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)

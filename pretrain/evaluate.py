@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pretrain.checkpoint import load_checkpoint
 from pretrain.data import to_input
 from pretrain.export import load_timm
-from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
+from pretrain.vit import PRESETS, VisionTransformer, ViTConfig, at_image_size
 from tokenkit.errors import ConfigError, ImageError, SourceError
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
 from tokenkit.store import TokenStore
@@ -34,7 +34,8 @@ def load_encoder(
 ) -> VisionTransformer:
     """The encoder of a pre-training checkpoint, of a safetensors file with timm ViT key names (`mapet
     export`, or another codebase's timm ViT: pretrain.export.load_timm), or a random-init one for
-    `checkpoint="random"`."""
+    `checkpoint="random"`. With a file, image_size (if given) resamples its positions for that input size
+    (pretrain.vit.at_image_size); its patch size is fixed by the weights."""
     if checkpoint == "random":
         if model not in PRESETS:
             raise ConfigError(f"--model {model}: choose one of {', '.join(PRESETS)}")
@@ -42,9 +43,19 @@ def load_encoder(
         kw.update({k: v for k, v in (("image_size", image_size), ("patch_size", patch_size)) if v})
         torch.manual_seed(seed)
         return VisionTransformer(ViTConfig(**kw, drop_path=0.0)).eval()
-    if checkpoint.endswith(".safetensors"):
-        return load_timm(Path(checkpoint))
-    return encoder_of(load_checkpoint(Path(checkpoint)))
+    enc = (
+        load_timm(Path(checkpoint))
+        if checkpoint.endswith(".safetensors")
+        else encoder_of(load_checkpoint(Path(checkpoint)))
+    )
+    if patch_size and patch_size != enc.cfg.patch_size:
+        raise ConfigError(
+            f"{checkpoint}: --patch-size {patch_size}, but its weights have patch size {enc.cfg.patch_size}; "
+            "leave --patch-size out"
+        )
+    if image_size and image_size % enc.cfg.patch_size:
+        raise ConfigError(f"--image-size {image_size}: not a multiple of the patch size {enc.cfg.patch_size}")
+    return at_image_size(enc, image_size or enc.cfg.image_size).eval()
 
 
 def encoder_of(ckpt: dict) -> VisionTransformer:

@@ -10,7 +10,8 @@ Shapes: B batch, N tokens (CLS + G*G patches), D width, H heads, Dh head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,30 @@ class VisionTransformer(nn.Module):
         if pool == "avg":
             return x[:, 1:].mean(1)
         return torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=-1)  # (B, 2D)
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + g*g, D) learned positions -> (1, 1 + grid*grid, D): the patch positions resampled as an image
+    (bicubic, antialiased, as timm and DeiT do for a new resolution), the CLS position kept."""
+    g = math.isqrt(pos.shape[1] - 1)
+    if g == grid:
+        return pos
+    x = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    return torch.cat([pos[:, :1], x.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], dim=1)
+
+
+def at_image_size(enc: VisionTransformer, image_size: int) -> VisionTransformer:
+    """The same encoder for inputs of image_size (a multiple of its patch size): positions resampled
+    (resize_pos_embed), every other weight shared."""
+    cfg = enc.cfg
+    if image_size == cfg.image_size:
+        return enc
+    out = VisionTransformer(replace(cfg, image_size=image_size))
+    state = enc.state_dict()
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], out.cfg.grid)
+    out.load_state_dict(state)
+    return out.train(enc.training)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -14,7 +14,7 @@ from pretrain.checkpoint import load_checkpoint
 from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_encoder
 from pretrain.export import export
 from pretrain.train import TrainConfig, pretrain
-from tokenkit.errors import StoreError
+from tokenkit.errors import ConfigError, StoreError
 from tokenkit.tokenize import TokenizeConfig, tokenize
 
 
@@ -274,3 +274,13 @@ def test_a_timm_vit_is_judged_by_the_same_protocol(tmp_path, capsys):
     assert main(["knn", "--checkpoint", str(tmp_path / "regs.safetensors"), *args]) == 2
     err = capsys.readouterr().err
     assert "reg_token" in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_at_another_image_size(run, tmp_path):
+    """--image-size with a checkpoint resamples its positions (not ignored); --patch-size cannot change."""
+    enc = load_encoder(str(run), image_size=96)
+    assert enc.cfg.image_size == 96 and enc.pos_embed.shape[1] == 1 + 36
+    with pytest.raises(ConfigError, match="patch size 16"):
+        load_encoder(str(run), patch_size=8)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_encoder(str(run), image_size=100)

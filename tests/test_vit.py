@@ -3,6 +3,7 @@ of the LayerNorm output, LayerScale folded into the output projections.
 
 The reference is the block written out plainly (as timm / BEiT write it) with the same parameters."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +96,23 @@ def test_block_keeps_seven_fewer_bf16_rows_of_width_d_per_token_than_the_plain_b
     plain = per_sample_saved_bytes(plain_block, blk)
     ours = per_sample_saved_bytes(Block.forward, blk)
     assert plain - ours == 7 * CFG.dim * 2 * 5, (plain, ours)
+
+
+def test_position_embeddings_resample_like_timm_and_keep_the_rest():
+    """A checkpoint used at another input size: positions resampled as timm does, every other weight kept,
+    and the same size is the identity."""
+    from pretrain.vit import VisionTransformer, at_image_size, resize_pos_embed
+
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    enc = VisionTransformer(ViTConfig(image_size=64, patch_size=16, dim=32, depth=1, heads=2)).eval()
+    assert at_image_size(enc, 64) is enc
+    for size in (96, 32):  # up and down
+        big = at_image_size(enc, size)
+        want = timm_layers.resample_abs_pos_embed(
+            enc.pos_embed.detach(), [size // 16] * 2, num_prefix_tokens=1
+        )
+        torch.testing.assert_close(big.pos_embed.detach(), want, rtol=1e-6, atol=1e-6)
+        assert big.cfg.grid == size // 16 and torch.equal(big.patch_embed.weight, enc.patch_embed.weight)
+        assert big.forward_features(torch.randn(1, 3, size, size)).shape == (1, 1 + (size // 16) ** 2, 32)
+    assert torch.equal(resize_pos_embed(enc.pos_embed, 4), enc.pos_embed)
