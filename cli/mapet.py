@@ -184,6 +184,7 @@ def knn(k, temperature, pool, **kw):
         "k": k,
         "temperature": temperature,
         "pool": pool,
+        "image_size": enc.cfg.image_size,
         "majority_baseline": majority_baseline(ty, vy),
         "checkpoint": str(kw["checkpoint"]),
         "train": str(kw["train_dir"]),
@@ -218,6 +219,7 @@ def linprobe(pool, l2, max_iter, **kw):
         {
             "eval": "linprobe",
             "pool": pool,
+            "image_size": enc.cfg.image_size,
             "l2": l2,
             "checkpoint": str(kw["checkpoint"]),
             "majority_baseline": majority_baseline(ty, vy),

@@ -73,7 +73,7 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     assert main(["knn", *map(str, common), "--out", str(tmp_path / "knn.json")]) == 0
     knn = json.loads((tmp_path / "knn.json").read_text())
     assert knn["top1"] > 0.9 and knn["n_val"] == 24 and knn["majority_baseline"] == 0.5
-    assert knn["k"] == 20
+    assert knn["k"] == 20 and knn["image_size"] == 64
     assert main(["knn", *map(str, common), "--k", "100", "--out", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["k"] == 24  # the k used: every training image
     assert main(["linprobe", *map(str, common), "--out", str(tmp_path / "lp.json")]) == 0
