@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tokenkit.errors import StoreError
+from tokenkit.errors import StoreError, load_failure
 from tokenkit.journal import atomic_write_bytes, fsync_dir
 
 FORMAT_VERSION = 1
@@ -55,15 +55,12 @@ def load_checkpoint(path: Path, map_location="cpu", kind: str | tuple[str, ...] 
         raise StoreError(f"{path}: checkpoint not found; pass {where} of a '{cmd}' run")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        what = (
+            "" if isinstance(e, pickle.UnpicklingError) else "unreadable checkpoint, truncated or corrupt: "
+        )
         raise StoreError(
-            f"{path}: refused by weights-only loading: not written by '{cmd}', or it holds pickled Python "
-            f"objects (which could run code); re-create it with '{cmd}'"
-        ) from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise StoreError(
-            f"{path}: unreadable checkpoint, truncated or corrupt ({str(e).splitlines()[0][:120]}); "
-            f"copy it again or re-create it with '{cmd}'"
+            f"{path}: {what}{load_failure(e)}; copy it again or re-create it with '{cmd}'"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
         raise StoreError(f"{path}: not a {name} checkpoint; pass {where} of a '{cmd}' run")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenkit.errors import ConfigError
+from tokenkit.errors import ConfigError, load_failure
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # tiny configs for tests and CPU demos
 
@@ -210,7 +210,7 @@ def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> GridE
             pickle.UnpicklingError,
         ) as e:  # tag, network, file
             raise ConfigError(
-                f"--pretrained {weights}: could not load {spec.model} weights ({str(e).splitlines()[0][:200]}); "
+                f"--pretrained {weights}: could not load {spec.model} weights ({load_failure(e)}); "
                 "pass a local checkpoint (--pretrained PATH or local-dir:PATH) or 'none'"
             ) from e
     visual = model.visual

@@ -3,6 +3,8 @@
 Each message names the offending value, the file and the fix, on one line, so the CLI can print it as is.
 """
 
+import pickle
+
 
 class TokenkitError(Exception):
     """Base class: a user-facing error that the CLI prints on one line and exits with status 2."""
@@ -30,3 +32,11 @@ class StoreError(TokenkitError):
 
 class MissingDependencyError(TokenkitError):
     """An optional dependency (faiss) that is not installed."""
+
+
+def load_failure(e: BaseException) -> str:
+    """The reason a torch.load (weights_only=True) failed, in a few words: torch's weights-only refusal is a
+    paragraph about its defaults whose first line says nothing about the file."""
+    if isinstance(e, pickle.UnpicklingError):
+        return "refused by weights-only loading: not a checkpoint, or it holds pickled Python objects"
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
