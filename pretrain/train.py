@@ -166,6 +166,11 @@ def pretrain(
     if problems:
         raise StoreError(f"{problems[0]} (refusing to train on it; 'tokenkit verify' lists every problem)")
     store = TokenStore.open(cfg.tokens)
+    if cfg.data == "zarr" and not store.has_zarr:
+        raise ConfigError(
+            f"--data zarr: {cfg.tokens} holds only webdataset shards; pass --data wds (or auto) or tokenize "
+            "again with --format zarr"
+        )
     vit = cfg.vit()
     if vit.grid != store.grid:
         raise StoreError(

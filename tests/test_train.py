@@ -168,6 +168,17 @@ def test_resume_refuses_other_settings_and_other_codebooks(store, tmp_path):
         pretrain(tiny(store, tmp_path / "x", image_size=112), progress=False)
 
 
+def test_zarr_reader_on_a_webdataset_only_store_is_refused_before_anything_is_written(
+    tmp_path, photos, codebook_path
+):
+    wds = tokenize(
+        photos, codebook_path, tmp_path / "wds", TokenizeConfig(format="wds", workers=0), progress=False
+    )
+    with pytest.raises(ConfigError, match="holds only webdataset shards; pass --data wds"):
+        pretrain(tiny(wds, tmp_path / "run", data="zarr"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
     from tokenkit.store import TokenStore
     from tokenkit.views import render_view

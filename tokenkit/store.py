@@ -63,7 +63,8 @@ class TokenStore(RowStore):
     def _need_zarr(self):
         if not self.has_zarr:
             raise StoreError(
-                f"{self.root}: this store has only wds shards; stream them or re-run tokenize --format zarr"
+                f"{self.root}: this store has only webdataset shards, no zarr arrays; read its tars or tokenize "
+                "again with --format zarr"
             )
 
     @property
