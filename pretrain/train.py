@@ -171,6 +171,9 @@ def pretrain(
             f"--data zarr: {cfg.tokens} holds only webdataset shards; pass --data wds (or auto) or tokenize "
             "again with --format zarr"
         )
+    use_wds = cfg.data == "wds" or (cfg.data == "auto" and not store.has_zarr)
+    if not use_wds and len(store):  # images come from the recorded source: fail now if it moved, not at step 0
+        store.read_source(store.read([0])["locators"][0], cfg.source_root)
     vit = cfg.vit()
     if vit.grid != store.grid:
         raise StoreError(
@@ -224,7 +227,6 @@ def pretrain(
     if ckpt is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
 
-    use_wds = cfg.data == "wds" or (cfg.data == "auto" and not store.has_zarr)
     per_step = cfg.batch_size * cfg.accum_steps * world
     batches_per_epoch = (len(store) // (cfg.batch_size * world)) // cfg.accum_steps * cfg.accum_steps
     if batches_per_epoch == 0:

@@ -179,6 +179,19 @@ def test_zarr_reader_on_a_webdataset_only_store_is_refused_before_anything_is_wr
     assert not (tmp_path / "run").exists()
 
 
+def test_moved_source_images_are_named_before_the_run_starts(tmp_path, photos, codebook_path):
+    import shutil
+
+    src = shutil.copytree(photos, tmp_path / "photos")
+    tokens = tokenize(src, codebook_path, tmp_path / "tokens", TokenizeConfig(workers=0), progress=False)
+    moved = src.rename(tmp_path / "moved")
+    with pytest.raises(StoreError, match="if the images moved, pass their folder as --source-root"):
+        pretrain(tiny(tokens, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+    pretrain(tiny(tokens, tmp_path / "run", source_root=str(moved), max_steps=1), progress=False)
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1]
+
+
 def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
     from tokenkit.store import TokenStore
     from tokenkit.views import render_view

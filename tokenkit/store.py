@@ -120,7 +120,8 @@ class TokenStore(RowStore):
             return read_locator(src["kind"], root, src["tars"], locator)
         except OSError as e:
             raise StoreError(
-                f"{root}: cannot read source image '{locator}' ({e}); pass the moved source folder"
+                f"{root}: cannot read source image '{locator}' ({e.strerror or e}); if the images moved, pass "
+                "their folder as --source-root"
             ) from e
 
     def image(self, position: int, source_root: str | None = None):
