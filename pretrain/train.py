@@ -180,6 +180,12 @@ def pretrain(
             f"{cfg.tokens}: store grid {store.grid} != model grid {vit.grid} "
             f"({vit.image_size}/{vit.patch_size}); pass --image-size {store.grid * vit.patch_size}"
         )
+    per_step = cfg.batch_size * cfg.accum_steps * world
+    batches_per_epoch = (len(store) // (cfg.batch_size * world)) // cfg.accum_steps * cfg.accum_steps
+    if batches_per_epoch == 0:
+        raise ConfigError(
+            f"{cfg.tokens}: {len(store)} images cannot fill one step of {per_step}; lower --batch-size"
+        )
     ckpt = None
     if resume and (run / "last.pt").exists():
         ckpt = load_checkpoint(run / "last.pt")
@@ -227,12 +233,6 @@ def pretrain(
     if ckpt is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
 
-    per_step = cfg.batch_size * cfg.accum_steps * world
-    batches_per_epoch = (len(store) // (cfg.batch_size * world)) // cfg.accum_steps * cfg.accum_steps
-    if batches_per_epoch == 0:
-        raise ConfigError(
-            f"{cfg.tokens}: {len(store)} images cannot fill one step of {per_step}; lower --batch-size"
-        )
     steps_per_epoch = batches_per_epoch // cfg.accum_steps
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)

@@ -168,14 +168,15 @@ def test_resume_refuses_other_settings_and_other_codebooks(store, tmp_path):
         pretrain(tiny(store, tmp_path / "x", image_size=112), progress=False)
 
 
-def test_zarr_reader_on_a_webdataset_only_store_is_refused_before_anything_is_written(
-    tmp_path, photos, codebook_path
-):
+def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, photos, codebook_path):
     wds = tokenize(
         photos, codebook_path, tmp_path / "wds", TokenizeConfig(format="wds", workers=0), progress=False
     )
     with pytest.raises(ConfigError, match="holds only webdataset shards; pass --data wds"):
         pretrain(tiny(wds, tmp_path / "run", data="zarr"), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="images cannot fill one step of 100000; lower --batch-size"):
+        pretrain(tiny(wds, tmp_path / "run", batch_size=100000), progress=False)
     assert not (tmp_path / "run").exists()
 
 
