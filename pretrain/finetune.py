@@ -154,6 +154,10 @@ def finetune(
     DDP, each rank trains on its split of every epoch's permutation and validates its share of `val`.
     """
     out = Path(out)
+    if not resume and (out / "last.pt").exists():
+        raise ConfigError(
+            f"{out}: holds a fine-tuning run; pass --resume auto to continue it or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same head init on every rank

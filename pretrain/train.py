@@ -172,7 +172,9 @@ def pretrain(
             "again with --format zarr"
         )
     use_wds = cfg.data == "wds" or (cfg.data == "auto" and not store.has_zarr)
-    if not use_wds and len(store):  # images come from the recorded source: fail now if it moved, not at step 0
+    if not use_wds and len(
+        store
+    ):  # images come from the recorded source: fail now if it moved, not at step 0
         store.read_source(store.read([0])["locators"][0], cfg.source_root)
     vit = cfg.vit()
     if vit.grid != store.grid:

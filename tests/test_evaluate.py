@@ -84,6 +84,8 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     res = json.loads((ft / "result.json").read_text())
     assert res["best_top1"] >= 0.75 and len((ft / "metrics.jsonl").read_text().splitlines()) == 6
     assert "finetune top-1" in capsys.readouterr().out
+    assert main(_ft_args(data, ft, "--epochs", "6")) == 2  # a finished run is not overwritten
+    assert "holds a fine-tuning run" in capsys.readouterr().err
 
     # the fine-tuned classifier exports to timm whole: same logits from timm's VisionTransformer
     timm = pytest.importorskip("timm")
