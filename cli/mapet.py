@@ -18,7 +18,7 @@ from pretrain.evaluate import (
     encoder_of,
     extract,
     knn_classify,
-    labelled_source,
+    labelled_pair,
     linear_probe,
     load_encoder,
     majority_baseline,
@@ -152,7 +152,7 @@ def _setup(kw):
 
     device = kw["device"] if kw["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     enc = load_encoder(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
-    return enc, labelled_source(kw["train_dir"]), labelled_source(kw["val_dir"]), device
+    return enc, *labelled_pair(kw["train_dir"], kw["val_dir"]), device
 
 
 def _result_path(kw, name: str) -> Path:
@@ -273,8 +273,7 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
     enc = load_encoder(checkpoint, model, image_size, patch_size, kw["seed"])
     res = run_finetune(
         enc,
-        labelled_source(train_dir),
-        labelled_source(val_dir),
+        *labelled_pair(train_dir, val_dir),
         out,
         FinetuneConfig(**kw),
         not quiet,

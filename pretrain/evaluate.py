@@ -7,9 +7,10 @@ ImageNet mean/std. Features are computed once and cached in memory; both evaluat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -86,6 +87,23 @@ def labelled_source(path: str | Path) -> SampleIndex:
             f"{path}: {int((src.labels < 0).sum())} images have no label; pass class sub-folders"
         )
     return src
+
+
+def labelled_pair(train_path: str | Path, val_path: str | Path) -> tuple[SampleIndex, SampleIndex]:
+    """Train and val sources whose labels mean the same classes: class sub-folders are indexed per folder
+    (sorted names), so a val folder lacking one of train's classes would shift every later label. Val labels
+    are re-indexed by class name into train's classes; a val class that train lacks is refused. Integer
+    labels without names (tar shards' .cls) are taken as they are."""
+    train, val = labelled_source(train_path), labelled_source(val_path)
+    if not (train.classes and val.classes) or train.classes == val.classes:
+        return train, val
+    if extra := sorted(set(val.classes) - set(train.classes)):
+        raise SourceError(
+            f"{val_path}: classes {', '.join(extra[:5])} are not among {train_path}'s classes; "
+            "evaluate on the same class folders"
+        )
+    to_train = np.array([train.classes.index(c) for c in val.classes], dtype=np.int64)
+    return train, replace(val, labels=to_train[val.labels], classes=train.classes)
 
 
 class CenterCropDataset(Dataset):

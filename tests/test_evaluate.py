@@ -286,3 +286,36 @@ def test_checkpoint_at_another_image_size(run, tmp_path):
         load_encoder(str(run), patch_size=8)
     with pytest.raises(ConfigError, match="not a multiple"):
         load_encoder(str(run), image_size=100)
+
+
+def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):
+    """A val folder without one of train's classes keeps its labels' meaning (per-folder indices would turn
+    every 'warm' into class 0, 'cool'); a val class train lacks is refused."""
+    import shutil
+
+    from pretrain.evaluate import labelled_pair
+
+    data = separable_folder(tmp_path / "data")
+    shutil.rmtree(data / "val" / "cool")
+    train, val = labelled_pair(data / "train", data / "val")
+    assert train.classes == val.classes == ("cool", "warm") and set(val.labels.tolist()) == {1}
+    args = [
+        "--checkpoint",
+        "random",
+        "--model",
+        "mapet_micro",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
+    out = tmp_path / "knn.json"
+    assert (
+        main(["knn", *args, "--train", str(data / "train"), "--val", str(data / "val"), "--out", str(out)])
+        == 0
+    )
+    assert json.loads(out.read_text())["top1"] > 0.9
+    shutil.copytree(data / "val" / "warm", data / "val" / "hot")
+    assert main(["knn", *args, "--train", str(data / "train"), "--val", str(data / "val")]) == 2
+    assert "classes hot are not among" in capsys.readouterr().err
