@@ -34,6 +34,13 @@ def separable_folder(root, n_per_class=12, seed=0):
     return root
 
 
+def _eval_args(data, checkpoint="random"):
+    """k-NN / linear-probe flags for a separable_folder: a random-init micro ViT at 64 px unless a checkpoint."""
+    model = ["--model", "mapet_micro", "--image-size", "64"] if checkpoint == "random" else []
+    return ["--checkpoint", str(checkpoint), *model, "--train", str(data / "train"), "--val", str(data / "val"),
+            "--workers", "0", "--quiet"]  # fmt: skip
+
+
 def test_knn_classify_matches_a_hand_computed_vote():
     train = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
     y = torch.tensor([0, 0, 1, 1])
@@ -55,28 +62,14 @@ def test_knn_and_linprobe_on_separable_features():
 
 def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     data = separable_folder(tmp_path / "data")
-    common = [
-        "--checkpoint",
-        "random",
-        "--model",
-        "mapet_micro",
-        "--image-size",
-        "64",
-        "--train",
-        data / "train",
-        "--val",
-        data / "val",
-        "--workers",
-        "0",
-        "--quiet",
-    ]
-    assert main(["knn", *map(str, common), "--out", str(tmp_path / "knn.json")]) == 0
+    common = _eval_args(data)
+    assert main(["knn", *common, "--out", str(tmp_path / "knn.json")]) == 0
     knn = json.loads((tmp_path / "knn.json").read_text())
     assert knn["top1"] > 0.9 and knn["n_val"] == 24 and knn["majority_baseline"] == 0.5
     assert knn["k"] == 20 and knn["image_size"] == 64
-    assert main(["knn", *map(str, common), "--k", "100", "--out", str(tmp_path / "all.json")]) == 0
+    assert main(["knn", *common, "--k", "100", "--out", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["k"] == 24  # the k used: every training image
-    assert main(["linprobe", *map(str, common), "--out", str(tmp_path / "lp.json")]) == 0
+    assert main(["linprobe", *common, "--out", str(tmp_path / "lp.json")]) == 0
     assert json.loads((tmp_path / "lp.json").read_text())["top1"] > 0.9
     ft = tmp_path / "ft"
     rc = main(_ft_args(data, ft, "--epochs", "6", "--mixup", "0.8", "--cutmix", "1.0"))
@@ -172,11 +165,8 @@ def test_planted_pickle_checkpoint_is_refused(run, tmp_path):
 
 
 def _ft_args(data, out, *extra):
-    return [
-        "finetune", "--checkpoint", "random", "--model", "mapet_micro", "--image-size", "64",
-        "--train", str(data / "train"), "--val", str(data / "val"), "--out", str(out),
-        "--batch-size", "8", "--lr", "1e-3", "--warmup-epochs", "1", "--workers", "0", "--quiet", *extra,
-    ]  # fmt: skip
+    return ["finetune", *_eval_args(data), "--out", str(out), "--batch-size", "8", "--lr", "1e-3",
+            "--warmup-epochs", "1", *extra]  # fmt: skip
 
 
 AUGMENTED = ("--epochs", "3", "--mixup", "0.8", "--cutmix", "1.0", "--randaug")
@@ -268,12 +258,11 @@ def test_a_timm_vit_is_judged_by_the_same_protocol(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
     data = separable_folder(tmp_path / "data")
-    args = ["--train", str(data / "train"), "--val", str(data / "val"), "--workers", "0", "--quiet"]
-    assert main(["knn", "--checkpoint", str(path), *args, "--out", str(tmp_path / "knn.json")]) == 0
+    assert main(["knn", *_eval_args(data, path), "--out", str(tmp_path / "knn.json")]) == 0
     assert json.loads((tmp_path / "knn.json").read_text())["top1"] > 0.75
     regs = ViT(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, reg_tokens=4)
     save_file(regs.state_dict(), str(tmp_path / "regs.safetensors"))
-    assert main(["knn", "--checkpoint", str(tmp_path / "regs.safetensors"), *args]) == 2
+    assert main(["knn", *_eval_args(data, tmp_path / "regs.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "reg_token" in err and len(err.strip().splitlines()) == 1
 
@@ -299,23 +288,9 @@ def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):
     shutil.rmtree(data / "val" / "cool")
     train, val = labelled_pair(data / "train", data / "val")
     assert train.classes == val.classes == ("cool", "warm") and set(val.labels.tolist()) == {1}
-    args = [
-        "--checkpoint",
-        "random",
-        "--model",
-        "mapet_micro",
-        "--image-size",
-        "64",
-        "--workers",
-        "0",
-        "--quiet",
-    ]
     out = tmp_path / "knn.json"
-    assert (
-        main(["knn", *args, "--train", str(data / "train"), "--val", str(data / "val"), "--out", str(out)])
-        == 0
-    )
+    assert main(["knn", *_eval_args(data), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["top1"] > 0.9
     shutil.copytree(data / "val" / "warm", data / "val" / "hot")
-    assert main(["knn", *args, "--train", str(data / "train"), "--val", str(data / "val")]) == 2
+    assert main(["knn", *_eval_args(data)]) == 2
     assert "classes hot are not among" in capsys.readouterr().err
