@@ -26,9 +26,9 @@ from tqdm import tqdm
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import to_input
 from pretrain.evaluate import CenterCropDataset
-from pretrain.train import adamw, lr_at
+from pretrain.train import adamw, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
-from tokenkit.errors import ConfigError
+from tokenkit.errors import ConfigError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.views import keyed_rng
@@ -51,6 +51,17 @@ class FinetuneConfig:
     seed: int = 0
     workers: int = 2
     device: str = "cpu"
+
+    def validate(self) -> None:
+        require(
+            (
+                *loop_checks(self),
+                ("--layer-decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]"),
+                ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                ("--mixup", self.mixup, self.mixup >= 0, ">= 0 (0: off)"),
+                ("--cutmix", self.cutmix, self.cutmix >= 0, ">= 0 (0: off)"),
+            )
+        )
 
 
 class Classifier(nn.Module):
@@ -153,6 +164,7 @@ def finetune(
     rank), so a resumed run repeats the uninterrupted one. Under torchrun (world > 1) the model is wrapped in
     DDP, each rank trains on its split of every epoch's permutation and validates its share of `val`.
     """
+    cfg.validate()
     out = Path(out)
     if not resume and (out / "last.pt").exists():
         raise ConfigError(

@@ -28,7 +28,7 @@ from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.data import EpochSampler, StoreDataset, StreamDataset, to_input
 from pretrain.mapet import MaPeT, random_orders
 from pretrain.vit import PRESETS, ViTConfig
-from tokenkit.errors import ConfigError, StoreError
+from tokenkit.errors import ConfigError, StoreError, require
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.store import TokenStore, verify
 from tokenkit.views import keyed_rng
@@ -88,10 +88,38 @@ class TrainConfig:
     def validate(self) -> None:
         if self.objective not in ("mapet", "beit"):
             raise ConfigError(f"--objective {self.objective}: choose mapet or beit")
-        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
-            raise ConfigError("--epochs, --batch-size and --accum-steps must be >= 1")
         if self.data not in ("auto", "zarr", "wds"):
             raise ConfigError(f"--data {self.data}: choose auto, zarr or wds")
+        require(
+            (
+                *loop_checks(self),
+                ("--accum-steps", self.accum_steps, self.accum_steps >= 1, ">= 1"),
+                ("--clip-grad", self.clip_grad, self.clip_grad > 0, "> 0"),
+                ("--jitter", self.jitter, 0 <= self.jitter <= 1, "in [0, 1]"),
+                ("--keep", self.keep, self.keep >= 1, ">= 1"),
+                ("--log-every", self.log_every, self.log_every >= 1, ">= 1"),
+                ("--ckpt-every", self.ckpt_every, self.ckpt_every >= 0, ">= 0 (0: per epoch)"),
+            )
+        )
+        n = self.vit().num_patches + 1  # N: CLS + patches
+        if self.num_context is not None and not 1 <= self.num_context <= n - 1:
+            raise ConfigError(
+                f"--num-context {self.num_context}: must be in [1, {n - 1}] for {n} tokens (CLS counts; the "
+                "rest are predicted)"
+            )
+
+
+def loop_checks(cfg) -> tuple:
+    """require() entries for the settings every training loop here has (pre-training and fine-tuning)."""
+    return (
+        ("--epochs", cfg.epochs, cfg.epochs >= 1, ">= 1"),
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, ">= 1"),
+        ("--lr", cfg.lr, cfg.lr > 0, "> 0"),
+        ("--min-lr", cfg.min_lr, 0 <= cfg.min_lr <= cfg.lr, "in [0, --lr]"),
+        ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0, ">= 0"),
+        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+        ("--drop-path", cfg.drop_path, 0 <= cfg.drop_path < 1, "in [0, 1)"),
+    )
 
 
 def build_model(cfg: TrainConfig, vit: ViTConfig, k: int) -> nn.Module:

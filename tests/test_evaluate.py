@@ -79,6 +79,9 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     assert "finetune top-1" in capsys.readouterr().out
     assert main(_ft_args(data, ft, "--epochs", "6")) == 2  # a finished run is not overwritten
     assert "holds a fine-tuning run" in capsys.readouterr().err
+    assert main(_ft_args(data, tmp_path / "bad", "--layer-decay", "0")) == 2
+    assert "--layer-decay 0.0: must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
     # the fine-tuned classifier exports to timm whole: same logits from timm's VisionTransformer
     timm = pytest.importorskip("timm")

@@ -178,6 +178,16 @@ def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, photos
     with pytest.raises(ConfigError, match="images cannot fill one step of 100000; lower --batch-size"):
         pretrain(tiny(wds, tmp_path / "run", batch_size=100000), progress=False)
     assert not (tmp_path / "run").exists()
+    for bad, message in (
+        (dict(num_context=60), r"--num-context 60: must be in \[1, 49\] for 50 tokens"),
+        (dict(num_context=0), r"--num-context 0: must be in \[1, 49\]"),
+        (dict(lr=-1.0), "--lr -1.0: must be > 0"),
+        (dict(clip_grad=0.0), "--clip-grad 0.0: must be > 0"),
+        (dict(drop_path=1.0), r"--drop-path 1.0: must be in \[0, 1\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            pretrain(tiny(wds, tmp_path / "run", image_size=112, **bad), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_moved_source_images_are_named_before_the_run_starts(tmp_path, photos, codebook_path):

@@ -40,3 +40,10 @@ def load_failure(e: BaseException) -> str:
     if isinstance(e, pickle.UnpicklingError):
         return "refused by weights-only loading: not a checkpoint, or it holds pickled Python objects"
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+
+def require(checks) -> None:
+    """Raise ConfigError for the first (flag, value, ok, what it must be) whose ok is false."""
+    for flag, value, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"{flag} {value}: must be {want}")
