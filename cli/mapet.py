@@ -30,6 +30,7 @@ from pretrain.finetune import finetune as run_finetune
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
+from tokenkit.errors import require
 from tokenkit.journal import atomic_write_json
 
 EXISTING = click.Path(exists=True, path_type=Path)
@@ -147,9 +148,18 @@ encoder_options = with_options(
 )
 
 
-def _setup(kw):
+def _setup(kw, *checks):
+    """Validate (the loader settings and the evaluation's own `checks`), then the encoder, the labelled
+    train / val sources and the device."""
     import torch
 
+    require(
+        (
+            ("--batch-size", kw["batch_size"], kw["batch_size"] >= 1, ">= 1"),
+            ("--workers", kw["workers"], kw["workers"] >= 0, ">= 0"),
+            *checks,
+        )
+    )
     device = kw["device"] if kw["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     enc = load_encoder(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
     return enc, *labelled_pair(kw["train_dir"], kw["val_dir"]), device
@@ -173,7 +183,9 @@ def _features(enc, src, pool, kw, device):
 @click.option("--pool", type=click.Choice(["avg", "cls", "both"]), default="avg", show_default=True)
 def knn(k, temperature, pool, **kw):
     """Weighted k-NN top-1 on frozen features (cosine, DINO protocol)."""
-    enc, train, val, device = _setup(kw)
+    enc, train, val, device = _setup(
+        kw, ("--k", k, k >= 1, ">= 1"), ("--temperature", temperature, temperature > 0, "> 0")
+    )
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
     k = min(k, len(ty))  # every training sample votes when there are fewer than k
@@ -211,7 +223,9 @@ def knn(k, temperature, pool, **kw):
 @click.option("--max-iter", type=int, default=1000, show_default=True, help="L-BFGS iterations at most.")
 def linprobe(pool, l2, max_iter, **kw):
     """Linear probe top-1 on frozen, standardised features."""
-    enc, train, val, device = _setup(kw)
+    enc, train, val, device = _setup(
+        kw, ("--l2", l2, l2 >= 0, ">= 0"), ("--max-iter", max_iter, max_iter >= 1, ">= 1")
+    )
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
     res = linear_probe(tf, ty, vf, vy, ProbeConfig(l2=l2, max_iter=max_iter), device)

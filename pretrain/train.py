@@ -119,6 +119,7 @@ def loop_checks(cfg) -> tuple:
         ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0, ">= 0"),
         ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
         ("--drop-path", cfg.drop_path, 0 <= cfg.drop_path < 1, "in [0, 1)"),
+        ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
     )
 
 

@@ -69,6 +69,8 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     assert knn["k"] == 20 and knn["image_size"] == 64
     assert main(["knn", *common, "--k", "100", "--out", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["k"] == 24  # the k used: every training image
+    for bad, msg in ((["knn", "--k", "0"], "--k 0: must be >= 1"), (["linprobe", "--l2", "-1"], "--l2 -1.0")):
+        assert main([*bad, *common]) == 2 and msg in capsys.readouterr().err
     assert main(["linprobe", *common, "--out", str(tmp_path / "lp.json")]) == 0
     assert json.loads((tmp_path / "lp.json").read_text())["top1"] > 0.9
     ft = tmp_path / "ft"
