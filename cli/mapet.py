@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli.runtime import init_distributed, run_cli, with_options
+from cli.runtime import Dist, init_distributed, run_cli, with_options
 from pretrain.checkpoint import FINETUNE_KIND, KIND, load_checkpoint
 from pretrain.evaluate import (
     ProbeConfig,
@@ -151,8 +151,6 @@ encoder_options = with_options(
 def _setup(kw, *checks):
     """Validate (the loader settings and the evaluation's own `checks`), then the encoder, the labelled
     train / val sources and the device."""
-    import torch
-
     require(
         (
             ("--batch-size", kw["batch_size"], kw["batch_size"] >= 1, ">= 1"),
@@ -160,7 +158,7 @@ def _setup(kw, *checks):
             *checks,
         )
     )
-    device = kw["device"] if kw["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = Dist().device(kw["device"])
     enc = load_encoder(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
     return enc, *labelled_pair(kw["train_dir"], kw["val_dir"]), device
 
@@ -278,12 +276,8 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--quiet", is_flag=True)
 def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):
     """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay); torchrun for DDP."""
-    import torch
-
     dist = init_distributed()
     kw["device"] = dist.device(kw["device"])
-    if kw["device"] == "auto":
-        kw["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     enc = load_encoder(checkpoint, model, image_size, patch_size, kw["seed"])
     res = run_finetune(
         enc,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import click
 import torch
 
-from tokenkit.errors import TokenkitError
+from tokenkit.errors import ConfigError, TokenkitError
 
 
 @dataclass
@@ -27,8 +27,17 @@ class Dist:
             torch.distributed.barrier()
 
     def device(self, device: str) -> str:
-        if device == "auto" and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
+        """--device resolved and checked: auto is cuda:LOCAL_RANK when CUDA is present, else cpu."""
+        if device == "auto":
+            return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"--device {device}: not a device; pass auto, cpu, cuda or cuda:N") from e
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; pass cpu or auto"
+            )
         return device
 
 

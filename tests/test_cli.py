@@ -64,6 +64,11 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
         ),
         (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--views", "0"], "--views 0: must be >= 1"),
         (["tokenize", "{tmp}/empty", "{cb}", "{tmp}/t"], "no images"),
+        (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--device", "bogus"], "--device bogus: not a device"),
+        (
+            ["tokenize", "{photos}", "{cb}", "{tmp}/t", "--device", "cuda:99"],
+            "--device cuda:99: this machine has",
+        ),
         (["inspect", "{tmp}"], "no manifest.json"),
     ],
 )
