@@ -191,9 +191,6 @@ def pretrain(
     """Train, checkpoint and log into cfg.out. Returns the path of the last checkpoint."""
     cfg.validate()
     run = Path(cfg.out)
-    problems = verify(cfg.tokens)  # every checksum, count and the codebook, before step 0
-    if problems:
-        raise StoreError(f"{problems[0]} (refusing to train on it; 'tokenkit verify' lists every problem)")
     store = TokenStore.open(cfg.tokens)
     if cfg.data == "zarr" and not store.has_zarr:
         raise ConfigError(
@@ -201,9 +198,16 @@ def pretrain(
             "again with --format zarr"
         )
     use_wds = cfg.data == "wds" or (cfg.data == "auto" and not store.has_zarr)
-    if not use_wds and len(
-        store
-    ):  # images come from the recorded source: fail now if it moved, not at step 0
+    part = "wds" if use_wds else "zarr"  # the files this run reads
+    ckpt = load_checkpoint(run / "last.pt") if resume and (run / "last.pt").exists() else None
+    store_files = store.file_stats(store.part(part))
+    if ckpt is None or ckpt.get("store_files") != store_files:  # hashed at the start; again if rewritten
+        problems = verify(cfg.tokens, part)  # every checksum, count and the codebook, before step 0
+        if problems:
+            raise StoreError(
+                f"{problems[0]} (refusing to train on it; 'tokenkit verify' lists every problem)"
+            )
+    if not use_wds and len(store):  # images come from the recorded source: fail now if it moved
         store.read_source(store.read([0])["locators"][0], cfg.source_root)
     vit = cfg.vit()
     if vit.grid != store.grid:
@@ -217,9 +221,7 @@ def pretrain(
         raise ConfigError(
             f"{cfg.tokens}: {len(store)} images cannot fill one step of {per_step}; lower --batch-size"
         )
-    ckpt = None
-    if resume and (run / "last.pt").exists():
-        ckpt = load_checkpoint(run / "last.pt")
+    if ckpt is not None:
         was, now = _math_fields(ckpt["train"]), _math_fields(asdict(cfg))
         if was != now:
             diff = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now.get(k))
@@ -289,6 +291,7 @@ def pretrain(
         "objective": cfg.objective,
         "vit": asdict(vit),
         "train": asdict(cfg),
+        "store_files": store_files,  # what was verified: a resume re-hashes only if these changed
         "store": {
             "codebook_sha256": store.codebook_sha256,
             "k": store.k,

@@ -320,6 +320,39 @@ def test_trainer_refuses_a_damaged_store_before_step_0(store, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_store_checks_cover_what_the_run_reads_and_a_resume_rehashes_only_rewritten_files(
+    store, tmp_path, monkeypatch
+):
+    """A zarr run hashes the zarr arrays (a damaged tar does not stop it, a wds run refuses it); a resume
+    hashes nothing when the files are unchanged since the checkpoint, and everything they cover when one was
+    rewritten (size or mtime)."""
+    import shutil
+
+    import pretrain.train as train_mod
+
+    copy = tmp_path / "tokens"
+    shutil.copytree(store, copy)
+    tar = copy / "wds/shard-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:-512])  # a truncated tar
+    with pytest.raises(StoreError, match="shard-000000.tar: shard 0 sha256 mismatch"):
+        pretrain(tiny(copy, tmp_path / "wds-run", data="wds"), progress=False)
+    calls = []
+    real = train_mod.verify
+    monkeypatch.setattr(train_mod, "verify", lambda path, part=None: calls.append(part) or real(path, part))
+    run = tmp_path / "run"
+    pretrain(tiny(copy, run, data="zarr", max_steps=1), progress=False)
+    assert calls == ["zarr"]
+    pretrain(tiny(copy, run, data="zarr", max_steps=2), resume=True, progress=False)
+    assert calls == ["zarr"]  # unchanged since the checkpoint: not hashed again
+    chunk = copy / "tokens/c/0/0/0/0"
+    b = bytearray(chunk.read_bytes())
+    b[-1] ^= 0xFF
+    chunk.write_bytes(bytes(b))  # rewritten: a new mtime
+    with pytest.raises(StoreError, match="shard 0 sha256 mismatch"):
+        pretrain(tiny(copy, run, data="zarr", max_steps=3), resume=True, progress=False)
+    assert calls == ["zarr", "zarr"]
+
+
 def test_streamed_webdataset_training_is_deterministic_and_resumable(store, tmp_path):
     from pretrain.data import StreamDataset
 

@@ -105,21 +105,42 @@ class RowStore:
     def status(self) -> np.ndarray:
         return self.group["status"][:]
 
-    def verify_files(self) -> list[str]:
-        """Recompute every shard file's sha256. Returns one message per bad shard (empty when all good)."""
+    def shard_files(self, select=None) -> list[tuple[int, str, str | None]]:
+        """(shard number, path relative to the store, recorded sha256 or None for an absent file) of every
+        shard file, or of those whose relative path `select(rel)` accepts."""
+        return [
+            (i, rel, want)
+            for i, shard in enumerate(self.manifest["shards"])
+            for rel, want in sorted(shard["sha256"].items())
+            if select is None or select(rel)
+        ]
+
+    def file_stats(self, select=None) -> dict[str, list[int]]:
+        """{relative path: [size, mtime_ns]} of the (selected) shard files present: what changes when a file is
+        rewritten, so a job that verified them can tell whether it must hash them again."""
+        out = {}
+        for _, rel, _ in self.shard_files(select):
+            p = self.root / rel
+            if p.exists():
+                st = p.stat()
+                out[rel] = [st.st_size, st.st_mtime_ns]
+        return out
+
+    def verify_files(self, select=None) -> list[str]:
+        """Recompute the sha256 of every shard file (or of those `select(rel)` accepts). Returns one message
+        per bad shard (empty when all good)."""
         problems = []
-        for i, shard in enumerate(self.manifest["shards"]):
-            for rel, want in sorted(shard["sha256"].items()):
-                p = self.root / rel
-                if want is None:
-                    if p.exists():
-                        problems.append(
-                            f"{p}: shard {i} should be absent (all fill value) but exists; the store is damaged"
-                        )
-                elif not p.exists():
-                    problems.append(f"{p}: shard {i} is missing; re-run the job into a new folder")
-                elif sha256_file(p) != want:
+        for i, rel, want in self.shard_files(select):
+            p = self.root / rel
+            if want is None:
+                if p.exists():
                     problems.append(
-                        f"{p}: shard {i} sha256 mismatch (flipped bytes or truncated); the store is damaged"
+                        f"{p}: shard {i} should be absent (all fill value) but exists; the store is damaged"
                     )
+            elif not p.exists():
+                problems.append(f"{p}: shard {i} is missing; re-run the job into a new folder")
+            elif sha256_file(p) != want:
+                problems.append(
+                    f"{p}: shard {i} sha256 mismatch (flipped bytes or truncated); the store is damaged"
+                )
         return problems

@@ -60,6 +60,14 @@ class TokenStore(RowStore):
     def tar_paths(self) -> list[Path]:
         return [self.root / s["tar"]["path"] for s in self.manifest["shards"] if "tar" in s]
 
+    def part(self, name: str | None):
+        """select(rel) for verify_files / file_stats: the files of one format ("zarr": the arrays, "wds": the
+        tars), or None for every file."""
+        if name is None:
+            return None
+        tars = {s["tar"]["path"] for s in self.manifest["shards"] if "tar" in s}
+        return (lambda rel: rel in tars) if name == "wds" else (lambda rel: rel not in tars)
+
     def _need_zarr(self):
         if not self.has_zarr:
             raise StoreError(
@@ -179,17 +187,18 @@ class TokenStore(RowStore):
         }
 
 
-def verify(path: Path) -> list[str]:
+def verify(path: Path, part: str | None = None) -> list[str]:
     """Every problem found in the store at `path`, one line each (empty when it is sound).
 
     Recomputes every shard file's sha256, re-reads each tar (keys, counts), checks the codebook against the
-    manifest, the per-shard counts, and key uniqueness.
+    manifest, the per-shard counts, and key uniqueness. part "zarr" or "wds" checks only that format's files
+    and contents (what a reader of that format reads), None both.
     """
     try:
         store = TokenStore.open(path)
     except TokenkitError as e:
         return [str(e)]
-    problems = store.verify_files()
+    problems = store.verify_files(store.part(part))
     try:
         if store.codebook.sha256 != store.codebook_sha256:
             problems.append(
@@ -201,7 +210,7 @@ def verify(path: Path) -> list[str]:
     if problems:
         return problems  # content checks below assume the files are intact
     m = store.manifest
-    if store.has_zarr:
+    if store.has_zarr and part != "wds":
         status = store.status()
         for i, shard in enumerate(m["shards"]):
             s, e = shard["rows"]
@@ -215,7 +224,7 @@ def verify(path: Path) -> list[str]:
             problems.append(f"{store.root}/keys: duplicated key '{uniq[counts > 1][0]}'")
     seen = set()
     for shard in m["shards"]:
-        if "tar" not in shard:
+        if "tar" not in shard or part == "zarr":
             continue
         p = store.root / shard["tar"]["path"]
         try:
