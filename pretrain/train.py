@@ -202,7 +202,11 @@ def pretrain(
     ckpt = load_checkpoint(run / "last.pt") if resume and (run / "last.pt").exists() else None
     store_files = store.file_stats(store.part(part))
     if ckpt is None or ckpt.get("store_files") != store_files:  # hashed at the start; again if rewritten
-        problems = verify(cfg.tokens, part)  # every checksum, count and the codebook, before step 0
+        problems = verify(cfg.tokens, part, rank, world)  # checksums, counts, codebook: before step 0
+        if world > 1:  # each rank hashed its share of the shards; every rank refuses on any rank's finding
+            found = [None] * world
+            torch.distributed.all_gather_object(found, problems)
+            problems = [p for ps in found for p in ps]
         if problems:
             raise StoreError(
                 f"{problems[0]} (refusing to train on it; 'tokenkit verify' lists every problem)"

@@ -41,12 +41,17 @@ def test_flipped_byte(store):
 
 
 def test_truncated_and_missing_shards(store):
-    tar = store / "wds/shard-000002.tar"
-    tar.write_bytes(tar.read_bytes()[:1000])
+    for n in (1, 2):
+        tar = store / f"wds/shard-00000{n}.tar"
+        tar.write_bytes(tar.read_bytes()[:1000])
     (store / "views/c/0/0/0").unlink()
     problems = verify(store)
     assert any("views/c/0/0/0: shard 0 is missing" in p for p in problems)
     assert any("shard-000002.tar: shard 2 sha256 mismatch" in p for p in problems)
+    # ranks sharing the work (shard i on rank i % 2) find the same problems between them
+    by_rank = [verify(store, rank=r, world=2) for r in (0, 1)]
+    assert sorted(by_rank[0] + by_rank[1]) == sorted(problems)
+    assert len(by_rank[1]) == 1 and "shard-000001.tar: shard 1" in by_rank[1][0]  # odd shards: rank 1's
 
 
 def test_duplicated_key_is_found_even_with_matching_checksums(store):

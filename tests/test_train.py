@@ -338,7 +338,9 @@ def test_store_checks_cover_what_the_run_reads_and_a_resume_rehashes_only_rewrit
         pretrain(tiny(copy, tmp_path / "wds-run", data="wds"), progress=False)
     calls = []
     real = train_mod.verify
-    monkeypatch.setattr(train_mod, "verify", lambda path, part=None: calls.append(part) or real(path, part))
+    monkeypatch.setattr(
+        train_mod, "verify", lambda path, part, *ranks: calls.append(part) or real(path, part, *ranks)
+    )
     run = tmp_path / "run"
     pretrain(tiny(copy, run, data="zarr", max_steps=1), progress=False)
     assert calls == ["zarr"]

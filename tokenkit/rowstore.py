@@ -126,11 +126,13 @@ class RowStore:
                 out[rel] = [st.st_size, st.st_mtime_ns]
         return out
 
-    def verify_files(self, select=None) -> list[str]:
-        """Recompute the sha256 of every shard file (or of those `select(rel)` accepts). Returns one message
-        per bad shard (empty when all good)."""
+    def verify_files(self, select=None, rank: int = 0, world: int = 1) -> list[str]:
+        """Recompute the sha256 of every shard file (or of those `select(rel)` accepts; of shards i with
+        i % world == rank only, when ranks share the work). Returns one message per bad shard."""
         problems = []
         for i, rel, want in self.shard_files(select):
+            if i % world != rank:
+                continue
             p = self.root / rel
             if want is None:
                 if p.exists():

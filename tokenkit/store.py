@@ -187,18 +187,20 @@ class TokenStore(RowStore):
         }
 
 
-def verify(path: Path, part: str | None = None) -> list[str]:
+def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -> list[str]:
     """Every problem found in the store at `path`, one line each (empty when it is sound).
 
     Recomputes every shard file's sha256, re-reads each tar (keys, counts), checks the codebook against the
     manifest, the per-shard counts, and key uniqueness. part "zarr" or "wds" checks only that format's files
-    and contents (what a reader of that format reads), None both.
+    and contents (what a reader of that format reads), None both. With world > 1, shard files and tars are
+    split over the ranks (shard i on rank i % world; the union of the ranks' findings is the whole check,
+    except duplicate keys across tars of different ranks, which only a single-process verify sees).
     """
     try:
         store = TokenStore.open(path)
     except TokenkitError as e:
         return [str(e)]
-    problems = store.verify_files(store.part(part))
+    problems = store.verify_files(store.part(part), rank, world)
     try:
         if store.codebook.sha256 != store.codebook_sha256:
             problems.append(
@@ -223,8 +225,8 @@ def verify(path: Path, part: str | None = None) -> list[str]:
         if (counts > 1).any():
             problems.append(f"{store.root}/keys: duplicated key '{uniq[counts > 1][0]}'")
     seen = set()
-    for shard in m["shards"]:
-        if "tar" not in shard or part == "zarr":
+    for i, shard in enumerate(m["shards"]):
+        if "tar" not in shard or part == "zarr" or i % world != rank:
             continue
         p = store.root / shard["tar"]["path"]
         try:
