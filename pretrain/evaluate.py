@@ -42,8 +42,10 @@ def load_encoder(
             raise ConfigError(f"--model {model}: choose one of {', '.join(PRESETS)}")
         kw = dict(PRESETS[model])
         kw.update({k: v for k, v in (("image_size", image_size), ("patch_size", patch_size)) if v})
+        cfg = ViTConfig(**kw, drop_path=0.0)
+        _check_multiple(cfg.image_size, cfg.patch_size)
         torch.manual_seed(seed)
-        return VisionTransformer(ViTConfig(**kw, drop_path=0.0)).eval()
+        return VisionTransformer(cfg).eval()
     enc = (
         load_timm(Path(checkpoint))
         if checkpoint.endswith(".safetensors")
@@ -54,9 +56,13 @@ def load_encoder(
             f"{checkpoint}: --patch-size {patch_size}, but its weights have patch size {enc.cfg.patch_size}; "
             "leave --patch-size out"
         )
-    if image_size and image_size % enc.cfg.patch_size:
-        raise ConfigError(f"--image-size {image_size}: not a multiple of the patch size {enc.cfg.patch_size}")
+    _check_multiple(image_size or enc.cfg.image_size, enc.cfg.patch_size)
     return at_image_size(enc, image_size or enc.cfg.image_size).eval()
+
+
+def _check_multiple(image_size: int, patch_size: int) -> None:
+    if image_size % patch_size:
+        raise ConfigError(f"--image-size {image_size}: not a multiple of the patch size {patch_size}")
 
 
 def encoder_of(ckpt: dict) -> VisionTransformer:
