@@ -102,6 +102,10 @@ class TrainConfig:
             )
         )
         n = self.vit().num_patches + 1  # N: CLS + patches
+        if self.num_context is not None and self.objective != "mapet":
+            raise ConfigError(
+                f"--num-context {self.num_context}: a MaPeT setting; BEiT masks 40% of the patches"
+            )
         if self.num_context is not None and not 1 <= self.num_context <= n - 1:
             raise ConfigError(
                 f"--num-context {self.num_context}: must be in [1, {n - 1}] for {n} tokens (CLS counts; the "

@@ -184,6 +184,7 @@ def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, photos
         (dict(lr=-1.0), "--lr -1.0: must be > 0"),
         (dict(clip_grad=0.0), "--clip-grad 0.0: must be > 0"),
         (dict(drop_path=1.0), r"--drop-path 1.0: must be in \[0, 1\)"),
+        (dict(objective="beit", num_context=20), "--num-context 20: a MaPeT setting"),
     ):
         with pytest.raises(ConfigError, match=message):
             pretrain(tiny(wds, tmp_path / "run", image_size=112, **bad), progress=False)
