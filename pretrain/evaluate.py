@@ -7,6 +7,7 @@ ImageNet mean/std. Features are computed once and cached in memory; both evaluat
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -149,6 +150,13 @@ def extract(
         labels.append(y)
     f, y = torch.cat(feats), torch.cat(labels)
     keep = y >= 0
+    if not keep.any():
+        raise SourceError(
+            f"{source.root or source.tars[0]}: none of its {len(y)} images could be read (moved or damaged); "
+            "pass the image folder or shards themselves"
+        )
+    if not keep.all():
+        tqdm.write(f"features: {int((~keep).sum())} of {len(y)} images unreadable, left out", file=sys.stderr)
     return f[keep], y[keep]
 
 

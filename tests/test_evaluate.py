@@ -299,3 +299,19 @@ def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):
     shutil.copytree(data / "val" / "warm", data / "val" / "hot")
     assert main(["knn", *_eval_args(data)]) == 2
     assert "classes hot are not among" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_left_out_and_counted_and_none_readable_is_an_error(tmp_path, capsys):
+    from pretrain.evaluate import extract
+    from tokenkit.errors import SourceError
+    from tokenkit.images import list_source
+
+    data = separable_folder(tmp_path / "data", n_per_class=3)
+    (data / "val" / "warm" / "warm_0.png").write_bytes(b"not a png")
+    enc = load_encoder("random", "mapet_micro", image_size=64)
+    f, y = extract(enc, list_source(data / "val"), workers=0, progress=False)
+    assert len(f) == len(y) == 5 and "1 of 6 images unreadable" in capsys.readouterr().err
+    for p in (data / "val").rglob("*.png"):
+        p.write_bytes(b"not a png")
+    with pytest.raises(SourceError, match="none of its 6 images could be read"):
+        extract(enc, list_source(data / "val"), workers=0, progress=False)
