@@ -69,7 +69,9 @@ def run_cli(group: click.Group, prog: str, argv: list[str] | None) -> int:
         click.echo(f"{prog}: aborted", err=True)
         return 130
     except TokenkitError as e:
-        click.echo(f"{prog}: error: {e}", err=True)
+        # raised again by a DataLoader worker, the message carries the worker's traceback: keep its own line
+        msg = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if "\n" in str(e) else str(e)
+        click.echo(f"{prog}: error: {msg}", err=True)
         return 2
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -122,7 +122,7 @@ class CenterCropDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = decode_image(self.source.read_bytes(i), self.source.keys[i])
+            img = decode_image(self.source.read_bytes(i), self.source.where(i))
         except (ImageError, OSError):
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1  # unreadable: dropped later
         img = render_view(img, (*center_box(*img.size), 0), self.size)

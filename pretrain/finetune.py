@@ -123,7 +123,7 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, i: int):
         """(S, S, 3) uint8 pixels (normalised on the device, as every loader here) and the label."""
-        x = self.tf(decode_image(self.source.read_bytes(i), self.source.keys[i]))
+        x = self.tf(decode_image(self.source.read_bytes(i), self.source.where(i)))
         return x.permute(1, 2, 0), int(self.source.labels[i])
 
 

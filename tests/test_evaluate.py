@@ -315,3 +315,12 @@ def test_unreadable_images_are_left_out_and_counted_and_none_readable_is_an_erro
         p.write_bytes(b"not a png")
     with pytest.raises(SourceError, match="none of its 6 images could be read"):
         extract(enc, list_source(data / "val"), workers=0, progress=False)
+
+
+def test_a_bad_training_image_in_a_loader_worker_is_one_line_naming_the_file(tmp_path, capsys):
+    data = separable_folder(tmp_path / "data", n_per_class=3)
+    bad = data / "train" / "cool" / "cool_1.png"
+    bad.write_bytes(b"not a png")
+    assert main(_ft_args(data, tmp_path / "ft", "--epochs", "1", "--workers", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mapet: error: {bad}: not a usable image") and len(err.splitlines()) == 1

@@ -59,6 +59,12 @@ class SampleIndex:
     def read_bytes(self, i: int) -> bytes:
         return read_locator(self.kind, self.root, self.tars, self.locators[i])
 
+    def where(self, i: int) -> str:
+        """Sample i's location for messages: its file, or its tar shard and key."""
+        if self.kind == "folder":
+            return str(Path(self.root) / self.locators[i])
+        return f"{self.tars[int(self.locators[i].split(':')[0])]}:{self.keys[i]}"
+
     def ext(self, i: int) -> str:
         """The image's file extension (lower case, no dot), as stored in webdataset output."""
         loc = self.locators[i]
