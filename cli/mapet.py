@@ -24,7 +24,7 @@ from pretrain.evaluate import (
     majority_baseline,
     top1,
 )
-from pretrain.export import export as export_encoder
+from pretrain.export import export as export_model
 from pretrain.finetune import FinetuneConfig, classifier_of
 from pretrain.finetune import finetune as run_finetune
 from pretrain.train import TrainConfig
@@ -125,12 +125,7 @@ encoder_options = with_options(
             show_default=True,
             help="With --checkpoint random.",
         ),
-        click.option(
-            "--image-size",
-            type=int,
-            default=None,
-            help=IMAGE_SIZE_HELP,
-        ),
+        click.option("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP),
         click.option("--patch-size", type=int, default=None, help="With --checkpoint random."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--batch-size", type=int, default=64, show_default=True),
@@ -251,12 +246,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--val", "val_dir", required=True, type=EXISTING)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Fine-tuning run folder.")
 @click.option("--model", type=click.Choice(list(PRESETS)), default="mapet_small", show_default=True)
-@click.option(
-    "--image-size",
-    type=int,
-    default=None,
-    help=IMAGE_SIZE_HELP,
-)
+@click.option("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)
 @click.option("--patch-size", type=int, default=None, help="With --checkpoint random.")
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -278,12 +268,14 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
     """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay); torchrun for DDP."""
     dist = init_distributed()
     kw["device"] = dist.device(kw["device"])
+    cfg = FinetuneConfig(**kw)
+    cfg.validate()  # before the encoder and the image lists are loaded
     enc = load_encoder(checkpoint, model, image_size, patch_size, kw["seed"])
     res = run_finetune(
         enc,
         *labelled_pair(train_dir, val_dir),
         out,
-        FinetuneConfig(**kw),
+        cfg,
         not quiet,
         resume == "auto",
         dist.rank,
@@ -302,11 +294,7 @@ def export(checkpoint, out):
     """Write CHECKPOINT as safetensors with timm ViT key names: a pre-training run's encoder, or a fine-tuned
     classifier (timm's VisionTransformer with global_pool="avg", fc_norm and the head)."""
     ckpt = load_checkpoint(checkpoint, kind=(KIND, FINETUNE_KIND))
-    if ckpt["kind"] == KIND:
-        export_encoder(encoder_of(ckpt), out)
-    else:
-        clf = classifier_of(ckpt)
-        export_encoder(clf.encoder, out, clf)
+    export_model(encoder_of(ckpt) if ckpt["kind"] == KIND else classifier_of(ckpt), out)
     click.echo(f"wrote {out}")
 
 

@@ -57,8 +57,9 @@ def load_encoder(
             f"{checkpoint}: --patch-size {patch_size}, but its weights have patch size {enc.cfg.patch_size}; "
             "leave --patch-size out"
         )
-    _check_multiple(image_size or enc.cfg.image_size, enc.cfg.patch_size)
-    return at_image_size(enc, image_size or enc.cfg.image_size).eval()
+    size = image_size or enc.cfg.image_size
+    _check_multiple(size, enc.cfg.patch_size)
+    return at_image_size(enc, size).eval()
 
 
 def _check_multiple(image_size: int, patch_size: int) -> None:

@@ -41,9 +41,15 @@ _TIMM_KEY = re.compile(
 )
 
 
-def timm_state_dict(enc: VisionTransformer, classifier: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """timm key names for the encoder, or with `classifier` (pretrain.finetune.Classifier) for a fine-tuned
-    model: its fc_norm and head, and no final norm (timm's VisionTransformer with global_pool="avg")."""
+def _split(model: nn.Module) -> tuple[VisionTransformer, nn.Module | None]:
+    """(encoder, classifier or None) of an encoder or a fine-tuned pretrain.finetune.Classifier."""
+    return (model, None) if isinstance(model, VisionTransformer) else (model.encoder, model)
+
+
+def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm key names for an encoder, or for a fine-tuned classifier (pretrain.finetune.Classifier): its
+    fc_norm and head, and no final norm (timm's VisionTransformer with global_pool="avg")."""
+    enc, classifier = _split(model)
     s = enc.state_dict()
     out = {
         "cls_token": s["cls_token"],
@@ -68,11 +74,16 @@ def timm_state_dict(enc: VisionTransformer, classifier: nn.Module | None = None)
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
-def timm_args(enc: VisionTransformer, num_classes: int = 0) -> dict:
-    """timm VisionTransformer arguments: the encoder alone, or with num_classes the fine-tuned classifier
-    (average pooling of the patch tokens, fc_norm, head)."""
+def timm_args(model: nn.Module) -> dict:
+    """timm VisionTransformer arguments: of an encoder, or of a fine-tuned classifier (average pooling of the
+    patch tokens, fc_norm, head)."""
+    enc, classifier = _split(model)
     c = enc.cfg
-    head = {"num_classes": num_classes, "global_pool": "avg", "fc_norm": True} if num_classes else {}
+    head = (
+        {}
+        if classifier is None
+        else {"num_classes": classifier.head.out_features, "global_pool": "avg", "fc_norm": True}
+    )
     return {
         "img_size": c.image_size,
         "patch_size": c.patch_size,
@@ -87,10 +98,10 @@ def timm_args(enc: VisionTransformer, num_classes: int = 0) -> dict:
     }
 
 
-def export(enc: VisionTransformer, out: Path, classifier: nn.Module | None = None) -> Path:
-    """Write the encoder (or, with `classifier`, the fine-tuned model) as timm-named safetensors."""
-    args = timm_args(enc, 0 if classifier is None else classifier.head.out_features)
-    data = save(timm_state_dict(enc, classifier), metadata={"timm_args": json.dumps(args), "format": "pt"})
+def export(model: nn.Module, out: Path) -> Path:
+    """Write an encoder, or a fine-tuned classifier, as timm-named safetensors."""
+    meta = {"timm_args": json.dumps(timm_args(model)), "format": "pt"}
+    data = save(timm_state_dict(model), metadata=meta)
     atomic_write_bytes(Path(out), data)
     return Path(out)
 
