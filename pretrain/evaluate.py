@@ -1,12 +1,13 @@
 """Judging a pre-trained encoder on frozen features: k-NN (DINO protocol) and a linear probe.
 
 Images are labelled folders (class sub-folders) or labelled token stores; each is read at the encoder's input
-size through its central square (resize the short side, centre crop: the `center` view of tokenkit), with
-ImageNet mean/std. Features are computed once and cached in memory; both evaluations are deterministic.
+size S as the DINO / MAE / BEiT evaluations read ImageNet: Resize(S / crop_pct) + CenterCrop(S), bicubic
+(256 -> 224 at the default crop_pct 0.875; 1.0 takes the whole central square), with ImageNet mean/std. Features are computed once and cached in memory; both evaluations are deterministic.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -24,7 +26,7 @@ from pretrain.vit import PRESETS, VisionTransformer, ViTConfig, at_image_size
 from tokenkit.errors import ConfigError, ImageError, SourceError
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
 from tokenkit.store import TokenStore
-from tokenkit.views import center_box, render_view, to_uint8
+from tokenkit.views import to_uint8
 
 
 def load_encoder(
@@ -114,9 +116,26 @@ def labelled_pair(train_path: str | Path, val_path: str | Path) -> tuple[SampleI
     return train, replace(val, labels=to_train[val.labels], classes=train.classes)
 
 
+CROP_PCT = 0.875  # the evaluation crop of DINO's k-NN, MAE's linear probe and BEiT's fine-tuning at 224
+
+
+def eval_box(width: int, height: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """torchvision's Resize(floor(size / crop_pct)) + CenterCrop(size) as one box (x0, y0, x1, y1) in source
+    pixels, for one PIL resize: the same arithmetic (short side to floor(size / crop_pct), long side
+    truncated, crop offsets rounded in resized pixels), so the pixels equal the two-step pipeline's."""
+    short = math.floor(size / crop_pct)
+    rw, rh = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    left, top = round((rw - size) / 2), round((rh - size) / 2)
+    sx, sy = width / rw, height / rh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 class CenterCropDataset(Dataset):
-    def __init__(self, source: SampleIndex, image_size: int):
-        self.source, self.size = source, image_size
+    """(S, S, 3) uint8 evaluation views (`eval_box`) and labels; unreadable images give label -1."""
+
+    def __init__(self, source: SampleIndex, image_size: int, crop_pct: float = CROP_PCT):
+        assert 0 < crop_pct <= 1, crop_pct
+        self.source, self.size, self.crop_pct = source, image_size, crop_pct
 
     def __len__(self) -> int:
         return len(self.source)
@@ -126,7 +145,8 @@ class CenterCropDataset(Dataset):
             img = decode_image(self.source.read_bytes(i), self.source.where(i))
         except (ImageError, OSError):
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), -1  # unreadable: dropped later
-        img = render_view(img, (*center_box(*img.size), 0), self.size)
+        box = eval_box(*img.size, self.size, self.crop_pct)
+        img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         return to_uint8(img), int(self.source.labels[i])  # (S, S, 3) uint8: normalised on the device
 
 
@@ -139,11 +159,14 @@ def extract(
     workers: int = 2,
     device: str = "cpu",
     progress: bool = True,
+    crop_pct: float = CROP_PCT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (M, D) float32 (or (M, 2D) for pool="both") and labels (M,) int64 of the readable images."""
     encoder = encoder.to(device).eval()
     loader = DataLoader(
-        CenterCropDataset(source, encoder.cfg.image_size), batch_size=batch_size, num_workers=workers
+        CenterCropDataset(source, encoder.cfg.image_size, crop_pct),
+        batch_size=batch_size,
+        num_workers=workers,
     )
     feats, labels = [], []
     for x, y in tqdm(loader, desc="features", unit="batch", disable=not progress):

@@ -2,10 +2,11 @@
 
 BEiT / MaPeT protocol (paper Sec. 4.1): average pooling of the patch tokens + fc_norm (the encoder's final
 norm is dropped), layer-wise lr decay (0.65), label smoothing 0.1, drop path 0.1, AdamW with warmup and
-cosine; RandAugment (rand-m9-mstd0.5) and mixup / cutmix are optional (the paper uses mixup 0.8, cutmix 1.0).
-Validation: the central square at the encoder's input size. Writes OUT/metrics.jsonl, OUT/result.json and
-OUT/last.pt (weights-only loadable), checkpointed after every epoch (`--resume auto` continues it); runs
-under torchrun as DDP; bf16 autocast on CUDA.
+cosine, bicubic RandomResizedCrop + flip; RandAugment (timm's rand-m9-mstd0.5), random erasing and mixup /
+cutmix are optional (BEiT's ImageNet recipe turns all on: reprob 0.25, mixup 0.8, cutmix 1.0). Validation:
+Resize(S / crop_pct) + CenterCrop(S) at the encoder's input size S, as pretrain.evaluate. Writes
+OUT/metrics.jsonl, OUT/result.json and OUT/last.pt (weights-only loadable), checkpointed after every epoch
+(`--resume auto` continues it); runs under torchrun as DDP; bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
-from pretrain.data import to_input
-from pretrain.evaluate import CenterCropDataset
+from pretrain.data import IMAGENET_MEAN, to_input
+from pretrain.evaluate import CROP_PCT, CenterCropDataset
 from pretrain.train import adamw, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, require
@@ -45,7 +46,9 @@ class FinetuneConfig:
     layer_decay: float = 0.65
     drop_path: float = 0.1
     label_smoothing: float = 0.1
+    crop_pct: float = CROP_PCT  # validation crop
     randaug: bool = False
+    reprob: float = 0.0  # random erasing probability (BEiT / MAE fine-tuning: 0.25)
     mixup: float = 0.0
     cutmix: float = 0.0
     seed: int = 0
@@ -58,6 +61,8 @@ class FinetuneConfig:
                 *loop_checks(self),
                 ("--layer-decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]"),
                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                ("--crop-pct", self.crop_pct, 0 < self.crop_pct <= 1, "in (0, 1]"),
+                ("--reprob", self.reprob, 0 <= self.reprob <= 1, "in [0, 1]"),
                 ("--mixup", self.mixup, self.mixup >= 0, ">= 0 (0: off)"),
                 ("--cutmix", self.cutmix, self.cutmix >= 0, ">= 0 (0: off)"),
             )
@@ -110,12 +115,56 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
     return list(groups.values())
 
 
+class RandAugment:
+    """timm's `rand-m9-mstd0.5` with torchvision's ops: `num_ops` draws, each applied with probability 0.5 at
+    a magnitude drawn from N(magnitude, std) on timm's 0-10 scale, bicubic, filling with the mean pixel.
+    (torchvision's RandAugment(2, 9) always applies both ops, at 9 / 30 of each op's range.)"""
+
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, std: float = 0.5):
+        self.num_ops, self.magnitude, self.std = num_ops, magnitude, std
+        fill = [round(255 * m) for m in IMAGENET_MEAN]
+        self.op = v2.RandAugment(
+            1, num_magnitude_bins=101, interpolation=v2.InterpolationMode.BICUBIC, fill=fill
+        )
+
+    def __call__(self, img):
+        for _ in range(self.num_ops):
+            m = float(torch.normal(self.magnitude, self.std, ())) if self.std > 0 else self.magnitude
+            self.op.magnitude = round(10 * min(max(m, 0.0), 10.0))  # bin of 101 over each op's range
+            if float(torch.rand(())) < 0.5:
+                img = self.op(img)
+        return img
+
+
+def random_erase(x: torch.Tensor, prob: float) -> torch.Tensor:
+    """timm's RandomErasing(prob, mode="pixel") on a normalised batch x (B, 3, S, S), in place: each sample,
+    with probability `prob`, gets one box of 2%-33% of its area (aspect 0.3-3.3, 10 tries) filled with N(0, 1)
+    noise. Boxes are drawn per sample from torch's CPU generator (seeded per epoch)."""
+    B, _, S, W = x.shape
+    log_ratio = (math.log(0.3), math.log(1 / 0.3))
+    for i in range(B):
+        if float(torch.rand(())) >= prob:
+            continue
+        for _ in range(10):
+            area = S * W * float(torch.empty(()).uniform_(0.02, 1 / 3))
+            aspect = math.exp(float(torch.empty(()).uniform_(*log_ratio)))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h < S and w < W:
+                top, left = int(torch.randint(0, S - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
+                x[i, :, top : top + h, left : left + w] = torch.randn(3, h, w, device=x.device, dtype=x.dtype)
+                break
+    return x
+
+
 class TrainDataset(Dataset):
     def __init__(self, source: SampleIndex, size: int, randaug: bool):
         self.source = source
-        aug = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        aug = [
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(),
+        ]
         if randaug:
-            aug.append(v2.RandAugment(num_ops=2, magnitude=9))
+            aug.append(RandAugment())
         self.tf = v2.Compose([*aug, v2.PILToTensor()])  # (3, S, S) uint8
 
     def __len__(self) -> int:
@@ -186,7 +235,9 @@ def finetune(
         was = {k: v for k, v in ckpt["config"].items() if k not in RESUME_FREE}
         now = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
         if was != now or ckpt["num_classes"] != num_classes:
-            diff = ", ".join(f"{k} {was[k]} -> {now.get(k)}" for k in was if was[k] != now.get(k))
+            diff = ", ".join(
+                f"{k} {was.get(k)} -> {now.get(k)}" for k in {**was, **now} if was.get(k) != now.get(k)
+            )
             raise ConfigError(
                 f"{out}/last.pt: fine-tuned with other settings ({diff or 'classes'}); resume with the same flags"
             )
@@ -217,7 +268,7 @@ def finetune(
         pin_memory=device.type == "cuda",
     )
     val_loader = DataLoader(
-        Subset(CenterCropDataset(val, size), range(rank, len(val), world)),
+        Subset(CenterCropDataset(val, size, cfg.crop_pct), range(rank, len(val), world)),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
     )
@@ -242,6 +293,8 @@ def finetune(
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             x, y = to_input(x, device), y.to(device, non_blocking=True)
+            if cfg.reprob > 0:
+                x = random_erase(x, cfg.reprob)  # per sample, before mixup (as timm's loader does)
             with autocast:
                 if mixer is not None:
                     x, soft = mixer(x, y)  # soft (B, classes)

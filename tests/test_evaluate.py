@@ -174,7 +174,7 @@ def _ft_args(data, out, *extra):
             "--warmup-epochs", "1", *extra]  # fmt: skip
 
 
-AUGMENTED = ("--epochs", "3", "--mixup", "0.8", "--cutmix", "1.0", "--randaug")
+AUGMENTED = ("--epochs", "3", "--mixup", "0.8", "--cutmix", "1.0", "--randaug", "--reprob", "0.25")
 
 
 def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -324,3 +324,87 @@ def test_a_bad_training_image_in_a_loader_worker_is_one_line_naming_the_file(tmp
     assert main(_ft_args(data, tmp_path / "ft", "--epochs", "1", "--workers", "2")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mapet: error: {bad}: not a usable image") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_eval_view_is_torchvisions_resize_then_center_crop(tmp_path, size):
+    """The evaluation view (one PIL resize of a box) gives the pixels of the DINO / MAE / BEiT eval pipeline,
+    Resize(floor(S / crop_pct), bicubic) + CenterCrop(S), on photos of several aspect ratios."""
+    import math
+
+    import skimage.data
+    from torchvision.transforms import v2
+
+    from pretrain.evaluate import CenterCropDataset
+    from tokenkit.images import list_folder
+
+    names = ("astronaut", "chelsea", "coffee", "rocket")  # 512x512, 451x300, 600x400, 640x427
+    (tmp_path / "c").mkdir()
+    for n in names:
+        Image.fromarray(getattr(skimage.data, n)()).save(tmp_path / "c" / f"{n}.png")
+    src = list_folder(tmp_path)
+    for crop_pct in (0.875, 1.0):
+        ds = CenterCropDataset(src, size, crop_pct)
+        ref = v2.Compose(
+            [v2.Resize(math.floor(size / crop_pct), v2.InterpolationMode.BICUBIC), v2.CenterCrop(size)]
+        )
+        for i in range(len(src)):
+            want = np.asarray(
+                ref(Image.open(tmp_path / "c" / f"{src.keys[i].split('/')[-1]}.png").convert("RGB"))
+            )
+            got = ds[i][0].numpy()
+            diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+            assert got.shape == (size, size, 3) and diff.max() <= 1 and diff.mean() < 0.01, (crop_pct, i)
+
+
+def test_randaugment_has_the_statistics_of_timms_rand_m9_mstd05():
+    """Each op applied with probability 0.5 at timm's magnitude scale: how often an image comes out untouched
+    and how far the rest move match timm's rand-m9-mstd0.5 (torchvision's RandAugment(2, 9) leaves ~5% of
+    images untouched, timm ~28%)."""
+    import skimage.data
+
+    pytest.importorskip("timm")
+    from timm.data.auto_augment import rand_augment_transform
+
+    from pretrain.finetune import RandAugment
+
+    img = Image.fromarray(skimage.data.astronaut()).resize((96, 96))
+    base = np.asarray(img, dtype=np.float32)
+
+    def stats(tf):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        import random
+
+        random.seed(0)
+        d = np.array([np.abs(np.asarray(tf(img), dtype=np.float32) - base).mean() for _ in range(400)])
+        return (d < 0.5).mean(), d.mean()
+
+    ours = stats(RandAugment())
+    theirs = stats(rand_augment_transform("rand-m9-mstd0.5", {"img_mean": (124, 116, 104)}))
+    assert abs(ours[0] - theirs[0]) < 0.1, (ours, theirs)
+    assert abs(ours[1] / theirs[1] - 1) < 0.25, (ours, theirs)
+
+
+def test_random_erasing_draws_one_noise_box_per_erased_sample():
+    from pretrain.finetune import random_erase
+
+    torch.manual_seed(0)
+    x = torch.full((600, 3, 32, 40), 7.0)  # a value N(0, 1) noise never takes
+    assert torch.equal(random_erase(x.clone(), 0.0), x)
+    out = random_erase(x.clone(), 0.25)
+    erased = out != 7.0  # (B, 3, S, W)
+    hit = erased.flatten(1).any(1)
+    assert abs(float(hit.float().mean()) - 0.25) < 0.05
+    boxes = set()
+    for i in hit.nonzero().flatten().tolist():
+        m = erased[i, 0]
+        assert torch.equal(erased[i], m.expand(3, -1, -1))  # the same box in every channel
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert int(m.sum()) == h * w  # one solid rectangle
+        assert 0.015 <= h * w / (32 * 40) <= 0.36 and 0.2 <= h / w <= 5
+        boxes.add((int(rows[0]), int(cols[0]), h, w))
+    noise = out[erased]
+    assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1) < 0.05
+    assert len(boxes) > 0.9 * int(hit.sum())  # drawn per sample, not one box for the batch
