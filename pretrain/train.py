@@ -270,7 +270,7 @@ def pretrain(
         if precision in ("bf16", "fp16")
         else nullcontext()
     )
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if ckpt is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
 

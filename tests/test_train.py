@@ -1,6 +1,7 @@
 """The trainer: learns on a fixed batch, resumes a killed run exactly, DDP equals the rank-gradient average."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,6 +98,15 @@ def test_pretrain_runs_and_checkpoints(store, tmp_path, objective):
     ]
     with pytest.raises(ConfigError, match="--resume auto"):
         pretrain(cfg, progress=False)
+
+
+def test_fp16_on_cpu_scales_the_loss(store, tmp_path):
+    """--precision fp16 trains with a live GradScaler on the run's own device (torch's default device for
+    one is CUDA: on a CPU it would warn, disable itself and train fp16 unscaled)."""
+    cfg = tiny(store, tmp_path / "run", precision="fp16", max_steps=2)
+    ckpt = load_checkpoint(pretrain(cfg, progress=False))
+    assert ckpt["scaler"]["scale"] == 2.0**16 and ckpt["scaler"]["_growth_tracker"] == 2
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
 
 
 def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(store, tmp_path, monkeypatch):
