@@ -1,0 +1,96 @@
+"""What one pre-training sample costs a DataLoader worker, and how many workers a GPU therefore needs.
+
+    python bench/train_loader.py [--images 300] [--long-side 500] [--size 224] [--step-img-s 1350]
+
+The trainer's per-sample work (pretrain.data.make_sample): decode the JPEG, render the stored view (crop box
++ flip, one bicubic resize to the student's size), colour jitter, to uint8. Images: scikit-image's colour
+photos resized to an ImageNet-like long side (500 px, JPEG quality 90, in memory), each with 8 stored
+random-resized views as `tokenkit tokenize --views 8` draws them. Prints ms per sample for each part and
+for the whole, and images/s per worker; with --step-img-s (one GPU's training images/s, e.g. MaPeT-S at
+batch 128 on the H100: 128 / 0.095 s, docs/benchmarks.md) the number of worker cores one GPU needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import numpy as np
+import skimage.data
+from PIL import Image
+
+from pretrain.data import jitter, make_sample
+from tokenkit.images import decode_image
+from tokenkit.views import ViewConfig, draw_views, keyed_rng, render_view, to_uint8
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+
+
+def jpegs(long_side: int) -> list[tuple[str, bytes, np.ndarray]]:
+    """(key, JPEG bytes, (8, 5) views) per photo, the photo resized to `long_side` on its long side."""
+    out = []
+    for name in PHOTOS:
+        img = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
+        s = long_side / max(img.size)
+        img = img.resize((round(img.width * s), round(img.height * s)), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append((name, buf.getvalue(), draw_views(ViewConfig(8, "random"), name, *img.size)))
+    return out
+
+
+def ms_per(fn, items, n: int) -> float:
+    t = time.perf_counter()
+    for i in range(n):
+        fn(items[i % len(items)], i)
+    return 1000 * (time.perf_counter() - t) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=300, help="Samples timed per part.")
+    ap.add_argument("--long-side", type=int, default=500)
+    ap.add_argument("--size", type=int, default=224, help="Student input size.")
+    ap.add_argument("--jitter", type=float, default=0.4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--step-img-s", type=float, default=None, help="One GPU's training images/s.")
+    args = ap.parse_args()
+    items = jpegs(args.long_side)
+    tokens = np.zeros((8, (args.size // 16) ** 2), np.uint16)
+    decoded = [decode_image(data, key) for key, data, _ in items]
+    rendered = [
+        render_view(img, views[0], args.size) for img, (_, _, views) in zip(decoded, items, strict=True)
+    ]
+    parts = {
+        "decode": lambda it, i: decode_image(it[1], it[0]),
+        "render view": lambda it, i: render_view(decoded[i % len(items)], it[2][i % 8], args.size),
+        "jitter": lambda it, i: jitter(rendered[i % len(items)], keyed_rng(i), args.jitter),
+        "to uint8": lambda it, i: to_uint8(rendered[i % len(items)]),
+        "whole sample": lambda it, i: make_sample(
+            it[1], it[0], it[0], tokens, it[2], i, 0, args.size, args.jitter
+        ),
+    }
+    runs = {name: [] for name in parts}
+    for _ in range(args.repeats):  # interleaved, so the machine's drift hits every part alike
+        for name, fn in parts.items():
+            runs[name].append(ms_per(fn, items, args.images))
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    sizes = sorted({decode_image(d, k).size for k, d, _ in items})
+    print(
+        f"{len(items)} JPEGs, long side {args.long_side} ({', '.join(f'{w}x{h}' for w, h in sizes)}), "
+        f"views 8, student {args.size} px, median of {args.repeats}:"
+    )
+    for name, ms in med.items():
+        print(f"  {name:13s} {ms:6.2f} ms")
+    per_worker = 1000 / med["whole sample"]
+    print(f"one worker: {per_worker:.0f} img/s")
+    if args.step_img_s:
+        print(
+            f"workers (cores) one GPU at {args.step_img_s:.0f} img/s needs: {args.step_img_s / per_worker:.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
