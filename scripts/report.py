@@ -102,6 +102,7 @@ def main() -> None:
             knn = json.loads((run / "eval" / f"knn-{enc}-{task}.json").read_text())
             lp = json.loads((run / "eval" / f"linprobe-{enc}-{task}.json").read_text())
             rows.append((desc, enc, knn["top1"], lp["top1"], knn["majority_baseline"]))
+            crop = knn.get("crop_pct", 1.0)
     times = (run / "timings.txt").read_text() if (run / "timings.txt").exists() else ""
     lines = [
         "# Quickstart report",
@@ -111,6 +112,9 @@ def main() -> None:
         f"{store.manifest['job']['encoder']['seed']}), grid {store.grid}, K {store.k}, {store.num_views} views.",
         "",
         "## Frozen-feature accuracy (val split)",
+        "",
+        f"Each image read at {knn['image_size']} px, "
+        + ("whole (`--crop-pct 1.0`)." if crop == 1.0 else f"centre crop `--crop-pct {crop}`."),
         "",
         "| task | encoder | k-NN top-1 | linear probe top-1 | majority class |",
         "|---|---|---|---|---|",
