@@ -86,6 +86,22 @@ def test_folder_keys_labels_and_collisions(tmp_path):
     assert sanitize_key("x.y/z.w") == "x.y/z_w"
 
 
+def test_folder_listing_follows_linked_class_folders_and_skips_hidden_and_broken_files(tmp_path):
+    """As torchvision's ImageFolder lists: a class folder that is a symlink (ImageNet subsets are often made
+    so) is listed; hidden files, non-images and broken links are not."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere" / "dogs"
+    for p in (data / "cats" / "a.jpg", data / "cats" / "B.PNG", elsewhere / "d.jpg"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(p, "PNG")
+    (data / "dogs").symlink_to(elsewhere, target_is_directory=True)
+    (data / "cats" / ".a.jpg").write_bytes(b"hidden")
+    (data / "cats" / "notes.txt").write_text("not an image")
+    (data / "cats" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    idx = list_folder(data)
+    assert idx.locators == ("cats/B.PNG", "cats/a.jpg", "dogs/d.jpg")
+    assert idx.labels.tolist() == [0, 0, 1] and idx.classes == ("cats", "dogs")
+
+
 def make_tar(path, members):
     with tarfile.open(path, "w") as tf:
         for name, data in members:

@@ -103,15 +103,32 @@ def member_key(name: str, where: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
+def image_files(root: str) -> list[str]:
+    """Image paths under root, relative, '/'-separated, sorted; hidden files left out. One scandir per
+    folder and no stat per file (the directory entry's type), so ImageNet's 1.28M files list in seconds;
+    symlinked files and folders are followed, broken links skipped."""
+    out, stack = [], [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel)) as entries:
+            for e in entries:
+                path = f"{rel}/{e.name}" if rel else e.name
+                if e.is_dir():
+                    stack.append(path)
+                elif (
+                    e.is_file()
+                    and not e.name.startswith(".")
+                    and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
+                ):
+                    out.append(path)
+    return sorted(out)
+
+
 def list_folder(root: Path) -> SampleIndex:
     root = Path(root).resolve()
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder; pass an image folder or tar shards")
-    files = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-    )
+    files = image_files(str(root))
     if not files:
         raise SourceError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found; pass a folder of images")
     # class sub-folders give integer labels only when every image sits in one
