@@ -39,11 +39,13 @@ def to_input(pixels: torch.Tensor, device) -> torch.Tensor:
 
 
 def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
-    """ColorJitter(strength, strength, strength) with factors from `rng`: brightness, contrast, saturation."""
+    """torchvision's ColorJitter(strength, strength, strength) with draws from `rng`: brightness, contrast
+    and saturation, in a random order, each by a factor uniform in [1 - strength, 1 + strength]."""
     if strength <= 0:
         return img
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        img = enhance(img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
+    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for i in rng.permutation(len(ops)):
+        img = ops[i](img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
     return img
 
 

@@ -231,6 +231,32 @@ def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
         assert torch.equal(x, torch.from_numpy(np.array(want)))  # exactly the stored view's pixels
 
 
+def test_jitter_is_colorjitter_with_keyed_draws_in_a_random_order():
+    """torchvision's ColorJitter(0.4, 0.4, 0.4): brightness, contrast and saturation factors in [0.6, 1.4],
+    applied in a random order (all six orders occur), each draw from the sample's keyed generator."""
+    import skimage.data
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from pretrain.data import jitter
+
+    img = Image.fromarray(skimage.data.astronaut()).resize((48, 48))
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    orders = set()
+    for key in range(60):
+        got = np.asarray(jitter(img, keyed_rng("j", key), 0.4))
+        rng = keyed_rng("j", key)
+        want = img
+        order = tuple(int(i) for i in rng.permutation(3))
+        for i in order:
+            f = rng.uniform(0.6, 1.4)
+            want = ops[i](want, f)
+        assert np.array_equal(got, np.asarray(want)), key
+        orders.add(order)
+    assert len(orders) == 6
+    assert jitter(img, keyed_rng("j", 0), 0.0) is img
+
+
 def test_sampler_splits_ranks_disjointly_and_resumes_mid_epoch():
     a = EpochSampler(103, 5, rank=0, world=2, seed=1)
     b = EpochSampler(103, 5, rank=1, world=2, seed=1)
