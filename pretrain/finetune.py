@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from tokenkit.views import keyed_rng
 @dataclass(frozen=True)
 class FinetuneConfig:
     epochs: int = 100
-    batch_size: int = 64
+    batch_size: int = 64  # per rank and micro-step; global batch = batch_size * world * accum_steps
+    accum_steps: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-6
     warmup_epochs: float = 5.0
@@ -59,6 +61,7 @@ class FinetuneConfig:
         require(
             (
                 *loop_checks(self),
+                ("--accum-steps", self.accum_steps, self.accum_steps >= 1, ">= 1"),
                 ("--layer-decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]"),
                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
                 ("--crop-pct", self.crop_pct, 0 < self.crop_pct <= 1, "in (0, 1]"),
@@ -278,39 +281,60 @@ def finetune(
     if cfg.cutmix > 0:
         mix.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
     mixer = v2.RandomChoice(mix) if mix else None
-    steps = len(train_loader)
+    steps = len(train_loader) // cfg.accum_steps  # optimizer steps per epoch
+    if steps == 0:
+        raise ConfigError(
+            f"{train.root or train.tars[0]}: {len(sampler)} images per rank fill {len(train_loader)} batches of "
+            f"{cfg.batch_size}, fewer than --accum-steps {cfg.accum_steps}; lower --batch-size or --accum-steps"
+        )
     total, warmup = cfg.epochs * steps, round(cfg.warmup_epochs * steps)
     for epoch in range(start, cfg.epochs):
         model.train()
         sampler.set_epoch(epoch)
         # augmentation, mixup / cutmix and drop path of this epoch: keyed, so a resumed run draws the same
         torch.manual_seed(int(keyed_rng("finetune", cfg.seed, epoch, rank).integers(2**62)))
-        step, loss_sum = epoch * steps, torch.zeros((), dtype=torch.float64, device=device)
-        for x, y in tqdm(
-            train_loader, desc=f"finetune {epoch}", disable=not progress or rank > 0, leave=False
-        ):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        batches = iter(
+            tqdm(
+                train_loader,
+                total=steps * cfg.accum_steps,
+                desc=f"finetune {epoch}",
+                disable=not progress or rank > 0,
+                leave=False,
+            )
+        )
+        for step in range(epoch * steps, (epoch + 1) * steps):
             lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            x, y = to_input(x, device), y.to(device, non_blocking=True)
-            if cfg.reprob > 0:
-                x = random_erase(x, cfg.reprob)  # per sample, before mixup (as timm's loader does)
-            with autocast:
-                if mixer is not None:
-                    x, soft = mixer(x, y)  # soft (B, classes)
-                    soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-                    loss = torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
-                else:
-                    loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in range(cfg.accum_steps):
+                x, y = next(batches)
+                x, y = to_input(x, device), y.to(device, non_blocking=True)
+                if cfg.reprob > 0:
+                    x = random_erase(x, cfg.reprob)  # per sample, before mixup (as timm's loader does)
+                last = world == 1 or micro == cfg.accum_steps - 1
+                with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
+                    with autocast:
+                        if mixer is not None:
+                            x, soft = mixer(x, y)  # soft (B, classes)
+                            soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+                            loss = torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
+                        else:
+                            loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+                    (loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach()  # read back once per epoch: no host sync per step
             opt.step()
-            loss_sum += loss.detach()  # read back once per epoch: no host sync per step
-            step += 1
+            opt.zero_grad(set_to_none=True)
+        del batches
         if world > 1:  # every rank's mean: the logged loss, and the same NaN verdict on every rank
             torch.distributed.all_reduce(loss_sum)
         acc, n_val = accuracy(model, val_loader, device, autocast, world)
-        rec = {"epoch": epoch, "loss": float(loss_sum) / (steps * world), "val_top1": acc, "n_val": n_val}
+        rec = {
+            "epoch": epoch,
+            "loss": float(loss_sum) / (steps * cfg.accum_steps * world),
+            "val_top1": acc,
+            "n_val": n_val,
+        }
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"epoch {epoch}: loss is {rec['loss']}; lower --lr")
         history.append(rec)

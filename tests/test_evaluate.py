@@ -226,6 +226,20 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     assert main(_ft_args(data, tmp_path / "run", *AUGMENTED, "--resume", "auto", "--lr", "2e-3")) == 2
 
 
+def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
+    """--accum-steps 2 at batch 4 takes the optimizer steps of batch 8 on the same images: same weights."""
+    data = separable_folder(tmp_path / "data", n_per_class=8)
+    flat = ("--epochs", "2", "--drop-path", "0")  # drop path draws depend on the batch shape
+    assert main(_ft_args(data, tmp_path / "big", *flat, "--batch-size", "8")) == 0
+    assert main(_ft_args(data, tmp_path / "acc", *flat, "--batch-size", "4", "--accum-steps", "2")) == 0
+    big, acc = (torch.load(tmp_path / p / "last.pt", weights_only=True) for p in ("big", "acc"))
+    assert big["model"].keys() == acc["model"].keys()
+    for k in big["model"]:
+        torch.testing.assert_close(acc["model"][k], big["model"][k], rtol=1e-4, atol=1e-6)
+    assert [r["loss"] for r in acc["history"]] == pytest.approx([r["loss"] for r in big["history"]], rel=1e-5)
+    assert main(_ft_args(data, tmp_path / "x", "--batch-size", "8", "--accum-steps", "3")) == 2  # 2 batches < 3
+
+
 def test_two_rank_finetune_validates_every_sample_once(tmp_path):
     """torchrun, gloo: both ranks train as one DDP model and the reported top-1 is that model's on all of val."""
     import os
