@@ -99,7 +99,8 @@ class StoreDataset(torch.utils.data.Dataset):
         block = self.store.read(positions)  # one sorted read per array for the whole batch
         out = []
         for j in range(len(positions)):
-            data = self.store.read_source(block["locators"][j], self.source_root)
+            crc = block["crc32"][j] if "crc32" in block else None
+            data = self.store.read_source(block["locators"][j], self.source_root, crc)
             key = block["keys"][j]
             out.append(
                 make_sample(

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,41 @@ def test_moved_source_images_are_named_before_the_run_starts(tmp_path, photos, c
     assert not (tmp_path / "run").exists()
     pretrain(tiny(tokens, tmp_path / "run", source_root=str(moved), max_steps=1), progress=False)
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1]
+
+
+def test_source_images_changed_since_tokenize_are_refused(tmp_path, photos, codebook_path):
+    """The store keeps each image's crc32: an image re-encoded after tokenizing (same name, other pixels, so
+    the stored tokens no longer describe it) stops training with its name, before step 0 when it is the
+    first image and when met in the epoch otherwise; the untouched store trains."""
+    import shutil
+
+    from PIL import Image
+
+    from tokenkit.store import TokenStore
+
+    src = shutil.copytree(photos, tmp_path / "photos")
+    tokens = tokenize(src, codebook_path, tmp_path / "tokens", TokenizeConfig(workers=0), progress=False)
+    store = TokenStore.open(tokens)
+    block = store.read(range(len(store)))
+    assert all(
+        zlib.crc32((src / loc).read_bytes()) == c
+        for loc, c in zip(block["locators"], block["crc32"], strict=True)
+    )
+    pretrain(tiny(tokens, tmp_path / "ok", max_steps=1), progress=False)
+
+    def reencode(locator):
+        Image.open(src / locator).save(src / locator, "JPEG", quality=50)
+
+    last = block["locators"][-1]
+    reencode(last)
+    with pytest.raises(StoreError, match=f"'{last}' changed since it was tokenized"):
+        pretrain(tiny(tokens, tmp_path / "late", epochs=1), progress=False)
+    reencode(block["locators"][0])
+    with pytest.raises(StoreError, match=f"'{block['locators'][0]}' changed since it was tokenized"):
+        pretrain(tiny(tokens, tmp_path / "early"), progress=False)
+    assert not (tmp_path / "early").exists()
+    with pytest.raises(StoreError, match="changed since it was tokenized"):
+        store.image(0)  # what 'tokenkit show' draws on
 
 
 def test_store_dataset_renders_the_stored_view_of_the_epoch(store):

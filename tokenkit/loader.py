@@ -6,6 +6,7 @@ every shard is computed from the same batches however many shards or ranks the j
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import nullcontext
 
@@ -21,7 +22,8 @@ class ViewDataset(Dataset):
     """Item i: the V rendered views of source sample i, or the reason it was skipped.
 
     Returns a dict: index, error (str or None), pixels (V, S, S, 3) uint8 (normalised on the model's device by
-    views.normalize), views (V, 5) int32, and data (the original bytes) when keep_bytes.
+    views.normalize), views (V, 5) int32, crc32 of the original bytes (stored, so a trainer reading the image
+    again can tell it is unchanged), and data (those bytes) when keep_bytes.
     """
 
     def __init__(
@@ -47,7 +49,7 @@ class ViewDataset(Dataset):
             return {"index": i, "error": str(e).splitlines()[0]}
         views = draw_views(self.views, self.source.keys[i], img.width, img.height)  # (V, 5)
         pixels = torch.stack([to_uint8(render_view(img, v, self.size)) for v in views])  # (V, S, S, 3)
-        item = {"index": i, "error": None, "pixels": pixels, "views": views}
+        item = {"index": i, "error": None, "pixels": pixels, "views": views, "crc32": zlib.crc32(data)}
         if self.keep_bytes:
             item["data"] = data
         return item

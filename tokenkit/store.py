@@ -7,6 +7,7 @@ Positions 0..len-1 address the stored (not skipped) rows in source order.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,15 +91,16 @@ class TokenStore(RowStore):
         """Read a block of stored samples by position.
 
         Returns tokens (b, V, G, G) int64, views (b, V, 5) int32, labels (b,) int64, keys and locators
-        list[str], in the order of `positions`. Rows are fetched with one sorted orthogonal read per array.
+        list[str], and crc32 (b,) uint32 of the source images' bytes (stores written before it was recorded
+        have none), in the order of `positions`. Rows are fetched with one sorted orthogonal read per array.
         """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
             raise IndexError(f"positions out of range [0, {len(self)})")
         uniq, inv = np.unique(self.rows[pos], return_inverse=True)
         g = self.group
-        names = ("tokens", "views", "labels", "keys", "locators")
-        out = {name: g[name].get_orthogonal_selection((uniq,))[inv] for name in names}
+        names = ("tokens", "views", "labels", "keys", "locators", "crc32")
+        out = {name: g[name].get_orthogonal_selection((uniq,))[inv] for name in names if name in g}
         out["tokens"] = out["tokens"].astype(
             np.int64
         )  # embeddings index with int64; uint16 is the disk dtype
@@ -117,20 +119,31 @@ class TokenStore(RowStore):
             raise StoreError(f"{self.root}: no stored sample with key '{key}'") from None
 
     def image_bytes(self, position: int, source_root: str | None = None) -> bytes:
-        """The original image bytes, read from the source the store records (or `source_root`)."""
-        return self.read_source(str(self.group["locators"][int(self.rows[position])]), source_root)
+        """The original image bytes, read from the source the store records (or `source_root`), checked
+        against their stored crc32."""
+        b = self.read([position])
+        return self.read_source(b["locators"][0], source_root, b["crc32"][0] if "crc32" in b else None)
 
-    def read_source(self, locator: str, source_root: str | None = None) -> bytes:
-        """The bytes behind a locator of this store's source (a moved folder can be passed as source_root)."""
+    def read_source(self, locator: str, source_root: str | None = None, crc32: int | None = None) -> bytes:
+        """The bytes behind a locator of this store's source (a moved folder can be passed as source_root).
+        With `crc32` (as `read` returns it) the bytes must be the ones tokenized: the stored tokens describe
+        those pixels, so an image replaced since (re-encoded, edited, another file of the same name) is refused
+        instead of training on targets of other pixels."""
         src = self.manifest["source"]
         root = source_root or src["root"]
         try:
-            return read_locator(src["kind"], root, src["tars"], locator)
+            data = read_locator(src["kind"], root, src["tars"], locator)
         except OSError as e:
             raise StoreError(
                 f"{root}: cannot read source image '{locator}' ({e.strerror or e}); if the images moved, pass "
                 "their folder as --source-root"
             ) from e
+        if crc32 is not None and zlib.crc32(data) != int(crc32):
+            raise StoreError(
+                f"{root}: source image '{locator}' changed since it was tokenized (crc32 {zlib.crc32(data):08x}, "
+                f"stored {int(crc32):08x}); restore the original file or re-run 'tokenkit tokenize'"
+            )
+        return data
 
     def image(self, position: int, source_root: str | None = None):
         return decode_image(self.image_bytes(position, source_root), f"{self.root}[{position}]")

@@ -121,6 +121,7 @@ def tokenize(
                 "labels": ((), "int64"),
                 "keys": ((), "str"),
                 "locators": ((), "str"),
+                "crc32": ((), "uint32"),  # of the source image's bytes: the trainer re-reads and checks them
                 "status": ((), "uint8"),
             }
             create_arrays(out, n, cfg.shard_size, arrays)
@@ -186,6 +187,7 @@ class _TokenShard:
             "labels": src.labels[start:stop].copy(),
             "keys": np.asarray(src.keys[start:stop]),
             "locators": np.asarray(src.locators[start:stop]),
+            "crc32": np.zeros(rows, np.uint32),
             "status": np.full(rows, STATUS_SKIPPED, np.uint8),
         }
 
@@ -206,6 +208,7 @@ class _TokenShard:
                 it["views"],
                 STATUS_OK,
             )
+            self.buf["crc32"][r] = it["crc32"]
             if self.wds_out:
                 record = pack_record(codes[j], it["views"], int(src.labels[i]))
                 self.samples.append(
