@@ -21,7 +21,7 @@ from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.kmeans import KMeansConfig
 from tokenkit.presets import PRESETS
 from tokenkit.render import show as show_tokens
-from tokenkit.store import TokenStore
+from tokenkit.store import TokenStore, verify_sources
 from tokenkit.store import verify as verify_store
 from tokenkit.tokenize import TokenizeConfig
 from tokenkit.tokenize import tokenize as tokenize_images
@@ -221,9 +221,18 @@ def inspect(store, as_json):
 
 @cli.command()
 @click.argument("store", type=EXISTING)
-def verify(store):
-    """Recompute every checksum and count; exit 1 naming the first bad shard."""
+@click.option(
+    "--sources",
+    is_flag=True,
+    help="Also read every source image and check it is the one tokenized (crc32): what training reads.",
+)
+@click.option("--source-root", type=str, default=None, help="Image folder, when it moved since tokenize.")
+@click.option("--quiet", is_flag=True)
+def verify(store, sources, source_root, quiet):
+    """Recompute every checksum and count; exit 1 naming the first problem."""
     problems = verify_store(store)
+    if sources and not problems:
+        problems = verify_sources(TokenStore.open(store), source_root, progress=not quiet)
     if problems:
         click.echo(f"tokenkit: verify failed: {problems[0]}", err=True)
         for p in problems[1:]:

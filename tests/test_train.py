@@ -223,11 +223,13 @@ def test_source_images_changed_since_tokenize_are_refused(tmp_path, photos, code
 
     from PIL import Image
 
-    from tokenkit.store import TokenStore
+    from cli.tokenkit import main as tokenkit_main
+    from tokenkit.store import TokenStore, verify_sources
 
     src = shutil.copytree(photos, tmp_path / "photos")
     tokens = tokenize(src, codebook_path, tmp_path / "tokens", TokenizeConfig(workers=0), progress=False)
     store = TokenStore.open(tokens)
+    assert verify_sources(store, progress=False) == []
     block = store.read(range(len(store)))
     assert all(
         zlib.crc32((src / loc).read_bytes()) == c
@@ -248,6 +250,12 @@ def test_source_images_changed_since_tokenize_are_refused(tmp_path, photos, code
     assert not (tmp_path / "early").exists()
     with pytest.raises(StoreError, match="changed since it was tokenized"):
         store.image(0)  # what 'tokenkit show' draws on
+    # 'tokenkit verify --sources' lists both, and only them, without training
+    problems = verify_sources(store, progress=False)
+    assert len(problems) == 2 and all("changed since it was tokenized" in p for p in problems)
+    assert {block["locators"][0], last} == {p.split("'")[1] for p in problems}
+    assert tokenkit_main(["verify", str(tokens), "--sources", "--quiet"]) == 1
+    assert tokenkit_main(["verify", str(tokens)]) == 0  # the store's own files are intact
 
 
 def test_store_dataset_renders_the_stored_view_of_the_epoch(store):

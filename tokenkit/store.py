@@ -8,9 +8,11 @@ Positions 0..len-1 address the stored (not skipped) rows in source order.
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError, TokenkitError
@@ -198,6 +200,42 @@ class TokenStore(RowStore):
             "labels": labels,
             "shards": len(self.manifest["shards"]),
         }
+
+
+def verify_sources(
+    store: TokenStore, source_root: str | None = None, threads: int = 8, progress: bool = True
+) -> list[str]:
+    """Every stored sample whose source image is missing or changed since tokenizing (its bytes' crc32 is not
+    the stored one), one line each. Reads every image once, `threads` at a time (the reads wait on disk);
+    what the trainer checks image by image, done up front. Empty for webdataset-only stores, which carry their
+    images (their tars' checksums cover them)."""
+    if not store.has_zarr:
+        return []
+    if "crc32" not in store.group:
+        raise StoreError(
+            f"{store.root}: written before stores kept their images' crc32, so there is nothing to compare the "
+            "source images with; re-run 'tokenkit tokenize' to get them"
+        )
+
+    def check(pair) -> str | None:
+        locator, crc = pair
+        try:
+            store.read_source(locator, source_root, int(crc))
+        except StoreError as e:
+            return str(e)
+        return None
+
+    problems = []
+    rows, block = store.rows, 4096
+    with (
+        ThreadPoolExecutor(threads) as pool,
+        tqdm(total=len(rows), unit="img", desc="sources", disable=not progress) as bar,
+    ):
+        for s in range(0, len(rows), block):
+            b = store.read(range(s, min(s + block, len(rows))))
+            problems += [p for p in pool.map(check, zip(b["locators"], b["crc32"], strict=True)) if p]
+            bar.update(len(b["locators"]))
+    return problems
 
 
 def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -> list[str]:
