@@ -14,8 +14,8 @@ import click
 from cli.runtime import Dist, init_distributed, run_cli, with_options
 from pretrain.checkpoint import FINETUNE_KIND, KIND, load_checkpoint
 from pretrain.evaluate import (
-    CROP_PCT,
     ProbeConfig,
+    default_crop_pct,
     encoder_of,
     extract,
     knn_classify,
@@ -105,7 +105,10 @@ CHECKPOINT_HELP = (
     "RUN/last.pt of 'mapet pretrain', an encoder .safetensors with timm ViT key names ('mapet export', or "
     "another codebase's timm ViT), or 'random' (random init)."
 )
-CROP_PCT_HELP = "Evaluation crop: Resize(S / crop-pct) + CenterCrop(S); 1.0 keeps the whole central square."
+CROP_PCT_HELP = (
+    "Evaluation crop: Resize(S / crop-pct) + CenterCrop(S) [default: 0.875 below 384 px, 1.0 from 384 px]; "
+    "1.0 keeps the whole central square."
+)
 IMAGE_SIZE_HELP = "Input size (default: the checkpoint's; another one resamples its position embeddings)."
 encoder_options = with_options(
     [
@@ -129,7 +132,7 @@ encoder_options = with_options(
         ),
         click.option("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP),
         click.option("--patch-size", type=int, default=None, help="With --checkpoint random."),
-        click.option("--crop-pct", type=float, default=CROP_PCT, show_default=True, help=CROP_PCT_HELP),
+        click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--batch-size", type=int, default=64, show_default=True),
         click.option("--workers", type=int, default=2, show_default=True),
@@ -153,7 +156,7 @@ def _setup(kw, *checks):
         (
             ("--batch-size", kw["batch_size"], kw["batch_size"] >= 1, ">= 1"),
             ("--workers", kw["workers"], kw["workers"] >= 0, ">= 0"),
-            ("--crop-pct", kw["crop_pct"], 0 < kw["crop_pct"] <= 1, "in (0, 1]"),
+            ("--crop-pct", kw["crop_pct"], kw["crop_pct"] is None or 0 < kw["crop_pct"] <= 1, "in (0, 1]"),
             *checks,
         )
     )
@@ -194,7 +197,7 @@ def knn(k, temperature, pool, **kw):
         "temperature": temperature,
         "pool": pool,
         "image_size": enc.cfg.image_size,
-        "crop_pct": kw["crop_pct"],
+        "crop_pct": kw["crop_pct"] or default_crop_pct(enc.cfg.image_size),
         "majority_baseline": majority_baseline(ty, vy),
         "checkpoint": str(kw["checkpoint"]),
         "train": str(kw["train_dir"]),
@@ -237,7 +240,7 @@ def linprobe(pool, l2, max_iter, **kw):
             "eval": "linprobe",
             "pool": pool,
             "image_size": enc.cfg.image_size,
-            "crop_pct": kw["crop_pct"],
+            "crop_pct": kw["crop_pct"] or default_crop_pct(enc.cfg.image_size),
             "checkpoint": str(kw["checkpoint"]),
             "majority_baseline": majority_baseline(ty, vy),
             "train": str(kw["train_dir"]),
@@ -269,7 +272,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--layer-decay", type=float, default=0.65, show_default=True)
 @click.option("--drop-path", type=float, default=0.1, show_default=True)
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True)
-@click.option("--crop-pct", type=float, default=CROP_PCT, show_default=True, help=CROP_PCT_HELP)
+@click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP)
 @click.option("--randaug", is_flag=True, help="RandAugment, timm's rand-m9-mstd0.5.")
 @click.option("--reprob", type=float, default=0.0, show_default=True, help="Random erasing (paper: 0.25).")
 @click.option("--mixup", type=float, default=0.0, show_default=True, help="Mixup alpha (paper: 0.8).")

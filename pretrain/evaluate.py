@@ -2,7 +2,7 @@
 
 Images are labelled folders (class sub-folders) or labelled token stores; each is read at the encoder's input
 size S as the DINO / MAE / BEiT evaluations read ImageNet: Resize(S / crop_pct) + CenterCrop(S), bicubic
-(256 -> 224 at the default crop_pct 0.875; 1.0 takes the whole central square), with ImageNet mean/std. Features are computed once and cached in memory; both evaluations are deterministic.
+(256 -> 224 by default below 384 px, no crop from 384 px on; 1.0 takes the whole central square), with ImageNet mean/std. Features are computed once and cached in memory; both evaluations are deterministic.
 """
 
 from __future__ import annotations
@@ -116,7 +116,10 @@ def labelled_pair(train_path: str | Path, val_path: str | Path) -> tuple[SampleI
     return train, replace(val, labels=to_train[val.labels], classes=train.classes)
 
 
-CROP_PCT = 0.875  # the evaluation crop of DINO's k-NN, MAE's linear probe and BEiT's fine-tuning at 224
+def default_crop_pct(image_size: int) -> float:
+    """The evaluation crop of DINO's k-NN, MAE's linear probe and BEiT / DeiT fine-tuning: 224 / 256 below
+    384 px, none (1.0) from 384 px on."""
+    return 0.875 if image_size < 384 else 1.0
 
 
 def eval_box(width: int, height: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
@@ -133,7 +136,8 @@ def eval_box(width: int, height: int, size: int, crop_pct: float) -> tuple[float
 class CenterCropDataset(Dataset):
     """(S, S, 3) uint8 evaluation views (`eval_box`) and labels; unreadable images give label -1."""
 
-    def __init__(self, source: SampleIndex, image_size: int, crop_pct: float = CROP_PCT):
+    def __init__(self, source: SampleIndex, image_size: int, crop_pct: float | None = None):
+        crop_pct = crop_pct or default_crop_pct(image_size)
         assert 0 < crop_pct <= 1, crop_pct
         self.source, self.size, self.crop_pct = source, image_size, crop_pct
 
@@ -159,7 +163,7 @@ def extract(
     workers: int = 2,
     device: str = "cpu",
     progress: bool = True,
-    crop_pct: float = CROP_PCT,
+    crop_pct: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (M, D) float32 (or (M, 2D) for pool="both") and labels (M,) int64 of the readable images."""
     encoder = encoder.to(device).eval()

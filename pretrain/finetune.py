@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, to_input
-from pretrain.evaluate import CROP_PCT, CenterCropDataset
+from pretrain.evaluate import CenterCropDataset
 from pretrain.train import adamw, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, require
@@ -48,7 +48,7 @@ class FinetuneConfig:
     layer_decay: float = 0.65
     drop_path: float = 0.1
     label_smoothing: float = 0.1
-    crop_pct: float = CROP_PCT  # validation crop
+    crop_pct: float | None = None  # validation crop; None: pretrain.evaluate.default_crop_pct
     randaug: bool = False
     reprob: float = 0.0  # random erasing probability (BEiT / MAE fine-tuning: 0.25)
     mixup: float = 0.0
@@ -64,7 +64,7 @@ class FinetuneConfig:
                 ("--accum-steps", self.accum_steps, self.accum_steps >= 1, ">= 1"),
                 ("--layer-decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]"),
                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
-                ("--crop-pct", self.crop_pct, 0 < self.crop_pct <= 1, "in (0, 1]"),
+                ("--crop-pct", self.crop_pct, self.crop_pct is None or 0 < self.crop_pct <= 1, "in (0, 1]"),
                 ("--reprob", self.reprob, 0 <= self.reprob <= 1, "in [0, 1]"),
                 ("--mixup", self.mixup, self.mixup >= 0, ">= 0 (0: off)"),
                 ("--cutmix", self.cutmix, self.cutmix >= 0, ">= 0 (0: off)"),

@@ -376,6 +376,8 @@ def test_eval_view_is_torchvisions_resize_then_center_crop(tmp_path, size):
     for n in names:
         Image.fromarray(getattr(skimage.data, n)()).save(tmp_path / "c" / f"{n}.png")
     src = list_folder(tmp_path)
+    # the default: 224 / 256 below 384 px, no crop from 384 px on (BEiT's and DeiT's evaluation)
+    assert CenterCropDataset(src, size).crop_pct == 0.875 and CenterCropDataset(src, 384).crop_pct == 1.0
     for crop_pct in (0.875, 1.0):
         ds = CenterCropDataset(src, size, crop_pct)
         ref = v2.Compose(
