@@ -273,11 +273,10 @@ def linear_probe(train_f, train_y, val_f, val_y, cfg: ProbeConfig = ProbeConfig(
     if l2 is None:
         perm = torch.randperm(len(xt), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         n_hold = max(1, round(cfg.holdout * len(xt)))
-        hold, fit = perm[:n_hold], perm[n_hold:]
+        (xf, yf), (xh, yh) = ((xt[i], train_y[i]) for i in (perm[n_hold:], perm[:n_hold]))  # copied once
         for c in L2_GRID:
-            sweep[c] = _accuracy(
-                _fit_probe(xt[fit], train_y[fit], num_classes, c, cfg.max_iter), xt[hold], train_y[hold]
-            )
+            sweep[c] = _accuracy(_fit_probe(xf, yf, num_classes, c, cfg.max_iter), xh, yh)
+        del xf, yf, xh, yh
         l2 = max(L2_GRID, key=lambda c: (sweep[c], c))
     head = _fit_probe(xt, train_y, num_classes, l2, cfg.max_iter)
     res = {"top1": _accuracy(head, xv, val_y), "train_top1": _accuracy(head, xt, train_y), "l2": l2}
