@@ -274,7 +274,9 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True)
 @click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP)
 @click.option("--randaug", is_flag=True, help="RandAugment, timm's rand-m9-mstd0.5.")
-@click.option("--reprob", type=float, default=0.0, show_default=True, help="Random erasing probability (BEiT: 0.25).")
+@click.option(
+    "--reprob", type=float, default=0.0, show_default=True, help="Random erasing probability (BEiT: 0.25)."
+)
 @click.option("--mixup", type=float, default=0.0, show_default=True, help="Mixup alpha (paper: 0.8).")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix alpha (paper: 1.0).")
 @click.option("--seed", type=int, default=0, show_default=True)
