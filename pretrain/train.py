@@ -309,6 +309,7 @@ def pretrain(
         },
     }
     t0, seen = time.perf_counter(), 0
+    waited, t_log = 0.0, t0  # seconds blocked on the data loader since the last log, and when that was
     net.train()
     while step < last:
         epoch, start = divmod(step, steps_per_epoch)
@@ -332,7 +333,9 @@ def pretrain(
             loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
             acc_sum = torch.zeros((), device=device)
             for micro in range(cfg.accum_steps):
+                t_wait = time.perf_counter()
                 pixels, targets = next(it)  # (B, S, S, 3) uint8, (B, G*G)
+                waited += time.perf_counter() - t_wait
                 images = to_input(pixels, device)
                 targets = targets.to(device, non_blocking=True)
                 aux = step_aux(cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
@@ -369,7 +372,10 @@ def pretrain(
                     f"--log-every steps and before each checkpoint)"
                 )
             if log and rank == 0:
-                ips = seen / (time.perf_counter() - t0)
+                now = time.perf_counter()
+                ips = seen / (now - t0)
+                data_wait = waited / (now - t_log)  # > ~0.1: the loader is the bottleneck (--workers)
+                waited, t_log = 0.0, now
                 rec = {
                     "step": step,
                     "epoch": epoch,
@@ -378,10 +384,13 @@ def pretrain(
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "img_per_s": ips,
+                    "data_wait": data_wait,
                 }
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}", ips=f"{ips:.1f}")
+                bar.set_postfix(
+                    loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}", ips=f"{ips:.1f}", wait=f"{100 * data_wait:.0f}%"
+                )
             if save and rank == 0:
                 save_checkpoint(
                     run,

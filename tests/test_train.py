@@ -110,6 +110,27 @@ def test_fp16_on_cpu_scales_the_loss(store, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
 
 
+def test_logged_data_wait_shows_a_slow_loader(store, tmp_path, monkeypatch):
+    """metrics.jsonl's data_wait is the share of wall time spent waiting for batches: a loader slowed by
+    0.3 s per batch shows up as most of the time, and as more than a normal loader's share."""
+    import time
+
+    cfg = tiny(store, tmp_path / "fast", max_steps=4)
+    pretrain(cfg, progress=False)
+    fast = [r["data_wait"] for r in metrics(tmp_path / "fast")][1:]  # the first line includes the start
+    real = StoreDataset.__getitems__
+
+    def slow(self, positions):
+        time.sleep(0.3)
+        return real(self, positions)
+
+    monkeypatch.setattr(StoreDataset, "__getitems__", slow)
+    pretrain(tiny(store, tmp_path / "slow", max_steps=4), progress=False)
+    slowed = [r["data_wait"] for r in metrics(tmp_path / "slow")][1:]
+    assert all(0 <= w <= 1 for w in fast + slowed)
+    assert min(slowed) > 0.5 and min(slowed) > max(fast)
+
+
 def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(store, tmp_path, monkeypatch):
     """The loss is read back only at logged steps and before checkpoints (no sync on other steps), and a
     NaN from step 5 on stops the run there, with the step in a one-line error, before step 6's checkpoint."""
