@@ -112,7 +112,7 @@ def test_fp16_on_cpu_scales_the_loss(store, tmp_path):
 
 def test_logged_data_wait_shows_a_slow_loader(store, tmp_path, monkeypatch):
     """metrics.jsonl's data_wait is the share of wall time spent waiting for batches: a loader slowed by
-    0.3 s per batch shows up as most of the time, and as more than a normal loader's share."""
+    0.5 s per batch shows up as most of the time, and as more than a normal loader's share."""
     import time
 
     cfg = tiny(store, tmp_path / "fast", max_steps=4)
@@ -121,7 +121,7 @@ def test_logged_data_wait_shows_a_slow_loader(store, tmp_path, monkeypatch):
     real = StoreDataset.__getitems__
 
     def slow(self, positions):
-        time.sleep(0.3)
+        time.sleep(0.5)
         return real(self, positions)
 
     monkeypatch.setattr(StoreDataset, "__getitems__", slow)
