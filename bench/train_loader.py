@@ -8,6 +8,11 @@ photos resized to an ImageNet-like long side (500 px, JPEG quality 90, in memory
 random-resized views as `tokenkit tokenize --views 8` draws them. Prints ms per sample for each part and
 for the whole, and images/s per worker; with --step-img-s (one GPU's training images/s, e.g. MaPeT-S at
 batch 128 on the H100: 128 / 0.095 s, docs/benchmarks.md) the number of worker cores one GPU needs.
+
+Also the token store's share: a random batch read from a zarr store written by tokenkit's own writer
+(--store-rows rows, V 8, 14 x 14 tokens, ImageNet-like keys), reading every per-row array from zarr (as the
+trainer did before 2026-11-26) against reading only the tokens with the rest held in memory
+(`TokenStore.meta`, the trainer now).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import io
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import skimage.data
@@ -41,6 +47,39 @@ def jpegs(long_side: int) -> list[tuple[str, bytes, np.ndarray]]:
     return out
 
 
+def store_read_ms(rows: int, batch: int, repeats: int) -> tuple[float, float]:
+    """ms per row of a random batch: (every per-row array read from zarr, only the tokens)."""
+    import tempfile
+
+    import zarr
+
+    from tokenkit.rowstore import create_arrays, write_shard
+
+    shard, rng = 1024, np.random.default_rng(0)
+    arrays = {"tokens": ((8, 14, 14), "uint16"), "views": ((8, 5), "int32"), "labels": ((), "int64"),
+              "keys": ((), "str"), "locators": ((), "str"), "crc32": ((), "uint32")}  # fmt: skip
+    with tempfile.TemporaryDirectory() as root:
+        create_arrays(Path(root), rows, shard, arrays)
+        for i in range(rows // shard):
+            keys = np.asarray([f"n{i:08d}/n{i:08d}_{j}" for j in range(shard)])
+            write_shard(Path(root), i, i * shard, {
+                "tokens": rng.integers(0, 8192, (shard, 8, 14, 14)).astype(np.uint16),
+                "views": rng.integers(0, 500, (shard, 8, 5)).astype(np.int32),
+                "labels": np.full(shard, i, np.int64), "keys": keys,
+                "locators": np.asarray([f"{k}.JPEG" for k in keys]),
+                "crc32": rng.integers(0, 2**32, shard).astype(np.uint32)})  # fmt: skip
+        g = zarr.open_group(root, mode="r")
+        times = {"all": [], "tokens": []}
+        for _ in range(repeats):
+            pos = np.sort(rng.choice(rows, batch, replace=False))
+            for name, names in (("all", list(arrays)), ("tokens", ["tokens"])):
+                t = time.perf_counter()
+                for a in names:
+                    g[a].get_orthogonal_selection((pos,))
+                times[name].append(1000 * (time.perf_counter() - t) / batch)
+    return statistics.median(times["all"]), statistics.median(times["tokens"])
+
+
 def ms_per(fn, items, n: int) -> float:
     t = time.perf_counter()
     for i in range(n):
@@ -56,6 +95,8 @@ def main() -> None:
     ap.add_argument("--jitter", type=float, default=0.4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--step-img-s", type=float, default=None, help="One GPU's training images/s.")
+    ap.add_argument("--store-rows", type=int, default=32768, help="Rows of the synthetic token store.")
+    ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
     items = jpegs(args.long_side)
     tokens = np.zeros((8, (args.size // 16) ** 2), np.uint16)
@@ -84,8 +125,16 @@ def main() -> None:
     )
     for name, ms in med.items():
         print(f"  {name:13s} {ms:6.2f} ms")
-    per_worker = 1000 / med["whole sample"]
-    print(f"one worker: {per_worker:.0f} img/s")
+    every, tokens = store_read_ms(args.store_rows, args.batch_size, args.repeats)
+    print(
+        f"token store, random batch of {args.batch_size} of {args.store_rows} rows: every per-row array from "
+        f"zarr {every:.2f} ms per row, tokens only {tokens:.2f} ms per row ({every / tokens:.1f}x)"
+    )
+    per_worker = 1000 / (med["whole sample"] + tokens)
+    print(
+        f"one worker (sample + its tokens): {per_worker:.0f} img/s "
+        f"(reading every array: {1000 / (med['whole sample'] + every):.0f} img/s)"
+    )
     if args.step_img_s:
         print(
             f"workers (cores) one GPU at {args.step_img_s:.0f} img/s needs: {args.step_img_s / per_worker:.1f}"

@@ -77,17 +77,9 @@ class StoreDataset(torch.utils.data.Dataset):
         self.root, self.image_size, self.seed, self.strength = str(root), image_size, seed, jitter
         self.source_root = source_root
         self.epoch = 0
-        self._store = None
-        self.length = len(TokenStore.open(root))
-
-    @property
-    def store(self) -> TokenStore:
-        if self._store is None:
-            self._store = TokenStore.open(self.root)
-        return self._store
-
-    def __getstate__(self):
-        return {**self.__dict__, "_store": None}  # zarr handles are reopened in each worker
+        self.store = TokenStore.open(root)
+        self.store.meta()  # read once here, before the workers start: they share it (TokenStore.meta)
+        self.length = len(self.store)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

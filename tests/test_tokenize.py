@@ -97,6 +97,33 @@ def test_read_by_key_blocks_and_labels(store_path):
         store.index_of("missing")
 
 
+def test_read_serves_the_zarr_rows_with_metadata_held_in_memory(store_path):
+    """read() equals the stored rows array by array; its per-row metadata comes from `meta` (read once), so a
+    batch reads only the tokens from zarr; a pickled store (a DataLoader worker's copy) reads the same."""
+    import pickle
+
+    import zarr
+
+    store = TokenStore.open(store_path)
+    g, rows = zarr.open_group(str(store_path), mode="r"), store.rows
+    pos = [9, 0, 4, 4, 11]
+    block = store.read(pos)
+    for name in ("tokens", "views", "labels", "crc32"):
+        assert np.array_equal(block[name], g[name][:][rows[pos]]), name
+    assert block["keys"] == [str(k) for k in g["keys"][:][rows[pos]]]
+    assert block["locators"] == [str(k) for k in g["locators"][:][rows[pos]]]
+    opened = []
+    real = type(store.group).__getitem__
+    type(store.group).__getitem__ = lambda self, name: opened.append(name) or real(self, name)
+    try:
+        store.read([1, 2])
+    finally:
+        type(store.group).__getitem__ = real
+    assert opened == ["tokens"]
+    copy = pickle.loads(pickle.dumps(store))
+    assert {k: str(v) for k, v in copy.read(pos).items()} == {k: str(v) for k, v in block.items()}
+
+
 def test_codebook_of_another_model_is_refused(tmp_path, photos, codebook_path):
     cb = Codebook.load(codebook_path)
     bad = Codebook(np.zeros((16, 10), np.float32), cb.encoder, cb.meta)

@@ -88,6 +88,14 @@ class RowStore:
         has_zarr = "zarr" in manifest.get("formats", ["zarr"])  # feature stores are always zarr
         self.group = zarr.open_group(str(self.root), mode="r") if has_zarr else None
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "group": None}  # a DataLoader worker reopens the zarr group
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "zarr" in self.manifest.get("formats", ["zarr"]):
+            self.group = zarr.open_group(str(self.root), mode="r")
+
     @classmethod
     def open(cls, root: Path):
         root = Path(root)
