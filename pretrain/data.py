@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -72,12 +73,17 @@ class StoreDataset(torch.utils.data.Dataset):
     """Map-style dataset over a zarr token store. Opens the store lazily in each worker process."""
 
     def __init__(
-        self, root, image_size: int, seed: int = 0, jitter: float = 0.4, source_root: str | None = None
+        self,
+        store: TokenStore | str | Path,
+        image_size: int,
+        seed: int = 0,
+        jitter: float = 0.4,
+        source_root: str | None = None,
     ):
-        self.root, self.image_size, self.seed, self.strength = str(root), image_size, seed, jitter
+        self.store = store if isinstance(store, TokenStore) else TokenStore.open(store)
+        self.image_size, self.seed, self.strength = image_size, seed, jitter
         self.source_root = source_root
         self.epoch = 0
-        self.store = TokenStore.open(root)
         self.store.meta()  # read once here, before the workers start: they share it (TokenStore.meta)
         self.length = len(self.store)
 

@@ -287,7 +287,7 @@ def pretrain(
         )
         loader_kw = dict(batch_size=None)
     else:
-        dataset = StoreDataset(cfg.tokens, vit.image_size, cfg.seed, cfg.jitter, cfg.source_root)
+        dataset = StoreDataset(store, vit.image_size, cfg.seed, cfg.jitter, cfg.source_root)
         sampler = EpochSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
         loader_kw = dict(batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
     metrics_path = run / "metrics.jsonl"

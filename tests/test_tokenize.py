@@ -98,8 +98,9 @@ def test_read_by_key_blocks_and_labels(store_path):
 
 
 def test_read_serves_the_zarr_rows_with_metadata_held_in_memory(store_path):
-    """read() equals the stored rows array by array; its per-row metadata comes from `meta` (read once), so a
-    batch reads only the tokens from zarr; a pickled store (a DataLoader worker's copy) reads the same."""
+    """read() equals the stored rows array by array, before and after `meta` (what the trainer calls once);
+    with it held, a batch reads only the tokens from zarr; a pickled store (a DataLoader worker's copy) reads
+    the same."""
     import pickle
 
     import zarr
@@ -107,11 +108,14 @@ def test_read_serves_the_zarr_rows_with_metadata_held_in_memory(store_path):
     store = TokenStore.open(store_path)
     g, rows = zarr.open_group(str(store_path), mode="r"), store.rows
     pos = [9, 0, 4, 4, 11]
+    one_off = store.read(pos)  # nothing held: these rows are read from every array
+    store.meta()
     block = store.read(pos)
     for name in ("tokens", "views", "labels", "crc32"):
-        assert np.array_equal(block[name], g[name][:][rows[pos]]), name
-    assert block["keys"] == [str(k) for k in g["keys"][:][rows[pos]]]
-    assert block["locators"] == [str(k) for k in g["locators"][:][rows[pos]]]
+        want = g[name][:][rows[pos]]
+        assert np.array_equal(block[name], want) and np.array_equal(one_off[name], want), name
+    for name in ("keys", "locators"):
+        assert block[name] == one_off[name] == [str(k) for k in g[name][:][rows[pos]]]
     opened = []
     real = type(store.group).__getitem__
     type(store.group).__getitem__ = lambda self, name: opened.append(name) or real(self, name)
@@ -121,6 +125,7 @@ def test_read_serves_the_zarr_rows_with_metadata_held_in_memory(store_path):
         type(store.group).__getitem__ = real
     assert opened == ["tokens"]
     copy = pickle.loads(pickle.dumps(store))
+    assert copy._meta is not None
     assert {k: str(v) for k, v in copy.read(pos).items()} == {k: str(v) for k, v in block.items()}
 
 

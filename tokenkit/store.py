@@ -112,16 +112,20 @@ class TokenStore(RowStore):
 
         Returns tokens (b, V, G, G) int64, views (b, V, 5) int32, labels (b,) int64, keys and locators
         list[str], and crc32 (b,) uint32 of the source images' bytes (stores written before it was recorded
-        have none), in the order of `positions`. The tokens are fetched with one sorted orthogonal read, the
-        rest from `meta`.
+        have none), in the order of `positions`. Tokens are fetched with one sorted orthogonal read; the rest
+        from `meta` once it was called (the trainer), else the same way.
         """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
             raise IndexError(f"positions out of range [0, {len(self)})")
         uniq, inv = np.unique(self.rows[pos], return_inverse=True)
-        out = {name: a[pos] for name, a in self.meta().items()}
+        g = self.group
+        if self._meta is None:  # one-off reads (show, checks) fetch just these rows; the trainer holds `meta`
+            out = {name: g[name].get_orthogonal_selection((uniq,))[inv] for name in self.META if name in g}
+        else:
+            out = {name: a[pos] for name, a in self._meta.items()}
         # embeddings index with int64; uint16 is the disk dtype
-        out["tokens"] = self.group["tokens"].get_orthogonal_selection((uniq,))[inv].astype(np.int64)
+        out["tokens"] = g["tokens"].get_orthogonal_selection((uniq,))[inv].astype(np.int64)
         out["keys"] = [str(k) for k in out["keys"]]
         out["locators"] = [str(k) for k in out["locators"]]
         return out
