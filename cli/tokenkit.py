@@ -235,8 +235,10 @@ def verify(store, sources, source_root, quiet):
         problems = verify_sources(TokenStore.open(store), source_root, progress=not quiet)
     if problems:
         click.echo(f"tokenkit: verify failed: {problems[0]}", err=True)
-        for p in problems[1:]:
+        for p in problems[1:20]:
             click.echo(f"  also: {p}", err=True)
+        if len(problems) > 20:
+            click.echo(f"  ... {len(problems) - 20} more problems ({len(problems)} in all)", err=True)
         return 1
     click.echo(f"ok: {store}")
     return 0
