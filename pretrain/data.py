@@ -7,8 +7,9 @@ the targets were computed from, at the student's resolution. Colour jitter (brig
 saturation) is drawn from the same keyed generator. Workers ship uint8 pixels (B, S, S, 3), 4x fewer bytes
 than float32; the trainer normalises them on its device (`tokenkit.views.normalize`), as tokenize does.
 
-Two readers: `StoreDataset` (map-style over a zarr store, token rows read in blocks through
-`__getitems__`, with `EpochSampler` for shuffling and DDP sharding) and `StreamDataset` (webdataset shards
+Two readers: `StoreDataset` (map-style over a zarr store: each batch's token rows in one read through
+`__getitems__`, the per-row metadata held in memory (`TokenStore.meta`), each source image checked against
+its stored crc32; `EpochSampler` for shuffling and DDP sharding) and `StreamDataset` (webdataset shards
 with the image bytes inside, resampled per rank and epoch so every rank gets equal work).
 """
 
