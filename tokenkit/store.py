@@ -31,6 +31,11 @@ class TokenStore(RowStore):
         self._codebook = None
         self._meta = None
 
+    def __getstate__(self) -> dict:
+        # what a DataLoader worker's copy carries: `meta` (the point of holding it), not the codebook's
+        # centroids (134 MB for K 8192 x 4096) nor the key index, which are rebuilt on demand
+        return {**super().__getstate__(), "_codebook": None, "_key_index": None}
+
     @property
     def has_zarr(self) -> bool:
         return "zarr" in self.manifest["formats"]
