@@ -98,8 +98,7 @@ class StoreDataset(torch.utils.data.Dataset):
         block = self.store.read(positions)  # one sorted read per array for the whole batch
         out = []
         for j in range(len(positions)):
-            crc = block["crc32"][j] if "crc32" in block else None
-            data = self.store.read_source(block["locators"][j], self.source_root, crc)
+            data = self.store.block_source(block, j, self.source_root)
             key = block["keys"][j]
             out.append(
                 make_sample(

@@ -216,8 +216,7 @@ def pretrain(
                 f"{problems[0]} (refusing to train on it; 'tokenkit verify' lists every problem)"
             )
     if not use_wds and len(store):  # images come from the recorded source: fail now if it moved or changed
-        first = store.read([0])
-        store.read_source(first["locators"][0], cfg.source_root, first.get("crc32", [None])[0])
+        store.block_source(store.read([0]), 0, cfg.source_root)
     vit = cfg.vit()
     if vit.grid != store.grid:
         raise StoreError(

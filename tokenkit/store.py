@@ -102,10 +102,9 @@ class TokenStore(RowStore):
         locators (n,) numpy strings, crc32 (n,) uint32 (absent in stores written before it was kept).
 
         zarr decodes a whole chunk for every row a random read touches, ~0.3-0.6 ms each whatever the row's
-        size, so reading these five small arrays per training batch cost more than decoding the batch's images;
-        held here (a few hundred MB for ImageNet at V = 8; numpy arrays, no Python objects, so forked DataLoader
-        workers share them),
-        only the tokens are read per batch."""
+        size, so reading these five small arrays per training batch cost more than decoding the batch's
+        images. Held here (a few hundred MB for ImageNet at V = 8; numpy arrays without Python objects, so
+        forked DataLoader workers share them), a batch reads only its tokens."""
         if self._meta is None:
             self._need_zarr()
             g, rows = self.group, self.rows
@@ -148,8 +147,12 @@ class TokenStore(RowStore):
     def image_bytes(self, position: int, source_root: str | None = None) -> bytes:
         """The original image bytes, read from the source the store records (or `source_root`), checked
         against their stored crc32."""
-        b = self.read([position])
-        return self.read_source(b["locators"][0], source_root, b["crc32"][0] if "crc32" in b else None)
+        return self.block_source(self.read([position]), 0, source_root)
+
+    def block_source(self, block: dict, j: int, source_root: str | None = None) -> bytes:
+        """The image bytes of row j of a `read` block, checked against its stored crc32 (when it has one)."""
+        crc32 = block["crc32"][j] if "crc32" in block else None
+        return self.read_source(block["locators"][j], source_root, crc32)
 
     def read_source(self, locator: str, source_root: str | None = None, crc32: int | None = None) -> bytes:
         """The bytes behind a locator of this store's source (a moved folder can be passed as source_root).
