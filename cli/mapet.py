@@ -162,6 +162,7 @@ def _setup(kw, *checks):
     )
     device = Dist().device(kw["device"])
     enc = load_encoder(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
+    kw["crop_pct"] = kw["crop_pct"] or default_crop_pct(enc.cfg.image_size)  # the one used, for the JSON
     return enc, *labelled_pair(kw["train_dir"], kw["val_dir"]), device
 
 
@@ -197,7 +198,7 @@ def knn(k, temperature, pool, **kw):
         "temperature": temperature,
         "pool": pool,
         "image_size": enc.cfg.image_size,
-        "crop_pct": kw["crop_pct"] or default_crop_pct(enc.cfg.image_size),
+        "crop_pct": kw["crop_pct"],
         "majority_baseline": majority_baseline(ty, vy),
         "checkpoint": str(kw["checkpoint"]),
         "train": str(kw["train_dir"]),
@@ -224,7 +225,7 @@ def knn(k, temperature, pool, **kw):
     "--l2",
     type=float,
     default=None,
-    help="L2 penalty on the probe's weights (default: chosen from 1e-6 ... 1e-1 on a held-out 20% of --train).",
+    help="L2 penalty on the probe's weights (default: chosen from 1e-6 ... 1 on a held-out 20% of --train).",
 )
 @click.option("--max-iter", type=int, default=1000, show_default=True, help="L-BFGS iterations at most.")
 def linprobe(pool, l2, max_iter, **kw):
@@ -240,7 +241,7 @@ def linprobe(pool, l2, max_iter, **kw):
             "eval": "linprobe",
             "pool": pool,
             "image_size": enc.cfg.image_size,
-            "crop_pct": kw["crop_pct"] or default_crop_pct(enc.cfg.image_size),
+            "crop_pct": kw["crop_pct"],
             "checkpoint": str(kw["checkpoint"]),
             "majority_baseline": majority_baseline(ty, vy),
             "train": str(kw["train_dir"]),

@@ -1,8 +1,9 @@
 """Judging a pre-trained encoder on frozen features: k-NN (DINO protocol) and a linear probe.
 
 Images are labelled folders (class sub-folders) or labelled token stores; each is read at the encoder's input
-size S as the DINO / MAE / BEiT evaluations read ImageNet: Resize(S / crop_pct) + CenterCrop(S), bicubic
-(256 -> 224 by default below 384 px, no crop from 384 px on; 1.0 takes the whole central square), with ImageNet mean/std. Features are computed once and cached in memory; both evaluations are deterministic.
+size S as the DINO / MAE / BEiT evaluations read ImageNet: Resize(S / crop_pct) + CenterCrop(S), bicubic (256
+-> 224 by default below 384 px, no crop from 384 px on; 1.0 takes the whole central square), with ImageNet
+mean/std. Features are computed once and cached in memory; both evaluations are deterministic.
 """
 
 from __future__ import annotations
