@@ -222,7 +222,6 @@ def finetune(
         raise ConfigError(
             f"{out}: holds a fine-tuning run; pass --resume auto to continue it or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same head init on every rank
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
@@ -288,6 +287,7 @@ def finetune(
             f"{cfg.batch_size}, fewer than --accum-steps {cfg.accum_steps}; lower --batch-size or --accum-steps"
         )
     total, warmup = cfg.epochs * steps, round(cfg.warmup_epochs * steps)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     for epoch in range(start, cfg.epochs):
         model.train()
         sampler.set_epoch(epoch)

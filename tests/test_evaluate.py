@@ -238,7 +238,7 @@ def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
         torch.testing.assert_close(acc["model"][k], big["model"][k], rtol=1e-4, atol=1e-6)
     assert [r["loss"] for r in acc["history"]] == pytest.approx([r["loss"] for r in big["history"]], rel=1e-5)
     two_batches = _ft_args(data, tmp_path / "x", "--batch-size", "8", "--accum-steps", "3")
-    assert main(two_batches) == 2  # 2 batches cannot fill a step of 3
+    assert main(two_batches) == 2 and not (tmp_path / "x").exists()  # 2 batches cannot fill a step of 3
 
 
 def test_two_rank_finetune_validates_every_sample_once(tmp_path):
