@@ -242,7 +242,8 @@ def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
 
 
 def test_two_rank_finetune_validates_every_sample_once(tmp_path):
-    """torchrun, gloo: both ranks train as one DDP model and the reported top-1 is that model's on all of val."""
+    """torchrun, gloo: both ranks train as one DDP model (two micro-batches per step: the first without an
+    all-reduce) and the reported top-1 is that model's on all of val."""
     import os
     import subprocess
     import sys
@@ -254,8 +255,9 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
 
     data = separable_folder(tmp_path / "data", n_per_class=7)  # 14 val images: odd per rank split is 7 / 7
     out = tmp_path / "ddp"
+    args = _ft_args(data, out, "--epochs", "2", "--batch-size", "2", "--accum-steps", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           "-m", "cli.mapet", *_ft_args(data, out, "--epochs", "2")]  # fmt: skip
+           "-m", "cli.mapet", *args]  # fmt: skip
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     model = classifier_of(torch.load(out / "last.pt", weights_only=True))
