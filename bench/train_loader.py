@@ -12,7 +12,8 @@ batch 128 on the H100: 128 / 0.095 s, docs/benchmarks.md) the number of worker c
 Also the token store's share: a random batch read from a zarr store written by tokenkit's own writer
 (--store-rows rows, V 8, 14 x 14 tokens, ImageNet-like keys), reading every per-row array from zarr (as the
 trainer did before 2026-11-26) against reading only the tokens with the rest held in memory
-(`TokenStore.meta`, the trainer now).
+(`TokenStore.meta`, the trainer now); and the same rows from webdataset shards as `--data wds` streams
+them (each tar's member headers indexed once per epoch, then the sample's two members read by offset).
 """
 
 from __future__ import annotations
@@ -80,6 +81,43 @@ def store_read_ms(rows: int, batch: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times["all"]), statistics.median(times["tokens"])
 
 
+def wds_read_ms(rows: int, batch: int, repeats: int, jpeg: bytes) -> float:
+    """ms per sample of reading a random batch's (image bytes, token record) from token shards of 1,024
+    samples, with the index of every tar built once (as a streaming epoch does) and counted in."""
+    import tempfile
+
+    from tokenkit.wds import index_tar, pack_record, read_sample, write_tar
+
+    shard, rng = 1024, np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        tars = []
+        for i in range(rows // shard):
+            tars.append(Path(root) / f"shard-{i:06d}.tar")
+            write_tar(tars[-1], [
+                {"key": f"n{i:08d}/n{i:08d}_{j}", "ext": "jpg", "data": jpeg,
+                 "record": pack_record(rng.integers(0, 8192, (8, 14, 14)).astype(np.uint16),
+                                       rng.integers(0, 500, (8, 5)).astype(np.int32), i)}
+                for j in range(shard)])  # fmt: skip
+        t = time.perf_counter()
+        refs = [index_tar(p) for p in tars]
+        index_ms = 1000 * (time.perf_counter() - t) / rows
+        times = []
+        for _ in range(repeats):
+            picks = [
+                (int(t), int(j))
+                for t, j in zip(rng.integers(0, len(tars), batch), rng.integers(0, shard, batch), strict=True)
+            ]
+            t0 = time.perf_counter()
+            files = {}
+            for t, j in picks:
+                f = files.setdefault(t, open(tars[t], "rb"))  # noqa: SIM115 - closed below
+                read_sample(f, str(tars[t]), refs[t][j])
+            for f in files.values():
+                f.close()
+            times.append(1000 * (time.perf_counter() - t0) / batch)
+    return index_ms + statistics.median(times)
+
+
 def ms_per(fn, items, n: int) -> float:
     t = time.perf_counter()
     for i in range(n):
@@ -129,6 +167,10 @@ def main() -> None:
     print(
         f"token store, random batch of {args.batch_size} of {args.store_rows} rows: every per-row array from "
         f"zarr {every:.2f} ms per row, tokens only {tokens:.2f} ms per row ({every / tokens:.1f}x)"
+    )
+    wds = wds_read_ms(args.store_rows, args.batch_size, args.repeats, items[0][1])
+    print(
+        f"webdataset shards, same batches: {wds:.2f} ms per sample (tar index + image bytes + token record)"
     )
     per_worker = 1000 / (med["whole sample"] + tokens)
     print(
