@@ -54,6 +54,39 @@ def test_assign_equals_brute_force_in_blocks():
     assert np.array_equal(assign(x, c, block=128), want)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_float16_input_fits_as_its_float32_values(backend, metric):
+    """Features are stored as float16 and the torch backend keeps them so (half the memory of the paper's
+    4.2M x 4096 sample): it must fit exactly what the same values in float32 give."""
+    x16 = blobs(n=3000, d=12, centers=10, seed=4).astype(np.float16)
+    cfg = KMeansConfig(k=10, niter=8, nredo=2, seed=0, metric=metric, backend=backend)
+    a, b = fit(x16, cfg), fit(x16.astype(np.float32), cfg)
+    assert np.array_equal(a.centroids, b.centroids)
+    assert a.objective == b.objective and np.array_equal(a.sizes, b.sizes)
+    assert np.array_equal(
+        assign(x16, a.centroids, metric), assign(x16.astype(np.float32), a.centroids, metric)
+    )
+
+
+def test_lloyd_sums_accumulate_over_blocks():
+    """The torch backend's update sums each cluster's rows block by block (float16 rows converted per
+    block): equal to the sums over all rows at once."""
+    import torch
+
+    from tokenkit.kmeans import _nearest
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1000, 8)).astype(np.float16)
+    c = torch.from_numpy(rng.normal(size=(13, 8)).astype(np.float32))
+    sums = torch.zeros(13, 8)
+    idx, _ = _nearest(torch.from_numpy(x), c, block=96, sums=sums)
+    want = np.zeros((13, 8))
+    np.add.at(want, idx.numpy(), x.astype(np.float64))
+    assert np.allclose(sums.numpy(), want, atol=1e-4)
+    assert np.array_equal(idx.numpy(), brute_objective(x.astype(np.float32), c.numpy())[1])
+
+
 def test_bad_configs():
     for k in (1, 0, 2**31):
         with pytest.raises(ConfigError, match="--k"):

@@ -236,6 +236,10 @@ def test_features_of_skipped_and_stored_rows(features_store):
     assert fs.manifest["n_ok"] == 12 and fs.manifest["patches_per_image"] == 16
     x = fs.sample(10**6)
     assert x.shape == (12 * 16, 96) and x.dtype == np.float32
+    # float16 (the torch k-means backend's input) is the same sample without the float32 copy
+    half = fs.sample(10**6, dtype=np.float16)
+    assert half.dtype == np.float16 and np.array_equal(half.astype(np.float32), x)
+    assert np.array_equal(fs.sample(50, seed=3, dtype=np.float16).astype(np.float32), fs.sample(50, seed=3))
     # the stored fp16 features are the encoder's center-view features
     img = decode_image((Path(fs.manifest["source"]["root"]) / "even/astronaut.jpg").read_bytes())
     spec = fs.encoder

@@ -21,7 +21,7 @@ from tokenkit.clip_encoder import EncoderSpec
 from tokenkit.errors import CodebookError
 from tokenkit.features import FeatureStore
 from tokenkit.journal import FORMAT_VERSION, atomic_write_bytes
-from tokenkit.kmeans import KMeansConfig, fit
+from tokenkit.kmeans import KMeansConfig, fit, resolve_backend
 
 
 def centroids_sha256(centroids: np.ndarray) -> str:
@@ -113,17 +113,18 @@ def build_codebook(
 ) -> Codebook:
     """`tokenkit codebook`: k-means over a sample of a features store, saved as a codebook file.
 
-    Reads at most k * max_points_per_centroid vectors (float16 on disk -> float32), so memory is bounded by
-    the k-means sample, not by the store.
+    Reads at most k * max_points_per_centroid vectors, so memory is bounded by the k-means sample, not by the
+    store: float16 as stored for the torch backend, float32 for faiss (which takes nothing else).
     """
     cfg.validate()
     store = FeatureStore.open(features)
-    x = store.sample(cfg.k * cfg.max_points_per_centroid, seed=cfg.seed)  # (M, C) float32
+    dtype = np.float32 if resolve_backend(cfg.backend) == "faiss" else np.float16
+    x = store.sample(cfg.k * cfg.max_points_per_centroid, seed=cfg.seed, dtype=dtype)  # (M, C)
     if progress:
         print(
             f"k-means: {x.shape[0]} x {x.shape[1]} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts"
         )
-    result = fit(x, cfg, device=device)
+    result = fit(x, cfg, device=device, progress=progress)
     meta = {
         "kmeans": asdict(cfg),
         "backend": result.backend,

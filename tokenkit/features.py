@@ -67,8 +67,9 @@ class FeatureStore(RowStore):
     def dim(self) -> int:
         return self.manifest["dim"]
 
-    def sample(self, max_points: int, seed: int = 0) -> np.ndarray:
-        """Up to max_points stored feature vectors, (M, C) float32, read shard by shard."""
+    def sample(self, max_points: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+        """Up to max_points stored feature vectors (M, C) in dtype (float16: as stored, half the memory),
+        read shard by shard."""
         status = self.status()
         feats = self.group["features"]
         P = feats.shape[1]
@@ -79,7 +80,7 @@ class FeatureStore(RowStore):
             np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)
         )
         rows, cols = ok_rows[take // P], take % P
-        out = np.empty((len(take), feats.shape[2]), dtype=np.float32)
+        out = np.empty((len(take), feats.shape[2]), dtype=dtype)
         S = feats.shards[0]
         pos = 0
         for s in range(0, feats.shape[0], S):

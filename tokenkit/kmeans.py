@@ -8,6 +8,11 @@ Two backends with one meaning:
 Both initialise from k distinct random sample points, subsample to k * max_points_per_centroid points,
 keep the best of `nredo` runs, and split the largest cluster into empty ones. `metric="cosine"` is
 spherical k-means: inputs and centroids are L2-normalised here, so callers never normalise.
+
+Memory at the paper's scale (4.2M x 4096 CLIP features): the torch backend keeps the sample in the dtype it
+comes in (float16, as features are stored: 32 GiB instead of 64 on the GPU) and converts one block of rows
+at a time to float32; faiss needs float32 on the host. The final assignment (objective, cluster sizes) runs
+block by block on the GPU when torch sees one, whichever backend fitted.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from tokenkit.errors import ConfigError, MissingDependencyError
 
@@ -73,34 +80,43 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def fit(x: np.ndarray, cfg: KMeansConfig, device: str | None = None) -> KMeansResult:
-    """Cluster x (M, C) into cfg.k centroids. Returns float32 centroids (K, C) and the objective on x."""
+def resolve_backend(backend: str) -> str:
+    """The backend `auto` stands for: faiss when it is installed, else the torch backend."""
+    if backend != "auto":
+        return backend
+    try:
+        _faiss()
+        return "faiss"
+    except MissingDependencyError:
+        return "torch"
+
+
+def fit(x: np.ndarray, cfg: KMeansConfig, device: str | None = None, progress: bool = False) -> KMeansResult:
+    """Cluster x (M, C) float16 or float32 into cfg.k centroids. Returns float32 centroids (K, C), and the
+    objective and cluster sizes on x. device: where the torch backend fits and the final assignment runs
+    (default: the GPU when torch sees one)."""
     cfg.validate()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if cfg.metric == "cosine":
-        x = normalize(x)
     if x.shape[0] < cfg.k:
         raise ConfigError(
             f"--k {cfg.k}: only {x.shape[0]} feature vectors; extract more patches or lower --k"
         )
-    backend = cfg.backend
-    if backend == "auto":
-        try:
-            _faiss()
-            backend = "faiss"
-        except MissingDependencyError:
-            backend = "torch"
-    if backend == "faiss":
-        centroids, ran = _fit_faiss(x, cfg)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cosine = cfg.metric == "cosine"
+    if resolve_backend(cfg.backend) == "faiss":
+        x32 = np.ascontiguousarray(x, dtype=np.float32)  # no copy when x is float32 already
+        centroids, ran = _fit_faiss(normalize(x32) if cosine else x32, cfg, progress)
+        del x32
     else:
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        centroids, ran = _fit_torch(torch.from_numpy(x).to(dev), cfg), f"torch-{torch.device(dev).type}"
-    labels, d2 = assign(x, centroids, cfg.metric, return_distances=True)
-    sizes = np.bincount(labels, minlength=cfg.k).astype(np.int64)
-    return KMeansResult(centroids, float(d2.mean()), sizes, ran)
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        centroids, ran = _fit_torch(xt, cfg, dev, progress).cpu().numpy(), f"torch-{dev.type}"
+    labels, d2 = _nearest(
+        torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(centroids).to(dev), normalize=cosine
+    )
+    sizes = torch.bincount(labels, minlength=cfg.k).cpu().numpy().astype(np.int64)
+    return KMeansResult(centroids, float(d2.double().mean()), sizes, ran)
 
 
-def _fit_faiss(x: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, str]:
+def _fit_faiss(x: np.ndarray, cfg: KMeansConfig, progress: bool) -> tuple[np.ndarray, str]:
     faiss = _faiss()
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     km = faiss.Kmeans(
@@ -112,23 +128,32 @@ def _fit_faiss(x: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, str]:
         spherical=cfg.metric == "cosine",
         max_points_per_centroid=cfg.max_points_per_centroid,
         gpu=ngpu if ngpu > 0 else False,
-        verbose=False,
+        verbose=progress,  # faiss's own line per iteration (time, objective); it has no hook for a bar
     )
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32), f"faiss-gpu:{ngpu}" if ngpu else "faiss-cpu"
 
 
 def _nearest(
-    x: torch.Tensor, c: torch.Tensor, block: int = 65536, low: bool = False
+    x: torch.Tensor,
+    c: torch.Tensor,
+    block: int = 65536,
+    low: bool = False,
+    normalize: bool = False,
+    sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of each row of x (M, C) among c (K, C): indices (M,) int64, squared distances (M,).
-    low: bf16 dot products (k-means iterations on a GPU: Lloyd's steps tolerate near-tie flips, and it halves
-    the traffic); tokens and objectives always use the exact fp32 path."""
+    """Nearest centroid of each row of x (M, C) among c (K, C): indices (M,) int64 and squared distances (M,)
+    on c's device. x may be float16 and on another device: each block of rows is moved and converted to
+    float32 on its own (L2-normalised first when `normalize`). low: bf16 dot products (k-means iterations
+    on a GPU: Lloyd's steps tolerate near-tie flips, and it halves the traffic); tokens and objectives always
+    use the exact fp32 path. sums (K, C) float32, when given, accumulates each cluster's rows (Lloyd's update)."""
     c2 = (c * c).sum(1)  # (K,)
     cm = c.to(torch.bfloat16) if low else c
     idx, dist = [], []
     for s in range(0, x.shape[0], block):
-        xb = x[s : s + block]
+        xb = x[s : s + block].to(c.device, non_blocking=True).float()  # (b, C)
+        if normalize:
+            xb = F.normalize(xb, dim=1)
         if low:
             d = c2[None, :] - 2 * (xb.to(torch.bfloat16) @ cm.T).float()  # (b, K)
         else:
@@ -136,33 +161,45 @@ def _nearest(
         v, i = d.min(1)  # |x|^2 is constant per row: added after the argmin
         idx.append(i)
         dist.append((v + (xb * xb).sum(1)).clamp_min_(0))
+        if sums is not None:
+            sums.index_add_(0, i, xb)
     return torch.cat(idx), torch.cat(dist)
 
 
-def _fit_torch(x: torch.Tensor, cfg: KMeansConfig) -> np.ndarray:
-    n, d = x.shape
+def _fit_torch(x: torch.Tensor, cfg: KMeansConfig, device: torch.device, progress: bool) -> torch.Tensor:
+    """Lloyd's iterations on device; x (M, C) float16 or float32 on the CPU is moved there in its own dtype."""
+    n = x.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
     cap = cfg.k * cfg.max_points_per_centroid
     if n > cap:
-        x = x[torch.randperm(n, generator=gen)[:cap].to(x.device)]
-        n = cap
+        x, n = x[torch.randperm(n, generator=gen)[:cap]], cap
+    x = x.to(device)
+    low, cosine = x.is_cuda, cfg.metric == "cosine"
+    bar = tqdm(
+        total=cfg.nredo * cfg.niter, unit="iter", desc=f"k-means {n} x {x.shape[1]}", disable=not progress
+    )
     best, best_obj = None, math.inf
     for _ in range(cfg.nredo):
-        c = x[torch.randperm(n, generator=gen)[: cfg.k].to(x.device)].clone()  # (K, C) distinct points
+        pick = torch.randperm(n, generator=gen)[: cfg.k].to(device)
+        c = x[pick].float()  # (K, C) distinct points
+        if cosine:
+            c = F.normalize(c, dim=1)
         for _ in range(cfg.niter):
-            a, _ = _nearest(x, c, low=x.is_cuda)
+            sums = torch.zeros_like(c)  # (K, C)
+            a, _ = _nearest(x, c, low=low, normalize=cosine, sums=sums)
             counts = torch.bincount(a, minlength=cfg.k)  # (K,)
-            sums = torch.zeros_like(c).index_add_(0, a, x)  # (K, C)
-            nonempty = counts > 0
-            c = torch.where(nonempty[:, None], sums / counts.clamp_min(1)[:, None].to(c.dtype), c)
+            c = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None].to(c.dtype), c)
             c = _split_empty(c, counts, gen)
-            if cfg.metric == "cosine":
-                c = torch.nn.functional.normalize(c, dim=1)
-        _, dist = _nearest(x, c)
-        obj = float(dist.sum())
+            if cosine:
+                c = F.normalize(c, dim=1)
+            bar.update(1)
+        _, dist = _nearest(x, c, normalize=cosine)
+        obj = float(dist.double().sum())
+        bar.set_postfix(objective=f"{obj / n:.5g}")
         if obj < best_obj:
             best, best_obj = c, obj
-    return best.float().cpu().numpy()
+    bar.close()
+    return best
 
 
 def _split_empty(
@@ -187,15 +224,14 @@ def _split_empty(
 def assign(x, centroids, metric: str = "l2", return_distances: bool = False, block: int = 65536):
     """Nearest centroid (L2 after normalising both for "cosine") of each row of x.
 
-    x: (M, C) numpy or torch; centroids: (K, C). Returns (M,) int64 (and (M,) float32 squared distances)
-    in the type and on the device of x.
+    x: (M, C) numpy or torch, float16 or float32; centroids: (K, C). Returns (M,) int64 (and (M,) float32
+    squared distances) in the type and on the device of x.
     """
     is_np = isinstance(x, np.ndarray)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if is_np else x.float()
+    xt = torch.from_numpy(np.ascontiguousarray(x)) if is_np else x
     ct = torch.as_tensor(centroids, dtype=torch.float32, device=xt.device)
-    if metric == "cosine":
-        xt, ct = torch.nn.functional.normalize(xt, dim=1), torch.nn.functional.normalize(ct, dim=1)
-    idx, dist = _nearest(xt, ct, block)
+    cosine = metric == "cosine"
+    idx, dist = _nearest(xt, F.normalize(ct, dim=1) if cosine else ct, block, normalize=cosine)
     if is_np:
         idx, dist = idx.numpy(), dist.numpy()
     return (idx, dist) if return_distances else idx
