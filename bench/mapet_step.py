@@ -196,7 +196,7 @@ def main() -> None:
         )
         if args.official:
             r = [a / b for a, b in zip(mapet.times, steps["official"].times, strict=True)]
-            q1, _, q3 = statistics.quantiles(r, n=4)
+            q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0], r[0], r[0])
             print(
                 f"  official: step {steps['official'].median:.3f} s, {gf('official')}; its loader builds masks "
                 f"in {statistics.median(builds):.3f} s per batch\n  MaPeT / official: "
