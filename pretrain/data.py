@@ -15,8 +15,8 @@ with the image bytes inside, resampled per rank and epoch so every rank gets equ
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
@@ -146,6 +146,36 @@ class EpochSampler(Sampler[int]):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
+MAX_OPEN_TARS = 16  # per loader worker
+
+
+class OpenTars:
+    """At most `limit` tars open at once, the least recently read closed first. An epoch streams from every
+    shard (ImageNet at 1,024 images per shard: ~1,250 tars), more than a process's usual limit of 1,024 open
+    files, while the shuffle buffer holds samples of the last few tars only, so a few open files suffice."""
+
+    def __init__(self, paths: list[str], limit: int):
+        self.paths, self.limit = paths, limit
+        self.files: OrderedDict[int, BinaryIO] = OrderedDict()
+
+    def __getitem__(self, t: int) -> BinaryIO:
+        f = self.files.pop(t, None)
+        if f is None:
+            if len(self.files) >= self.limit:
+                self.files.popitem(last=False)[1].close()
+            f = open(self.paths[t], "rb")
+        self.files[t] = f  # now the most recently read
+        return f
+
+    def __enter__(self) -> OpenTars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
 class StreamDataset(IterableDataset):
     """webdataset token shards, streamed: yields whole batches (pixels (b, S, S, 3) uint8, targets (b, G*G)).
 
@@ -197,16 +227,13 @@ class StreamDataset(IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         refs = self._refs()
-        with ExitStack() as files:
-            opened: dict[int, BinaryIO] = {}
+        with OpenTars(self.tars, MAX_OPEN_TARS) as opened:
             for b in range(self.batches_per_epoch):
                 batch = [next(refs) for _ in range(self.batch_size)]  # every worker walks the same references
                 if b < self.start_batch or (b - self.start_batch) % nw != wid:
                     continue  # the DataLoader takes workers round-robin from worker 0
                 pairs = []
                 for t, ref in batch:  # only this worker's batches are read from disk and decoded
-                    if t not in opened:
-                        opened[t] = files.enter_context(open(self.tars[t], "rb"))
                     s = read_sample(opened[t], self.tars[t], ref)
                     pairs.append(
                         make_sample(

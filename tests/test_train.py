@@ -18,6 +18,7 @@ from pretrain.mapet import MaPeT, random_orders
 from pretrain.train import Objective, TrainConfig, adamw, build_model, lr_at, param_groups, pretrain, step_aux
 from pretrain.vit import ViTConfig
 from tokenkit.errors import ConfigError, StoreError
+from tokenkit.store import TokenStore
 from tokenkit.tokenize import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig, keyed_rng
 
@@ -497,6 +498,39 @@ def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Worker)
     mine = [(x.sum().item(), y.tolist()) for x, y in ds]
     assert mine == everything[1::3] and len(reads) == 2 * 2  # batches 1 and 4, two samples each
+
+
+def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, monkeypatch):
+    """An epoch streams from every shard (ImageNet: ~1,250 tars, over the usual limit of 1,024 open files per
+    process): a worker keeps at most MAX_OPEN_TARS open, closing the least recently read, with the same
+    batches as with every tar open."""
+
+    import pretrain.data as data
+
+    cfg = TokenizeConfig(views=ViewConfig(1, "center"), format="wds", shard_size=1, workers=0)
+    store = tokenize(photos, codebook_path, tmp_path / "tokens", cfg, progress=False)
+    assert len(TokenStore.open(store).tar_paths()) == 12
+    fds = []
+    real = data.read_sample
+    monkeypatch.setattr(
+        data,
+        "read_sample",
+        lambda f, path, ref: fds.append(len(os.listdir("/proc/self/fd"))) or real(f, path, ref),
+    )
+
+    def run(limit):
+        monkeypatch.setattr(data, "MAX_OPEN_TARS", limit)
+        fds.clear()
+        base = len(os.listdir("/proc/self/fd"))
+        ds = data.StreamDataset(store, 64, batch_size=3, batches_per_epoch=8, seed=1, jitter=0.4, buffer=4)
+        out = [(x.sum().item(), y.tolist()) for x, y in ds]
+        assert len(os.listdir("/proc/self/fd")) == base  # all closed at the end
+        return out, max(fds) - base
+
+    everything, most_all = run(100)
+    few, most_few = run(2)
+    assert few == everything
+    assert most_few <= 2 < most_all
 
 
 def test_compiled_objective_equals_eager_on_cpu():
