@@ -13,7 +13,8 @@ Also the token store's share: a random batch read from a zarr store written by t
 (--store-rows rows, V 8, 14 x 14 tokens, ImageNet-like keys), reading every per-row array from zarr (as the
 trainer did before 2026-11-26) against reading only the tokens with the rest held in memory
 (`TokenStore.meta`, the trainer now); and the same rows from webdataset shards as `--data wds` streams
-them (each tar's member headers indexed once per epoch, then the sample's two members read by offset).
+them (each tar's sample index, from its member headers or its saved `.idx.npy`, then the sample's two
+members read by offset).
 """
 
 from __future__ import annotations
@@ -81,12 +82,14 @@ def store_read_ms(rows: int, batch: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times["all"]), statistics.median(times["tokens"])
 
 
-def wds_read_ms(rows: int, batch: int, repeats: int, jpeg: bytes) -> float:
-    """ms per sample of reading a random batch's (image bytes, token record) from token shards of 1,024
-    samples, with the index of every tar built once (as a streaming epoch does) and counted in."""
+def wds_read_ms(rows: int, batch: int, repeats: int, jpeg: bytes) -> tuple[float, float, float]:
+    """ms per sample of a tar's sample index, walked from its member headers and read from its saved
+    `.idx.npy`, and of reading a random batch's (image bytes, token record) from token shards of 1,024
+    samples by offset. Every loader worker indexes every tar its rank streams (each shuffles the same
+    references), so a worker pays the index W times per sample it decodes."""
     import tempfile
 
-    from tokenkit.wds import index_tar, pack_record, read_sample, write_tar
+    from tokenkit.wds import index_path, index_tar, load_index, pack_record, read_sample, write_tar
 
     shard, rng = 1024, np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as root:
@@ -100,7 +103,10 @@ def wds_read_ms(rows: int, batch: int, repeats: int, jpeg: bytes) -> float:
                 for j in range(shard)])  # fmt: skip
         t = time.perf_counter()
         refs = [index_tar(p) for p in tars]
-        index_ms = 1000 * (time.perf_counter() - t) / rows
+        headers_ms = 1000 * (time.perf_counter() - t) / rows
+        t = time.perf_counter()
+        assert [load_index(index_path(p)) for p in tars] == refs
+        saved_ms = 1000 * (time.perf_counter() - t) / rows
         times = []
         for _ in range(repeats):
             picks = [
@@ -115,7 +121,7 @@ def wds_read_ms(rows: int, batch: int, repeats: int, jpeg: bytes) -> float:
             for f in files.values():
                 f.close()
             times.append(1000 * (time.perf_counter() - t0) / batch)
-    return index_ms + statistics.median(times)
+    return headers_ms, saved_ms, statistics.median(times)
 
 
 def ms_per(fn, items, n: int) -> float:
@@ -168,9 +174,11 @@ def main() -> None:
         f"token store, random batch of {args.batch_size} of {args.store_rows} rows: every per-row array from "
         f"zarr {every:.2f} ms per row, tokens only {tokens:.2f} ms per row ({every / tokens:.1f}x)"
     )
-    wds = wds_read_ms(args.store_rows, args.batch_size, args.repeats, items[0][1])
+    headers, saved, read = wds_read_ms(args.store_rows, args.batch_size, args.repeats, items[0][1])
     print(
-        f"webdataset shards, same batches: {wds:.2f} ms per sample (tar index + image bytes + token record)"
+        f"webdataset shards, same batches: image bytes + token record {read:.3f} ms per sample; each tar's "
+        f"sample index {headers:.3f} ms per sample from its member headers, {saved:.3f} from its saved "
+        f".idx.npy ({headers / saved:.0f}x), paid once per worker: x W per decoded sample"
     )
     per_worker = 1000 / (med["whole sample"] + tokens)
     print(

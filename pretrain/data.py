@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, Sampler
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import keyed_rng, normalize, render_view, to_uint8
-from tokenkit.wds import SampleRef, index_tar, read_sample
+from tokenkit.wds import SampleRef, index_tar, load_index, read_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,9 +182,9 @@ class StreamDataset(IterableDataset):
     Per (epoch, rank) a keyed generator draws `len(shards)` shards with replacement (resampled shards: every
     rank streams the same amount whatever the shard sizes), a shuffle buffer mixes samples, and each
     DataLoader worker w takes batches start + w, start + w + W, ... so the batch sequence is the same for any
-    worker count: every worker shuffles the same stream of sample references, built from the tars' member
-    headers alone, and reads from disk and decodes only its own batches, so W workers read the data once,
-    not W times. `start_batch` skips already-consumed batches without reading them.
+    worker count: every worker shuffles the same stream of sample references, read from each tar's saved
+    index (`.idx.npy`, one small read; older stores: its member headers), and reads from disk and decodes
+    only its own batches, so W workers read the data once, not W times. `start_batch` skips already-consumed batches without reading them.
     """
 
     def __init__(
@@ -201,6 +201,7 @@ class StreamDataset(IterableDataset):
     ):
         store = TokenStore.open(root)
         self.tars = [str(p) for p in store.tar_paths()]
+        self.indexes = store.tar_indexes()
         if not self.tars:
             raise ValueError(
                 f"{root}: the store has no webdataset shards; tokenize with --format wds or both"
@@ -213,12 +214,13 @@ class StreamDataset(IterableDataset):
         self.epoch, self.start_batch = epoch, start_batch
 
     def _refs(self) -> Iterator[tuple[int, SampleRef]]:
-        """The epoch's shuffled stream of (tar number, sample reference): drawn from the tars' headers only."""
+        """The epoch's shuffled stream of (tar number, sample reference): drawn from the tars' indexes only."""
         rng = keyed_rng("stream", self.seed, self.epoch, self.rank)
         buf: list[tuple[int, SampleRef]] = []
         while True:
             for t in rng.integers(0, len(self.tars), len(self.tars)):
-                for ref in index_tar(self.tars[t]):
+                ix = self.indexes[t]
+                for ref in load_index(ix) if ix else index_tar(self.tars[t]):  # the saved index: one read
                     buf.append((int(t), ref))
                     if len(buf) >= self.buffer:
                         yield buf.pop(int(rng.integers(0, len(buf))))

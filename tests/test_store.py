@@ -65,6 +65,29 @@ def test_duplicated_key_is_found_even_with_matching_checksums(store):
     (store / "manifest.json").write_text(json.dumps(m))
     problems = verify(store)
     assert any("also appears in an earlier shard" in p for p in problems)
+    # the index saved beside shard 1 still lists shard 1's own samples: named, not trusted
+    assert any("shard-000001.idx.npy: does not list the samples of" in p for p in problems)
+
+
+def test_tar_indexes_list_each_tars_samples(pristine):
+    """Each tar's saved index is its header-only index, and is checksummed with the store."""
+    from tokenkit.wds import index_tar, load_index
+
+    st = TokenStore.open(pristine)
+    indexes = st.tar_indexes()
+    assert len(indexes) == len(st.tar_paths()) == 3
+    for tar, ix in zip(st.tar_paths(), indexes, strict=True):
+        assert ix.name == tar.name.replace(".tar", ".idx.npy")
+        assert load_index(ix) == index_tar(tar) and len(load_index(ix)) == 4
+    files = json.loads((pristine / "manifest.json").read_text())["shards"][0]["sha256"]
+    assert "wds/shard-000000.idx.npy" in files
+
+
+def test_damaged_tar_index(store):
+    ix = store / "wds/shard-000002.idx.npy"
+    ix.write_bytes(ix.read_bytes()[:-8])
+    (msg,) = verify(store)
+    assert "shard-000002.idx.npy: shard 2 sha256 mismatch" in msg
 
 
 def test_codebook_mismatch(store, tmp_path):

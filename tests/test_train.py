@@ -500,6 +500,33 @@ def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
     assert mine == everything[1::3] and len(reads) == 2 * 2  # batches 1 and 4, two samples each
 
 
+def test_streamed_workers_read_saved_tar_indexes(store, tmp_path, monkeypatch):
+    """Workers take each tar's sample list from its saved index, not from a walk over its member headers;
+    stores written before the indexes existed stream the same batches from the headers."""
+    import shutil
+
+    import pretrain.data as data
+
+    def batches(root):
+        ds = data.StreamDataset(root, 64, batch_size=2, batches_per_epoch=5, seed=1, jitter=0.4, buffer=4)
+        return [(x.sum().item(), y.tolist()) for x, y in ds]
+
+    walks = []
+    real = data.index_tar
+    monkeypatch.setattr(data, "index_tar", lambda p: walks.append(p) or real(p))
+    ref = batches(store)
+    assert walks == []
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    m = json.loads((old / "manifest.json").read_text())
+    for shard in m["shards"]:
+        index = shard["tar"].pop("index")
+        del shard["sha256"][index]
+        (old / index).unlink()
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert batches(old) == ref and walks
+
+
 def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, monkeypatch):
     """An epoch streams from every shard (ImageNet: ~1,250 tars, over the usual limit of 1,024 open files per
     process): a worker keeps at most MAX_OPEN_TARS open, closing the least recently read, with the same

@@ -18,7 +18,7 @@ from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError, TokenkitError
 from tokenkit.images import decode_image, read_locator
 from tokenkit.rowstore import STATUS_OK, RowStore
-from tokenkit.wds import iter_tar
+from tokenkit.wds import index_tar, iter_tar, load_index
 
 
 class TokenStore(RowStore):
@@ -69,13 +69,28 @@ class TokenStore(RowStore):
     def tar_paths(self) -> list[Path]:
         return [self.root / s["tar"]["path"] for s in self.manifest["shards"] if "tar" in s]
 
+    def tar_indexes(self) -> list[Path | None]:
+        """The sample index saved beside each tar (tar_paths' order); None for tars written before
+        2026-11-26, which readers index from their member headers."""
+        return [
+            self.root / s["tar"]["index"] if "index" in s["tar"] else None
+            for s in self.manifest["shards"]
+            if "tar" in s
+        ]
+
     def part(self, name: str | None):
         """select(rel) for verify_files / file_stats: the files of one format ("zarr": the arrays, "wds": the
-        tars), or None for every file."""
+        tars and their indexes), or None for every file."""
         if name is None:
             return None
-        tars = {s["tar"]["path"] for s in self.manifest["shards"] if "tar" in s}
-        return (lambda rel: rel in tars) if name == "wds" else (lambda rel: rel not in tars)
+        wds = {
+            rel
+            for s in self.manifest["shards"]
+            if "tar" in s
+            for rel in (s["tar"]["path"], s["tar"].get("index"))
+            if rel
+        }
+        return (lambda rel: rel in wds) if name == "wds" else (lambda rel: rel not in wds)
 
     def _need_zarr(self):
         if not self.has_zarr:
@@ -309,6 +324,10 @@ def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -
             continue
         p = store.root / shard["tar"]["path"]
         try:
+            if "index" in shard["tar"] and load_index(store.root / shard["tar"]["index"]) != index_tar(p):
+                problems.append(
+                    f"{store.root / shard['tar']['index']}: does not list the samples of {p}; re-run tokenize"
+                )
             n = 0
             for sample in iter_tar(p):
                 n += 1

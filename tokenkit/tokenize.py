@@ -229,7 +229,8 @@ class _TokenShard:
             record["sha256"] = write_shard(self.out, shard, self.start, buf)
         if self.wds_out:
             path = tar_name(shard)
-            write_tar(self.out / path, self.samples)
-            record["tar"] = {"path": path, "samples": len(self.samples)}
+            index = write_tar(self.out / path, self.samples).relative_to(self.out).as_posix()
+            record["tar"] = {"path": path, "samples": len(self.samples), "index": index}
             record["sha256"][path] = sha256_file(self.out / path)
+            record["sha256"][index] = sha256_file(self.out / index)
         return record

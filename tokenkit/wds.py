@@ -3,7 +3,9 @@
 Each sample is two members sharing the key: `{key}.{ext}`, the original image bytes, and `{key}.tokens.npy`,
 one numpy record (structured dtype, no pickle) with fields tokens (V, G, G) uint16|int32, views (V, 5)
 int32 and label int64. One record member instead of three keeps the per-sample tar padding to two headers.
-Tars are written with fixed mtime/owner so the same samples always give the same bytes.
+Tars are written with fixed mtime/owner so the same samples always give the same bytes. Beside each tar,
+`shard-IIIIII.idx.npy` lists its samples' byte ranges (the tar's header-only index, saved once), so a
+streaming reader that seeks to samples in shuffled order needs no walk over the tar's member headers.
 """
 
 from __future__ import annotations
@@ -65,14 +67,26 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: Path, samples: list[dict]) -> None:
-    """samples: dicts with key, ext, data (image bytes), record (packed). Written atomically."""
+def index_path(tar: Path | str) -> Path:
+    """`wds/shard-IIIIII.tar` -> `wds/shard-IIIIII.idx.npy`, the sample index saved beside it."""
+    tar = Path(tar)
+    return tar.with_name(tar.name.removesuffix(".tar") + ".idx.npy")
+
+
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    """samples: dicts with key, ext, data (image bytes), record (packed). Writes the tar, then its index
+    (index_path), each atomically; returns the index's path."""
     members = []
     for s in samples:
         members.append((f"{s['key']}.{s['ext']}", s["data"]))
         members.append((f"{s['key']}.{TOKENS_EXT}", s["record"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, tar_bytes(members))
+    data = tar_bytes(members)
+    atomic_write_bytes(path, data)
+    buf = io.BytesIO()
+    np.save(buf, index_array(index_tar(path, io.BytesIO(data))), allow_pickle=False)
+    atomic_write_bytes(index_path(path), buf.getvalue())
+    return index_path(path)
 
 
 class SampleRef(NamedTuple):
@@ -84,11 +98,43 @@ class SampleRef(NamedTuple):
     record: tuple[int, int]  # (offset, size) of the token record
 
 
-def index_tar(path: Path | str) -> list[SampleRef]:
+def index_array(refs: list[SampleRef]) -> np.ndarray:
+    """(n,) structured array of refs (what `.idx.npy` holds): key, ext, image / record offset and size."""
+    out = np.zeros(
+        len(refs),
+        dtype=[
+            ("key", f"<U{max((len(r.key) for r in refs), default=1)}"),
+            ("ext", f"<U{max((len(r.ext) for r in refs), default=1)}"),
+            ("image", "<i8", (2,)),
+            ("record", "<i8", (2,)),
+        ],
+    )
+    for i, r in enumerate(refs):
+        out[i] = (r.key, r.ext, r.image, r.record)
+    return out
+
+
+def load_index(path: Path | str) -> list[SampleRef]:
+    """The refs saved in a `.idx.npy` (index_array's inverse)."""
+    try:
+        a = np.load(path, allow_pickle=False)
+        return [
+            SampleRef(str(k), str(e), (int(i0), int(i1)), (int(r0), int(r1)))
+            for k, e, (i0, i1), (r0, r1) in zip(
+                a["key"], a["ext"], a["image"].tolist(), a["record"].tolist(), strict=True
+            )
+        ]
+    except (ValueError, OSError, KeyError) as e:
+        raise StoreError(
+            f"{path}: not a tokenkit tar index ({e}); the shard is damaged, re-run tokenize"
+        ) from e
+
+
+def index_tar(path: Path | str, fileobj: BinaryIO | None = None) -> list[SampleRef]:
     """The samples of one token shard, in order, from its member headers alone (no payload is read).
 
     Members with absolute or '..' paths are refused; a key seen twice in the shard, or a sample lacking its
-    image or its tokens, is an error.
+    image or its tokens, is an error. fileobj: the tar's bytes, when not read from path.
     """
     path = str(path)
     refs, seen, cur = [], set(), None
@@ -101,7 +147,7 @@ def index_tar(path: Path | str) -> list[SampleRef]:
         refs.append(SampleRef(c["key"], c["ext"], c["image"], c["record"]))
 
     try:
-        with tarfile.open(path, "r:") as tf:
+        with tarfile.open(path, "r:", fileobj=fileobj) as tf:
             for m in tf:
                 if not m.isfile():
                     continue
