@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, Sampler
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import keyed_rng, normalize, render_view, to_uint8
-from tokenkit.wds import SampleRef, index_tar, load_index, read_sample
+from tokenkit.wds import SampleRef, read_sample, tar_refs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -219,8 +219,7 @@ class StreamDataset(IterableDataset):
         buf: list[tuple[int, SampleRef]] = []
         while True:
             for t in rng.integers(0, len(self.tars), len(self.tars)):
-                ix = self.indexes[t]
-                for ref in load_index(ix) if ix else index_tar(self.tars[t]):  # the saved index: one read
+                for ref in tar_refs(self.tars[t], self.indexes[t]):
                     buf.append((int(t), ref))
                     if len(buf) >= self.buffer:
                         yield buf.pop(int(rng.integers(0, len(buf))))

@@ -98,7 +98,7 @@ def test_store_of_a_newer_format_is_refused_by_every_command(tmp_path, photos, c
 
 
 def test_on_error_raise_names_the_file_and_wds_only_stores_still_show(
-    tmp_path, photos, codebook_path, capsys
+    tmp_path, photos, codebook_path, capsys, monkeypatch
 ):
     import shutil
 
@@ -128,8 +128,14 @@ def test_on_error_raise_names_the_file_and_wds_only_stores_still_show(
         capsys,
     )
     assert rc == 0, err
+    import tokenkit.render as render
+
+    reads = []
+    real = render.read_sample
+    monkeypatch.setattr(render, "read_sample", lambda *a: reads.append(a[2].key) or real(*a))
     rc, _, _ = run(
         ["show", tmp_path / "w", "odd/chelsea", "--out", tmp_path / "w.png", "--size", "64"], capsys
     )
     assert rc == 0 and Image.open(tmp_path / "w.png").size == (2 * 64 + 12, 2 * (64 + 6) + 6)
+    assert reads == ["odd/chelsea"]  # found in the shards' indexes: one sample read, not every shard
     assert run(["show", tmp_path / "w", "nope", "--out", tmp_path / "x.png"], capsys)[0] == 2

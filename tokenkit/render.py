@@ -12,7 +12,7 @@ from tokenkit.errors import StoreError
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import render_view
-from tokenkit.wds import iter_tar
+from tokenkit.wds import read_sample, tar_refs
 
 
 def code_color(code: int) -> tuple[int, int, int]:
@@ -46,15 +46,21 @@ def token_overlay(
 def show(store: TokenStore, key: str, out: Path, size: int = 224, source_root: str | None = None) -> Path:
     """Write a PNG: for each stored view of `key`, the rendered view and the view with its tokens.
 
-    Reads the zarr arrays and the recorded source when the store has them, else scans its webdataset shards
-    (which carry the image bytes)."""
+    Reads the zarr arrays and the recorded source when the store has them, else finds the key in its
+    webdataset shards' indexes and reads that one sample (the shards carry the image bytes)."""
     if store.has_zarr:
         pos = store.index_of(key)
         sample = store.read([pos])
         img = store.image(pos, source_root)
         views, tokens = sample["views"][0], sample["tokens"][0]  # (V, 5), (V, G, G)
     else:
-        found = next((s for p in store.tar_paths() for s in iter_tar(p) if s["key"] == key), None)
+        found = None
+        for tar, index in zip(store.tar_paths(), store.tar_indexes(), strict=True):
+            ref = next((r for r in tar_refs(tar, index) if r.key == key), None)
+            if ref is not None:
+                with open(tar, "rb") as f:
+                    found = read_sample(f, str(tar), ref)
+                break
         if found is None:
             raise StoreError(f"{store.root}: no stored sample with key '{key}'")
         img = decode_image(found["data"], key)
