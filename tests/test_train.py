@@ -511,9 +511,11 @@ def test_streamed_workers_read_saved_tar_indexes(store, tmp_path, monkeypatch):
         ds = data.StreamDataset(root, 64, batch_size=2, batches_per_epoch=5, seed=1, jitter=0.4, buffer=4)
         return [(x.sum().item(), y.tolist()) for x, y in ds]
 
+    import tokenkit.wds as wds
+
     walks = []
-    real = data.index_tar
-    monkeypatch.setattr(data, "index_tar", lambda p: walks.append(p) or real(p))
+    real = wds.index_tar
+    monkeypatch.setattr(wds, "index_tar", lambda p: walks.append(p) or real(p))
     ref = batches(store)
     assert walks == []
     old = tmp_path / "old"
