@@ -2,6 +2,9 @@
 
 mapet pretrain --tokens STORE --out RUN --model mapet_small --objective mapet|beit [--resume auto]
 torchrun --nproc_per_node 8 -m cli.mapet pretrain ...
+mapet knn | linprobe | finetune --checkpoint RUN/last.pt --train DIR --val DIR
+mapet validate --checkpoint FT/last.pt --val DIR
+mapet export RUN/last.pt encoder.safetensors
 """
 
 from __future__ import annotations
@@ -18,20 +21,22 @@ from pretrain.evaluate import (
     default_crop_pct,
     encoder_of,
     extract,
+    in_classes,
     knn_classify,
     labelled_pair,
+    labelled_source,
     linear_probe,
     load_encoder,
     majority_baseline,
     top1,
 )
 from pretrain.export import export as export_model
-from pretrain.finetune import FinetuneConfig, classifier_of
+from pretrain.finetune import FinetuneConfig, classifier_of, validate
 from pretrain.finetune import finetune as run_finetune
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
-from tokenkit.errors import require
+from tokenkit.errors import SourceError, require
 from tokenkit.journal import atomic_write_json
 
 EXISTING = click.Path(exists=True, path_type=Path)
@@ -306,6 +311,59 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
         click.echo(
             f"finetune top-1: {100 * res['top1']:.2f}% (best {100 * res['best_top1']:.2f}%)  -> {out}/result.json"
         )
+
+
+@cli.command("validate")
+@click.option("--checkpoint", required=True, type=EXISTING, help="OUT/last.pt of 'mapet finetune'.")
+@click.option("--val", "val_dir", required=True, type=EXISTING, help="Labelled image folder or store.")
+@click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--out",
+    "out_json",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Result JSON (default: validate-<val folder name>.json beside the checkpoint).",
+)
+@click.option("--quiet", is_flag=True)
+def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device, out_json, quiet):
+    """Top-1 / top-5 of a fine-tuned classifier on a labelled folder or store (no training)."""
+    require(
+        (
+            ("--batch-size", batch_size, batch_size >= 1, ">= 1"),
+            ("--workers", workers, workers >= 0, ">= 0"),
+            ("--crop-pct", crop_pct, crop_pct is None or 0 < crop_pct <= 1, "in (0, 1]"),
+        )
+    )
+    device = Dist().device(device)
+    ckpt = load_checkpoint(checkpoint, kind=FINETUNE_KIND)
+    net = classifier_of(ckpt)
+    # val labels index the head's classes by name (checkpoints before 2026-11-26 record none: taken as is)
+    val = in_classes(labelled_source(val_dir), tuple(ckpt.get("classes", ())), f"{checkpoint}'s")
+    if len(val) and int(val.labels.max()) >= ckpt["num_classes"]:
+        raise SourceError(
+            f"{val_dir}: label {int(val.labels.max())} but {checkpoint} has {ckpt['num_classes']} classes; "
+            "validate on the classes it was fine-tuned on"
+        )
+    crop_pct = crop_pct or default_crop_pct(net.encoder.cfg.image_size)
+    res = validate(net, val, crop_pct, batch_size, workers, device, not quiet)
+    res.update(
+        {
+            "eval": "validate",
+            "image_size": net.encoder.cfg.image_size,
+            "crop_pct": crop_pct,
+            "checkpoint": str(checkpoint),
+            "val": str(val_dir),
+            "num_classes": ckpt["num_classes"],
+        }
+    )
+    out = out_json or Path(checkpoint).parent / f"validate-{Path(val_dir).resolve().name}.json"
+    atomic_write_json(out, res)
+    click.echo(
+        f"validate top-1: {100 * res['top1']:.2f}%  top-5: {100 * res['top5']:.2f}%  ({res['n_val']} images)"
+    )
 
 
 @cli.command()

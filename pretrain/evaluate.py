@@ -105,16 +105,22 @@ def labelled_pair(train_path: str | Path, val_path: str | Path) -> tuple[SampleI
     (sorted names), so a val folder lacking one of train's classes would shift every later label. Val labels
     are re-indexed by class name into train's classes; a val class that train lacks is refused. Integer
     labels without names (tar shards' .cls) are taken as they are."""
-    train, val = labelled_source(train_path), labelled_source(val_path)
-    if not (train.classes and val.classes) or train.classes == val.classes:
-        return train, val
-    if extra := sorted(set(val.classes) - set(train.classes)):
+    train = labelled_source(train_path)
+    return train, in_classes(labelled_source(val_path), train.classes, f"{train_path}'s")
+
+
+def in_classes(val: SampleIndex, classes: tuple[str, ...], whose: str) -> SampleIndex:
+    """val with its labels re-indexed by class name into `classes` (those `whose` names, for the error); a
+    val class outside them is refused. Sources without class names are returned as they are."""
+    if not (classes and val.classes) or tuple(classes) == val.classes:
+        return val
+    if extra := sorted(set(val.classes) - set(classes)):
         raise SourceError(
-            f"{val_path}: classes {', '.join(extra[:5])} are not among {train_path}'s classes; "
+            f"{val.root or val.tars[0]}: classes {', '.join(extra[:5])} are not among {whose} classes; "
             "evaluate on the same class folders"
         )
-    to_train = np.array([train.classes.index(c) for c in val.classes], dtype=np.int64)
-    return train, replace(val, labels=to_train[val.labels], classes=train.classes)
+    to_train = np.array([list(classes).index(c) for c in val.classes], dtype=np.int64)
+    return replace(val, labels=to_train[val.labels], classes=tuple(classes))
 
 
 def default_crop_pct(image_size: int) -> float:

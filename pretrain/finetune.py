@@ -30,7 +30,7 @@ from pretrain.data import IMAGENET_MEAN, to_input
 from pretrain.evaluate import CenterCropDataset
 from pretrain.train import adamw, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
-from tokenkit.errors import ConfigError, require
+from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.views import keyed_rng
@@ -180,20 +180,62 @@ class TrainDataset(Dataset):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader, device, autocast, world: int = 1) -> tuple[float, int]:
-    """Top-1 and the number of samples it counts (unreadable images, label -1, excluded), over all ranks."""
+def accuracy(
+    model: nn.Module, loader: DataLoader, device, autocast, world: int = 1, progress: bool = False
+) -> tuple[float, float, int]:
+    """Top-1, top-5 (top-k for fewer than 5 classes) and the number of samples they count (unreadable images,
+    label -1, excluded), over all ranks."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64)  # correct, total
-    for x, y in loader:
+    counts = torch.zeros(3, dtype=torch.float64)  # top-1 correct, top-5 correct, total
+    for x, y in tqdm(loader, desc="validate", unit="batch", disable=not progress, leave=False):
         keep = y >= 0
         with autocast:
-            pred = model(to_input(x, device)).argmax(1).cpu()
-        counts += torch.tensor([float((pred[keep] == y[keep]).sum()), float(keep.sum())], dtype=torch.float64)
+            logits = model(to_input(x, device))  # (B, classes)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()[keep]  # (b, 5)
+        hit = top == y[keep][:, None]  # (b, 5)
+        counts += torch.tensor(
+            [float(hit[:, 0].sum()), float(hit.any(1).sum()), float(keep.sum())], dtype=torch.float64
+        )
     if world > 1:
         counts = counts.to(device)
         torch.distributed.all_reduce(counts)
-    correct, total = counts.tolist()
-    return correct / max(total, 1), int(total)
+    top1, top5, total = counts.tolist()
+    return top1 / max(total, 1), top5 / max(total, 1), int(total)
+
+
+def bf16_on_cuda(device: torch.device):
+    """The autocast of fine-tuning and validation: bf16 on CUDA, none elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def validate(
+    net: Classifier,
+    val: SampleIndex,
+    crop_pct: float | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Top-1 / top-5 of a fine-tuned classifier on `val`, each image read as fine-tuning validates it
+    (Resize(S / crop_pct) + CenterCrop(S)): `mapet validate`, as BEiT's and MAE's `--eval`."""
+    dev = torch.device(device)
+    net = net.to(dev)
+    loader = DataLoader(
+        CenterCropDataset(val, net.encoder.cfg.image_size, crop_pct),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+    )
+    top1, top5, n = accuracy(net, loader, dev, bf16_on_cuda(dev), progress=progress)
+    if n == 0:
+        raise SourceError(
+            f"{val.root or val.tars[0]}: none of its {len(val)} images could be read (moved or damaged); "
+            "pass the image folder or shards themselves"
+        )
+    return {"top1": top1, "top5": top5, "n_val": n}
 
 
 RESUME_FREE = ("workers", "device")  # settings that may change between a run and its resume
@@ -251,11 +293,7 @@ def finetune(
         if world > 1
         else net
     )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    autocast = bf16_on_cuda(device)
     size = encoder.cfg.image_size
     train_ds = TrainDataset(train, size, cfg.randaug)
     sampler = DistributedSampler(
@@ -328,11 +366,12 @@ def finetune(
         del batches
         if world > 1:  # every rank's mean: the logged loss, and the same NaN verdict on every rank
             torch.distributed.all_reduce(loss_sum)
-        acc, n_val = accuracy(model, val_loader, device, autocast, world)
+        top1, top5, n_val = accuracy(model, val_loader, device, autocast, world)
         rec = {
             "epoch": epoch,
             "loss": float(loss_sum) / (steps * cfg.accum_steps * world),
-            "val_top1": acc,
+            "val_top1": top1,
+            "val_top5": top5,
             "n_val": n_val,
         }
         if not math.isfinite(rec["loss"]):
@@ -340,9 +379,10 @@ def finetune(
         history.append(rec)
         if rank == 0:  # the metrics first, then the checkpoint that makes the epoch count as done
             atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-            _save(out / "last.pt", encoder, net, opt, cfg, num_classes, epoch, history)
+            _save(out / "last.pt", encoder, net, opt, cfg, train.classes, epoch, history)
     result = {
         "top1": history[-1]["val_top1"],
+        "top5": history[-1].get("val_top5"),  # None: a run finished before top-5 was recorded
         "best_top1": max(r["val_top1"] for r in history),
         "epochs": cfg.epochs,
         "n_val": history[-1]["n_val"],
@@ -350,18 +390,19 @@ def finetune(
         "num_classes": num_classes,
     }
     if rank == 0:
-        _save(out / "last.pt", encoder, net, opt, cfg, num_classes, cfg.epochs - 1, history, result)
+        _save(out / "last.pt", encoder, net, opt, cfg, train.classes, cfg.epochs - 1, history, result)
         atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
 
 
-def _save(path, encoder, net, opt, cfg, num_classes, epoch, history, result=None) -> None:
+def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None) -> None:
     buf = io.BytesIO()
     ckpt = {
         "kind": FINETUNE_KIND,
         "format_version": FORMAT_VERSION,
         "vit": asdict(encoder.cfg),
-        "num_classes": num_classes,
+        "num_classes": net.head.out_features,
+        "classes": list(classes),  # the class names behind the head's outputs (empty: integer labels)
         "config": asdict(cfg),
         "epoch": epoch,
         "history": history,

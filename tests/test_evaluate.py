@@ -79,6 +79,15 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     res = json.loads((ft / "result.json").read_text())
     assert res["best_top1"] >= 0.75 and len((ft / "metrics.jsonl").read_text().splitlines()) == 6
     assert "finetune top-1" in capsys.readouterr().out
+    assert res["top5"] == 1.0  # two classes: the top two hold every label
+    # mapet validate reads val as fine-tuning validated it: the same top-1
+    val_args = ["--checkpoint", str(ft / "last.pt"), "--workers", "0", "--batch-size", "8", "--quiet"]
+    assert main(["validate", *val_args, "--val", str(data / "val")]) == 0
+    got = json.loads((ft / "validate-val.json").read_text())
+    assert got["top1"] == res["top1"] and got["n_val"] == 24 and got["top5"] == 1.0
+    assert "validate top-1" in capsys.readouterr().out
+    assert main(["validate", "--checkpoint", str(tmp_path / "knn.json"), "--val", str(data / "val")]) == 2
+    assert "re-create it with 'mapet finetune'" in capsys.readouterr().err
     assert main(_ft_args(data, ft, "--epochs", "6")) == 2  # a finished run is not overwritten
     assert "holds a fine-tuning run" in capsys.readouterr().err
     assert main(_ft_args(data, tmp_path / "bad", "--layer-decay", "0")) == 2
@@ -147,6 +156,12 @@ def test_export_to_an_unwritable_path_is_a_one_line_error(run, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("mapet: error: ") and str(tmp_path / "file") in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_validate_refuses_a_pre_training_checkpoint(run, tmp_path, capsys):
+    data = separable_folder(tmp_path / "data", n_per_class=2)
+    assert main(["validate", "--checkpoint", str(run), "--val", str(data / "val"), "--quiet"]) == 2
+    assert "not a 'mapet finetune' checkpoint; pass OUT/last.pt" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the planted file
@@ -333,6 +348,40 @@ def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):
     assert json.loads(out.read_text())["top1"] > 0.9
     shutil.copytree(data / "val" / "warm", data / "val" / "hot")
     assert main(["knn", *_eval_args(data)]) == 2
+    assert "classes hot are not among" in capsys.readouterr().err
+
+
+def test_validate_matches_val_classes_to_the_fine_tuned_ones_by_name(tmp_path, capsys):
+    """A val folder holding only 'warm' (class 1 of the fine-tuned head, class 0 of its own folder listing)
+    is scored against class 1: the classifier's own accuracy on those images; an unknown class is refused."""
+    import shutil
+
+    from pretrain.checkpoint import FINETUNE_KIND
+    from pretrain.data import to_input
+    from pretrain.evaluate import CenterCropDataset, labelled_source
+    from pretrain.finetune import classifier_of
+
+    data = separable_folder(tmp_path / "data")
+    ft = tmp_path / "ft"
+    assert main(_ft_args(data, ft, "--epochs", "2")) == 0
+    net = classifier_of(load_checkpoint(ft / "last.pt", kind=FINETUNE_KIND))
+    assert load_checkpoint(ft / "last.pt", kind=FINETUNE_KIND)["classes"] == ["cool", "warm"]
+    ds = CenterCropDataset(labelled_source(data / "val"), 64)
+    x, y = (
+        torch.stack(t)
+        for t in zip(*[(ds[i][0], torch.tensor(ds[i][1])) for i in range(len(ds))], strict=True)
+    )
+    with torch.no_grad():
+        pred = net(to_input(x, torch.device("cpu"))).argmax(1)
+    warm = float((pred[y == 1] == 1).float().mean())
+    shutil.rmtree(data / "val" / "cool")
+    out = tmp_path / "warm.json"
+    args = ["validate", "--checkpoint", str(ft / "last.pt"), "--workers", "0", "--quiet", "--out", str(out)]
+    assert main([*args, "--val", str(data / "val")]) == 0
+    got = json.loads(out.read_text())
+    assert got["n_val"] == 12 and got["top1"] == pytest.approx(warm)
+    shutil.copytree(data / "val" / "warm", data / "val" / "hot")
+    assert main([*args, "--val", str(data / "val")]) == 2
     assert "classes hot are not among" in capsys.readouterr().err
 
 
