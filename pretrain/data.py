@@ -184,7 +184,8 @@ class StreamDataset(IterableDataset):
     DataLoader worker w takes batches start + w, start + w + W, ... so the batch sequence is the same for any
     worker count: every worker shuffles the same stream of sample references, read from each tar's saved
     index (`.idx.npy`, one small read; older stores: its member headers), and reads from disk and decodes
-    only its own batches, so W workers read the data once, not W times. `start_batch` skips already-consumed batches without reading them.
+    only its own batches, so W workers read the data once, not W times. `start_batch` skips
+    already-consumed batches without reading them.
     """
 
     def __init__(

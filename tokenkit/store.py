@@ -324,12 +324,13 @@ def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -
             continue
         p = store.root / shard["tar"]["path"]
         try:
-            if "index" in shard["tar"] and load_index(store.root / shard["tar"]["index"]) != index_tar(p):
+            refs = index_tar(p)  # from the tar itself
+            if "index" in shard["tar"] and load_index(store.root / shard["tar"]["index"]) != refs:
                 problems.append(
                     f"{store.root / shard['tar']['index']}: does not list the samples of {p}; re-run tokenize"
                 )
             n = 0
-            for sample in iter_tar(p):
+            for sample in iter_tar(p, refs):
                 n += 1
                 if sample["key"] in seen:
                     problems.append(f"{p}: key '{sample['key']}' also appears in an earlier shard")

@@ -196,9 +196,10 @@ def read_sample(f: BinaryIO, path: str, ref: SampleRef) -> dict:
     return out
 
 
-def iter_tar(path: Path | str) -> Iterator[dict]:
-    """Yield samples {key, ext, data, tokens, views, label} of one token shard, in order (see index_tar)."""
-    refs = index_tar(path)
+def iter_tar(path: Path | str, refs: list[SampleRef] | None = None) -> Iterator[dict]:
+    """Yield samples {key, ext, data, tokens, views, label} of one token shard, in order, at `refs` (default:
+    index_tar's)."""
+    refs = index_tar(path) if refs is None else refs
     with open(path, "rb") as f:
         for ref in refs:
             yield read_sample(f, str(path), ref)
