@@ -185,14 +185,21 @@ def extract(
         labels.append(y)
     f, y = torch.cat(feats), torch.cat(labels)
     keep = y >= 0
-    if not keep.any():
-        raise SourceError(
-            f"{source.root or source.tars[0]}: none of its {len(y)} images could be read (moved or damaged); "
-            "pass the image folder or shards themselves"
-        )
-    if not keep.all():
-        tqdm.write(f"features: {int((~keep).sum())} of {len(y)} images unreadable, left out", file=sys.stderr)
+    count_readable(source, int(keep.sum()), "features")
     return f[keep], y[keep]
+
+
+def count_readable(source: SampleIndex, readable: int, what: str) -> None:
+    """Refuse a source none of whose images could be read; name how many were left out otherwise."""
+    if readable == 0:
+        raise SourceError(
+            f"{source.root or source.tars[0]}: none of its {len(source)} images could be read (moved or "
+            "damaged); pass the image folder or shards themselves"
+        )
+    if readable < len(source):
+        tqdm.write(
+            f"{what}: {len(source) - readable} of {len(source)} images unreadable, left out", file=sys.stderr
+        )
 
 
 def knn_classify(

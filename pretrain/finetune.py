@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, to_input
-from pretrain.evaluate import CenterCropDataset
+from pretrain.evaluate import CenterCropDataset, count_readable
 from pretrain.train import adamw, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
-from tokenkit.errors import ConfigError, SourceError, require
+from tokenkit.errors import ConfigError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.views import keyed_rng
@@ -230,11 +230,7 @@ def validate(
         pin_memory=dev.type == "cuda",
     )
     top1, top5, n = accuracy(net, loader, dev, bf16_on_cuda(dev), progress=progress)
-    if n == 0:
-        raise SourceError(
-            f"{val.root or val.tars[0]}: none of its {len(val)} images could be read (moved or damaged); "
-            "pass the image folder or shards themselves"
-        )
+    count_readable(val, n, "validate")
     return {"top1": top1, "top5": top5, "n_val": n}
 
 
