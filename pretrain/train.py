@@ -5,12 +5,16 @@ cosine schedule with linear warmup; gradient clipping; gradient accumulation; bf
 optional torch.compile; DDP under torchrun. Every random draw of step s (factorisation orders or BEiT
 masks, DropPath) is seeded by (seed, s), and the data order by (seed, epoch), so `--resume auto` replays the
 uninterrupted run exactly on CPU. Metrics go to RUN/metrics.jsonl, one JSON object per logged step.
+SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a job) makes the run checkpoint at its
+next logged step and raise `Stopped`, so a preempted run loses at most `--log-every` steps.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -173,6 +177,44 @@ def step_aux(
     )  # (B, G*G)
 
 
+class Stopped(Exception):
+    """The run checkpointed and stopped on a signal; `--resume auto` continues it exactly."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}: {checkpoint} holds it; run again with "
+            "--resume auto"
+        )
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class StopSignal:
+    """Records a SIGTERM instead of dying on it, while the loop runs (main thread only: Python delivers
+    signals there). The loop acts on it at its next logged step, when every rank can agree."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave a SIGTERM sent to the whole job (SLURM signals every process) to the main
+    process, which checkpoints first; they end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Objective(nn.Module):
     """What DDP wraps: forward = (loss, token top-1) of one micro-batch."""
 
@@ -310,102 +352,113 @@ def pretrain(
     t0, seen = time.perf_counter(), 0
     waited, t_log = 0.0, t0  # seconds blocked on the data loader since the last log, and when that was
     net.train()
-    while step < last:
-        epoch, start = divmod(step, steps_per_epoch)
-        if use_wds:
-            dataset.set_epoch(epoch, start * cfg.accum_steps)  # skips the batches already trained on
-        else:
-            dataset.set_epoch(epoch)
-            sampler.set_epoch(epoch, start * cfg.accum_steps)
-        loader = DataLoader(
-            dataset,
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            **loader_kw,
-        )
-        it = iter(loader)
-        while step < last and step // steps_per_epoch == epoch:
-            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
-            acc_sum = torch.zeros((), device=device)
-            for micro in range(cfg.accum_steps):
-                t_wait = time.perf_counter()
-                pixels, targets = next(it)  # (B, S, S, 3) uint8, (B, G*G)
-                waited += time.perf_counter() - t_wait
-                images = to_input(pixels, device)
-                targets = targets.to(device, non_blocking=True)
-                aux = step_aux(cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
-                    device
-                )
-                torch.manual_seed(int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62)))
-                sync = nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
-                with sync:
-                    with autocast:
-                        loss, acc = model(images, targets, aux)
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach().float()
-                acc_sum += acc.detach().float()
-            scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            seen += per_step
-            bar.update(1)
-            end_of_epoch = step % steps_per_epoch == 0
-            save = end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-            log = step % cfg.log_every == 0 or step == last or step == 1
-            if not (log or save):
-                continue  # no host-device sync on this step: the GPU runs ahead
-            sums = torch.stack([loss_sum, acc_sum])
-            if world > 1:  # every rank's mean: the logged figures, and the same NaN verdict on every rank
-                torch.distributed.all_reduce(sums)
-            loss_v, acc_v = (sums / (cfg.accum_steps * world)).tolist()
-            if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
-                raise FloatingPointError(
-                    f"step {step}: loss is {loss_v}; lower --lr or check the store (checked every "
-                    f"--log-every steps and before each checkpoint)"
-                )
-            if log and rank == 0:
-                now = time.perf_counter()
-                ips = seen / (now - t0)
-                data_wait = waited / (now - t_log)  # > ~0.1: the loader is the bottleneck (--workers)
-                waited, t_log = 0.0, now
-                rec = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss_v,
-                    "token_acc": acc_v,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "img_per_s": ips,
-                    "data_wait": data_wait,
-                }
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(
-                    loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}", ips=f"{ips:.1f}", wait=f"{100 * data_wait:.0f}%"
-                )
-            if save and rank == 0:
-                save_checkpoint(
-                    run,
-                    {
-                        **meta,
+    with StopSignal() as stop:  # a SIGTERM is acted on at the next logged step
+        while step < last:
+            epoch, start = divmod(step, steps_per_epoch)
+            if use_wds:
+                dataset.set_epoch(epoch, start * cfg.accum_steps)  # skips the batches already trained on
+            else:
+                dataset.set_epoch(epoch)
+                sampler.set_epoch(epoch, start * cfg.accum_steps)
+            loader = DataLoader(
+                dataset,
+                num_workers=cfg.workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+                worker_init_fn=ignore_sigterm,
+                **loader_kw,
+            )
+            it = iter(loader)
+            while step < last and step // steps_per_epoch == epoch:
+                lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
+                acc_sum = torch.zeros((), device=device)
+                for micro in range(cfg.accum_steps):
+                    t_wait = time.perf_counter()
+                    pixels, targets = next(it)  # (B, S, S, 3) uint8, (B, G*G)
+                    waited += time.perf_counter() - t_wait
+                    images = to_input(pixels, device)
+                    targets = targets.to(device, non_blocking=True)
+                    aux = step_aux(cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
+                        device
+                    )
+                    torch.manual_seed(int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62)))
+                    sync = nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
+                    with sync:
+                        with autocast:
+                            loss, acc = model(images, targets, aux)
+                        scaler.scale(loss / cfg.accum_steps).backward()
+                    loss_sum += loss.detach().float()
+                    acc_sum += acc.detach().float()
+                scaler.unscale_(opt)
+                grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                seen += per_step
+                bar.update(1)
+                end_of_epoch = step % steps_per_epoch == 0
+                save = end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                log = step % cfg.log_every == 0 or step == last or step == 1
+                if not (log or save):
+                    continue  # no host-device sync on this step: the GPU runs ahead
+                signalled = torch.tensor(float(stop.signum is not None), device=device)
+                sums = torch.stack([loss_sum, acc_sum, signalled])
+                if world > 1:  # every rank's mean and signal: the same NaN and stop verdicts on every rank
+                    torch.distributed.all_reduce(sums)
+                loss_v, acc_v, stopping = sums.tolist()
+                loss_v, acc_v = loss_v / (cfg.accum_steps * world), acc_v / (cfg.accum_steps * world)
+                save = save or stopping > 0  # a signal: checkpoint this step, then stop
+                if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
+                    raise FloatingPointError(
+                        f"step {step}: loss is {loss_v}; lower --lr or check the store (checked every "
+                        f"--log-every steps and before each checkpoint)"
+                    )
+                if log and rank == 0:
+                    now = time.perf_counter()
+                    ips = seen / (now - t0)
+                    data_wait = waited / (now - t_log)  # > ~0.1: the loader is the bottleneck (--workers)
+                    waited, t_log = 0.0, now
+                    rec = {
                         "step": step,
-                        "epoch": step // steps_per_epoch,
-                        "model": net.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scaler": scaler.state_dict(),
-                    },
-                    cfg.keep,
-                )
-            if end_of_epoch or step == last:
-                barrier()
-        del it, loader
+                        "epoch": epoch,
+                        "loss": loss_v,
+                        "token_acc": acc_v,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "img_per_s": ips,
+                        "data_wait": data_wait,
+                    }
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(
+                        loss=f"{loss_v:.4f}",
+                        acc=f"{acc_v:.3f}",
+                        ips=f"{ips:.1f}",
+                        wait=f"{100 * data_wait:.0f}%",
+                    )
+                if save and rank == 0:
+                    save_checkpoint(
+                        run,
+                        {
+                            **meta,
+                            "step": step,
+                            "epoch": step // steps_per_epoch,
+                            "model": net.state_dict(),
+                            "optimizer": opt.state_dict(),
+                            "scaler": scaler.state_dict(),
+                        },
+                        cfg.keep,
+                    )
+                if end_of_epoch or step == last or stopping:
+                    barrier()
+                if stopping and step < last:
+                    bar.close()
+                    raise Stopped(stop.signum or signal.SIGTERM, step, run / "last.pt")
+            del it, loader
     bar.close()
     return run / "last.pt"
 
