@@ -152,6 +152,49 @@ def test_beit_block_masking_statistics():
     assert masks.mean(0).min() > 0.02  # corners least often: blocks must fit inside the grid
 
 
+def beit_masking_reference(rnd, grid=14, n=75, min_patches=16, min_aspect=0.3) -> np.ndarray:
+    """BEiT's masking generator as its paper and code describe it, on Python's random: per rectangle up to 10
+    tries of area ~ U(min_patches, budget) (Python's uniform takes the bounds in either order), log-uniform
+    aspect, a random position inside the grid, accepted if it masks 1..budget new patches."""
+    mask = np.zeros((grid, grid), dtype=bool)
+    count = 0
+    while count < n:
+        budget, added = n - count, 0
+        for _ in range(10):
+            area = rnd.uniform(min_patches, budget)
+            aspect = np.exp(rnd.uniform(np.log(min_aspect), -np.log(min_aspect)))
+            h, w = round(np.sqrt(area * aspect)), round(np.sqrt(area / aspect))
+            if h < grid and w < grid:
+                top, left = rnd.randint(0, grid - h), rnd.randint(0, grid - w)
+                new = h * w - int(mask[top : top + h, left : left + w].sum())
+                if 0 < new <= budget:
+                    mask[top : top + h, left : left + w] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+def test_beit_masking_has_the_distribution_of_beits_generator():
+    """Counts and per-position rates of 3000 masks each match the reference's: in particular BEiT often
+    stops short of 75 (its last rectangle's area is drawn between the budget and 16)."""
+    import random
+
+    ours = np.stack([block_mask(np.random.default_rng(i), 14, 75) for i in range(3000)])
+    rnd = random.Random(0)
+    ref = np.stack([beit_masking_reference(rnd) for _ in range(3000)])
+    c, r = ours.sum((1, 2)), ref.sum((1, 2))
+    assert abs(c.mean() - r.mean()) < 0.15 and abs((c == 75).mean() - (r == 75).mean()) < 0.04
+    assert 0.55 < (r == 75).mean() < 0.8  # the reference itself: short masks are common
+    assert np.abs(ours.mean(0) - ref.mean(0)).max() < 0.05  # where the masks fall
+    for grid in (4, 7):  # smaller grids (tests, the quickstart): the minimum block shrinks with the grid
+        n = default_num_masked(grid * grid)
+        small = np.stack([block_mask(np.random.default_rng(i), grid, n) for i in range(500)]).sum((1, 2))
+        assert small.min() >= 1 and small.max() <= n and small.mean() > 0.8 * n
+
+
 def test_beit_predicts_only_masked_patches():
     torch.manual_seed(0)
     model = BEiT(CFG, vocab_size=11)
