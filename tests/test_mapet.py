@@ -157,23 +157,23 @@ def beit_masking_reference(rnd, grid=14, n=75, min_patches=16, min_aspect=0.3) -
     tries of area ~ U(min_patches, budget) (Python's uniform takes the bounds in either order), log-uniform
     aspect, a random position inside the grid, accepted if it masks 1..budget new patches."""
     mask = np.zeros((grid, grid), dtype=bool)
-    count = 0
-    while count < n:
-        budget, added = n - count, 0
+
+    def one_rectangle(budget: int) -> int:  # patches newly masked, 0 when no try fits
         for _ in range(10):
             area = rnd.uniform(min_patches, budget)
             aspect = np.exp(rnd.uniform(np.log(min_aspect), -np.log(min_aspect)))
             h, w = round(np.sqrt(area * aspect)), round(np.sqrt(area / aspect))
-            if h < grid and w < grid:
-                top, left = rnd.randint(0, grid - h), rnd.randint(0, grid - w)
-                new = h * w - int(mask[top : top + h, left : left + w].sum())
-                if 0 < new <= budget:
-                    mask[top : top + h, left : left + w] = True
-                    added = new
-                    break
-        if added == 0:
-            break
-        count += added
+            if max(h, w) >= grid:
+                continue
+            y, x = rnd.randint(0, grid - h), rnd.randint(0, grid - w)
+            fresh = h * w - int(mask[y : y + h, x : x + w].sum())
+            if fresh and fresh <= budget:
+                mask[y : y + h, x : x + w] = True
+                return fresh
+        return 0
+
+    while mask.sum() < n and one_rectangle(n - int(mask.sum())):
+        pass
     return mask
 
 
