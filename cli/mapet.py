@@ -33,7 +33,7 @@ from pretrain.evaluate import (
 from pretrain.export import export as export_model
 from pretrain.finetune import FinetuneConfig, classifier_of, validate
 from pretrain.finetune import finetune as run_finetune
-from pretrain.train import Stopped, TrainConfig
+from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
 from tokenkit.errors import SourceError, require
@@ -101,12 +101,7 @@ def pretrain(tokens, out, resume, quiet, **kw):
     dist = init_distributed()
     kw["device"] = dist.device(kw["device"])
     cfg = TrainConfig(tokens=str(tokens), out=str(out), **kw)
-    try:
-        last = run_pretrain(cfg, resume == "auto", dist.rank, dist.world, dist.barrier, not quiet)
-    except Stopped as e:  # preempted: checkpointed; the exit status of a process ended by the signal
-        if dist.rank == 0:
-            click.echo(f"mapet: {e}", err=True)
-        return 128 + e.signum
+    last = run_pretrain(cfg, resume == "auto", dist.rank, dist.world, dist.barrier, not quiet)
     if dist.rank == 0:
         click.echo(f"checkpoint: {last}")
 

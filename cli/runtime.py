@@ -14,6 +14,7 @@ import click
 import torch
 
 from tokenkit.errors import ConfigError, TokenkitError
+from tokenkit.stopsignal import Stopped
 
 
 @dataclass
@@ -68,6 +69,10 @@ def run_cli(group: click.Group, prog: str, argv: list[str] | None) -> int:
     except click.exceptions.Abort:
         click.echo(f"{prog}: aborted", err=True)
         return 130
+    except Stopped as e:  # preempted after making its work durable: the status of a process the signal ended
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"{prog}: {e}", err=True)
+        return 128 + e.signum
     except TokenkitError as e:
         # raised again by a DataLoader worker, the message carries the worker's traceback: keep its own line
         msg = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if "\n" in str(e) else str(e)

@@ -6,7 +6,7 @@ optional torch.compile; DDP under torchrun. Every random draw of step s (factori
 masks, DropPath) is seeded by (seed, s), and the data order by (seed, epoch), so `--resume auto` replays the
 uninterrupted run exactly on CPU. Metrics go to RUN/metrics.jsonl, one JSON object per logged step.
 SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a job) makes the run checkpoint at its
-next logged step and raise `Stopped`, so a preempted run loses at most `--log-every` steps.
+next logged step and raise `Stopped` (tokenkit.stopsignal), so a preempted run loses no finished step.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from pretrain.mapet import MaPeT, random_orders
 from pretrain.vit import PRESETS, ViTConfig
 from tokenkit.errors import ConfigError, StoreError, require
 from tokenkit.journal import atomic_write_bytes
+from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm
 from tokenkit.store import TokenStore, verify
 from tokenkit.views import keyed_rng
 
@@ -175,44 +175,6 @@ def step_aux(
     return torch.from_numpy(
         np.stack([block_mask(rng, grid, n).reshape(-1) for _ in range(batch)])
     )  # (B, G*G)
-
-
-class Stopped(Exception):
-    """The run checkpointed and stopped on a signal; `--resume auto` continues it exactly."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at step {step}: {checkpoint} holds it; run again with "
-            "--resume auto"
-        )
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-class StopSignal:
-    """Records a SIGTERM instead of dying on it, while the loop runs (main thread only: Python delivers
-    signals there). The loop acts on it at its next logged step, when every rank can agree."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = None
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._record)
-        return self
-
-    def _record(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader workers leave a SIGTERM sent to the whole job (SLURM signals every process) to the main
-    process, which checkpoints first; they end with it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Objective(nn.Module):
@@ -457,7 +419,10 @@ def pretrain(
                     barrier()
                 if stopping and step < last:
                     bar.close()
-                    raise Stopped(stop.signum or signal.SIGTERM, step, run / "last.pt")
+                    raise Stopped(
+                        stop.signum or signal.SIGTERM,
+                        f"at step {step}: {run / 'last.pt'} holds it; run again with --resume auto",
+                    )
             del it, loader
     bar.close()
     return run / "last.pt"

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.tokenkit import main
+from tests.preempt import run_preempted
 from tokenkit.clip_encoder import load_encoder
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError
@@ -189,6 +191,24 @@ def test_killed_job_resumes_to_a_byte_identical_store(tmp_path, photos, codebook
     tokenize(photos, codebook_path, out, CFG, resume=True, progress=False)
     assert tree_bytes(out) == tree_bytes(store_path)
     assert verify(out) == []
+
+
+def test_sigterm_stops_after_the_shard_in_flight_and_resumes_byte_identical(tmp_path, photos, codebook_path):
+    """A preempted tokenize job (SIGTERM to every process, as SLURM sends it) finishes and commits the shard in
+    flight (6 one-image batches: more than its one worker had prefetched, so the signalled worker must keep
+    serving), exits 143 with one line, and --resume completes the store an uninterrupted job writes."""
+    cfg = TokenizeConfig(views=ViewConfig(3, "random", seed=1), format="both", shard_size=6, workers=0)
+    ref = tokenize(photos, codebook_path, tmp_path / "ref", cfg, progress=False)
+    out = tmp_path / "store"
+    args = ["tokenize", str(photos), str(codebook_path), str(out), "--views", "3", "--view", "random", "--seed",
+            "1", "--format", "both", "--shard-size", "6", "--batch-size", "1", "--quiet"]  # fmt: skip
+    # SIGTERM to the job and its loader worker while the first batch of shard 0 is encoded
+    rc, err = run_preempted("cli.tokenkit", "tokenkit.tokenize:_TokenShard.add", 1, [*args, "--workers", "1"])
+    assert rc == 143, err[-2000:]
+    assert f"tokenkit: stopped by SIGTERM after work shard 0: {out} resumes with --resume" in err
+    assert "Traceback" not in err and not (out / "manifest.json").exists()
+    assert main([*args, "--workers", "0", "--resume"]) == 0
+    assert tree_bytes(out) == tree_bytes(ref)
 
 
 def test_two_rank_torchrun_equals_one_process(tmp_path, photos, codebook_path, store_path):

@@ -18,6 +18,7 @@ from pretrain.data import EpochSampler, StoreDataset, to_input
 from pretrain.mapet import MaPeT, random_orders
 from pretrain.train import Objective, TrainConfig, adamw, build_model, lr_at, param_groups, pretrain, step_aux
 from pretrain.vit import ViTConfig
+from tests.preempt import preempt_script, run_preempted
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.store import TokenStore
 from tokenkit.tokenize import TokenizeConfig, tokenize
@@ -193,21 +194,6 @@ def test_killed_run_resumes_with_the_same_loss_sequence(store, tmp_path, objecti
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-STOPPED = """
-import os, signal, sys
-import pretrain.train as t
-from cli.mapet import main
-real, calls = t.Objective.forward, [0]
-def forward(self, *a):
-    calls[0] += 1
-    if calls[0] == 2:  # during step 2: SIGTERM to the whole process group, loader worker too, as SLURM does
-        os.killpg(os.getpgid(0), signal.SIGTERM)
-    return real(self, *a)
-t.Objective.forward = forward
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_sigterm_checkpoints_at_the_next_logged_step_and_resumes_exactly(store, tmp_path):
     """A preempted run (SIGTERM during step 2) trains on to its next logged step (4, mid-epoch: epochs end at
     6 and 12), its loader worker signalled too but still serving steps 3 and 4; checkpoints there, exits 143
@@ -218,15 +204,9 @@ def test_sigterm_checkpoints_at_the_next_logged_step_and_resumes_exactly(store, 
     args = ["pretrain", "--tokens", str(store), "--out", str(run), "--model", "mapet_micro", "--image-size", "64",
             "--patch-size", "16", "--batch-size", "2", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3",
             "--log-every", "4", "--seed", "0", "--quiet"]  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, "-c", STOPPED, *args, "--workers", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        start_new_session=True,  # its own process group: the signal reaches the job alone
-        timeout=300,
-    )
-    err = r.stderr.decode()
-    assert r.returncode == 143, err[-2000:]
+    # SIGTERM to the job and its loader worker during step 2 (the objective's second call)
+    rc, err = run_preempted("cli.mapet", "pretrain.train:Objective.forward", 2, [*args, "--workers", "1"])
+    assert rc == 143, err[-2000:]
     assert f"stopped by SIGTERM at step 4: {run / 'last.pt'} holds it" in err and "Traceback" not in err
     assert load_checkpoint(run / "last.pt")["step"] == 4
     assert main([*args, "--workers", "0", "--resume", "auto"]) == 0
@@ -239,8 +219,9 @@ def test_a_sigterm_on_one_rank_stops_every_rank_at_the_same_step(store, tmp_path
     """Under torchrun the ranks agree on the stop at the next logged step: only rank 1 is signalled (during
     step 2), both train to step 4, rank 0 checkpoints it, both exit 143."""
     script = tmp_path / "job.py"
-    script.write_text(STOPPED.replace("calls[0] == 2:", "calls[0] == 2 and os.environ['RANK'] == '1':")
-                      .replace("os.killpg(os.getpgid(0), signal.SIGTERM)", "os.kill(os.getpid(), signal.SIGTERM)"))  # fmt: skip
+    script.write_text(
+        preempt_script("cli.mapet", "pretrain.train:Objective.forward", 2, ranks=("1",), whole_group=False)
+    )
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
            str(script), "pretrain", "--tokens", str(store), "--out", str(run), "--model", "mapet_micro",

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tokenkit.errors import ConfigError, ImageError
 from tokenkit.images import SampleIndex, decode_image
+from tokenkit.stopsignal import ignore_sigterm
 from tokenkit.views import ViewConfig, draw_views, render_view, to_uint8
 
 
@@ -85,6 +86,7 @@ def iter_shard_batches(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_sigterm,
     )
     for (sid, _, last), (items, pixels) in zip(plan, loader, strict=True):
         yield sid, items, pixels, last

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tokenkit.errors import ImageError
 from tokenkit.journal import Journal, shard_ranges
 from tokenkit.loader import ViewDataset, iter_shard_batches
+from tokenkit.stopsignal import Stopped, StopSignal
 
 
 class ShardWriter(Protocol):
@@ -64,23 +65,29 @@ def run_shards(
     bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{spec['job']}[{rank}]")
     current, skipped = None, []
     pin = writer.device.type == "cuda"
-    for sid, items, pixels, last in iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers, pin):
-        if sid != current:
-            current, skipped = sid, []
-            writer.begin(*ranges[sid])
-        for it in items:
-            if it["error"] is not None:
-                if on_error == "raise":
-                    raise ImageError(f"{it['error']} (or pass --on-error skip)")
-                skipped.append([keys[it["index"]], it["error"]])
-        ok = [it for it in items if it["error"] is None]
-        if ok:
-            writer.add(ok, pixels)
-        bar.update(len(items))
-        if last:
-            journal.commit(
-                sid, {**writer.commit(sid), "shard": sid, "rows": list(ranges[sid]), "skipped": skipped}
-            )
+    with StopSignal() as stop:  # a SIGTERM stops the job after the shard in flight is committed
+        batches = iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers, pin)
+        for sid, items, pixels, last in batches:
+            if sid != current:
+                current, skipped = sid, []
+                writer.begin(*ranges[sid])
+            for it in items:
+                if it["error"] is not None:
+                    if on_error == "raise":
+                        raise ImageError(f"{it['error']} (or pass --on-error skip)")
+                    skipped.append([keys[it["index"]], it["error"]])
+            ok = [it for it in items if it["error"] is None]
+            if ok:
+                writer.add(ok, pixels)
+            bar.update(len(items))
+            if last:
+                journal.commit(
+                    sid, {**writer.commit(sid), "shard": sid, "rows": list(ranges[sid]), "skipped": skipped}
+                )
+                if stop.signum is not None:
+                    bar.close()
+                    batches.close()  # the loader's workers end now
+                    raise Stopped(stop.signum, f"after work shard {sid}: {out} resumes with --resume")
     bar.close()
     barrier()
     if rank == 0:

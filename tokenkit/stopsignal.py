@@ -1,0 +1,48 @@
+"""Stopping long jobs cleanly on SIGTERM, the notice SLURM, Kubernetes and torchrun send before they kill.
+
+A job records the signal instead of dying on it (`StopSignal`), finishes the unit of work it is in (a work
+shard; a training step up to the next logged one), makes it durable (commit, checkpoint) and raises `Stopped`;
+the CLIs print its one line and exit 128 + the signal number, as a process ended by the signal would. Its
+DataLoader workers ignore the signal (`ignore_sigterm`), so a signal sent to every process of the job (what
+SLURM does) does not break the unit of work in flight.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class Stopped(Exception):
+    """The job stopped on a signal after making its work durable; re-running it with its resume flag
+    continues where it stopped."""
+
+    def __init__(self, signum: int, what: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {what}")
+        self.signum = signum
+
+
+class StopSignal:
+    """Records a SIGTERM while the `with` block runs (main thread only: Python delivers signals there)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn: leave a SIGTERM sent to the whole job to the main process, which makes its
+    work durable first; the workers end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
