@@ -21,7 +21,6 @@ from pretrain.evaluate import (
     default_crop_pct,
     encoder_of,
     extract,
-    in_classes,
     knn_classify,
     labelled_pair,
     labelled_source,
@@ -36,7 +35,7 @@ from pretrain.finetune import finetune as run_finetune
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
-from tokenkit.errors import SourceError, require
+from tokenkit.errors import require
 from tokenkit.journal import atomic_write_json
 
 EXISTING = click.Path(exists=True, path_type=Path)
@@ -339,26 +338,10 @@ def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device,
     )
     device = Dist().device(device)
     ckpt = load_checkpoint(checkpoint, kind=FINETUNE_KIND)
-    net = classifier_of(ckpt)
-    # val labels index the head's classes by name (checkpoints before 2026-11-26 record none: taken as is)
-    val = in_classes(labelled_source(val_dir), tuple(ckpt.get("classes", ())), f"{checkpoint}'s")
-    if len(val) and int(val.labels.max()) >= ckpt["num_classes"]:
-        raise SourceError(
-            f"{val_dir}: label {int(val.labels.max())} but {checkpoint} has {ckpt['num_classes']} classes; "
-            "validate on the classes it was fine-tuned on"
-        )
-    crop_pct = crop_pct or default_crop_pct(net.encoder.cfg.image_size)
-    res = validate(net, val, crop_pct, batch_size, workers, device, not quiet)
-    res.update(
-        {
-            "eval": "validate",
-            "image_size": net.encoder.cfg.image_size,
-            "crop_pct": crop_pct,
-            "checkpoint": str(checkpoint),
-            "val": str(val_dir),
-            "num_classes": ckpt["num_classes"],
-        }
+    res = validate(
+        ckpt, labelled_source(val_dir), crop_pct, batch_size, workers, device, not quiet, str(checkpoint)
     )
+    res.update({"eval": "validate", "checkpoint": str(checkpoint), "val": str(val_dir)})
     out = out_json or Path(checkpoint).parent / f"validate-{Path(val_dir).resolve().name}.json"
     atomic_write_json(out, res)
     click.echo(

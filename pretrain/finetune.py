@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, to_input
-from pretrain.evaluate import CenterCropDataset, count_readable
+from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
 from pretrain.train import adamw, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
-from tokenkit.errors import ConfigError, require
+from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.views import keyed_rng
@@ -211,27 +211,45 @@ def bf16_on_cuda(device: torch.device):
 
 
 def validate(
-    net: Classifier,
+    ckpt: dict,
     val: SampleIndex,
     crop_pct: float | None = None,
     batch_size: int = 64,
     workers: int = 2,
     device: str = "cpu",
     progress: bool = True,
+    name: str = "the checkpoint",
 ) -> dict:
-    """Top-1 / top-5 of a fine-tuned classifier on `val`, each image read as fine-tuning validates it
-    (Resize(S / crop_pct) + CenterCrop(S)): `mapet validate`, as BEiT's and MAE's `--eval`."""
+    """Top-1 / top-5 of the fine-tuned classifier in a loaded `mapet finetune` checkpoint on `val`, each image
+    read as fine-tuning validates it (Resize(S / crop_pct) + CenterCrop(S)): `mapet validate`, as BEiT's and
+    MAE's `--eval`. Val labels are matched by name to the class names the checkpoint records (runs before
+    2026-11-26 record none: labels taken as they are). name: the checkpoint, for errors."""
+    net = classifier_of(ckpt)
+    val = in_classes(val, tuple(ckpt.get("classes", ())), f"{name}'s")
+    if len(val) and int(val.labels.max()) >= ckpt["num_classes"]:
+        raise SourceError(
+            f"{val.root or val.tars[0]}: label {int(val.labels.max())} but {name} has {ckpt['num_classes']} "
+            "classes; validate on the classes it was fine-tuned on"
+        )
+    size = net.encoder.cfg.image_size
+    crop_pct = crop_pct or default_crop_pct(size)
     dev = torch.device(device)
-    net = net.to(dev)
     loader = DataLoader(
-        CenterCropDataset(val, net.encoder.cfg.image_size, crop_pct),
+        CenterCropDataset(val, size, crop_pct),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=dev.type == "cuda",
     )
-    top1, top5, n = accuracy(net, loader, dev, bf16_on_cuda(dev), progress=progress)
+    top1, top5, n = accuracy(net.to(dev), loader, dev, bf16_on_cuda(dev), progress=progress)
     count_readable(val, n, "validate")
-    return {"top1": top1, "top5": top5, "n_val": n}
+    return {
+        "top1": top1,
+        "top5": top5,
+        "n_val": n,
+        "image_size": size,
+        "crop_pct": crop_pct,
+        "num_classes": ckpt["num_classes"],
+    }
 
 
 RESUME_FREE = ("workers", "device")  # settings that may change between a run and its resume
