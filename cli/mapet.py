@@ -96,7 +96,9 @@ def cli():
 @resume_option("RUN")
 @click.option("--quiet", is_flag=True)
 def pretrain(tokens, out, resume, quiet, **kw):
-    """Pre-train a ViT with the MaPeT (or BEiT) objective on the cached targets of a token store."""
+    """Pre-train a ViT with the MaPeT (or BEiT) objective on the cached targets of a token store.
+
+    On SIGTERM (preemption) it trains on to the next logged step, checkpoints it and exits 143."""
     dist = init_distributed()
     kw["device"] = dist.device(kw["device"])
     cfg = TrainConfig(tokens=str(tokens), out=str(out), **kw)

@@ -90,7 +90,9 @@ job_options = with_options(
 @job_options
 @click.pass_context
 def features(ctx, images, out, preset, **kw):
-    """Extract CLIP patch features of IMAGES (folder or tar shards) into the float16 zarr store OUT."""
+    """Extract CLIP patch features of IMAGES (folder or tar shards) into the float16 zarr store OUT.
+
+    On SIGTERM (preemption) it commits the work shard in flight and exits 143; --resume continues."""
     kw = apply_preset(ctx, PRESETS, preset, kw)
     dist = init_distributed()
     spec = resolve_spec(kw["model"], kw["pretrained"], kw["grid"], kw["image_size"], kw["layer"], kw["seed"])
@@ -171,7 +173,9 @@ def codebook(ctx, features_store, out, preset, **kw):
 )
 @job_options
 def tokenize(images, codebook_path, out, views, view_mode, scale, ratio, flip, seed, fmt, **kw):
-    """Tokenize IMAGES with CODEBOOK into the token store OUT (zarr and/or webdataset shards)."""
+    """Tokenize IMAGES with CODEBOOK into the token store OUT (zarr and/or webdataset shards).
+
+    On SIGTERM (preemption) it commits the work shard in flight and exits 143; --resume continues."""
     dist = init_distributed()
     mode = view_mode or ("center" if views == 1 else "random")
     cfg = TokenizeConfig(
