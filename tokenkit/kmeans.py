@@ -102,16 +102,14 @@ def fit(x: np.ndarray, cfg: KMeansConfig, device: str | None = None, progress: b
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cosine = cfg.metric == "cosine"
+    xt = torch.from_numpy(np.ascontiguousarray(x))  # (M, C) in x's dtype, x's memory when contiguous
     if resolve_backend(cfg.backend) == "faiss":
         x32 = np.ascontiguousarray(x, dtype=np.float32)  # no copy when x is float32 already
         centroids, ran = _fit_faiss(normalize(x32) if cosine else x32, cfg, progress)
         del x32
     else:
-        xt = torch.from_numpy(np.ascontiguousarray(x))
         centroids, ran = _fit_torch(xt, cfg, dev, progress).cpu().numpy(), f"torch-{dev.type}"
-    labels, d2 = _nearest(
-        torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(centroids).to(dev), normalize=cosine
-    )
+    labels, d2 = _nearest(xt, torch.from_numpy(centroids).to(dev), normalize=cosine)
     sizes = torch.bincount(labels, minlength=cfg.k).cpu().numpy().astype(np.int64)
     return KMeansResult(centroids, float(d2.double().mean()), sizes, ran)
 
