@@ -5,7 +5,10 @@
 #
 # OUTDIR gets one log per step. With a checkout of aimagelab/MaPeT and a folder holding timm 0.6.x, the
 # official step runs beside this project's (bench/official_step.py). Steps run in order of importance and
-# each one's failure is logged without stopping the rest. STEPS="name ..." runs only the steps named.
+# each one's failure is logged without stopping the rest. STEPS="name ..." runs only the steps named. Each
+# step is stopped after its time limit (seconds, the second argument of `step`), so a slow step costs its
+# limit and no more. On an H200 (2026-11-26) test_cuda took 97 s, mapet_step_b8 92 s, mapet_step_b128 81 s,
+# loader_transfer 6 s; the limits sum to 21 minutes, so a 10-minute call runs a few steps (STEPS="...").
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_all.sh OUTDIR [OFFICIAL_REPO TIMM_0_6_DIR]}
 official=()
@@ -14,24 +17,27 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python}
 
-step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, report the exit status
-    local name=$1
-    shift
+step() {  # step NAME LIMIT COMMAND...: run for at most LIMIT s, log to OUTDIR/NAME.log, report the exit
+    local name=$1 limit=$2
+    shift 2
     [[ -z ${STEPS:-} || " $STEPS " == *" $name "* ]] || return 0
     echo "== $name: $*"
     local t=$SECONDS
-    "$@" 2>&1 | tee "$out/$name.log"
-    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t)) s"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [[ $rc == 124 ]] && echo "== $name: stopped at its limit of $limit s"
+    echo "== $name: exit $rc after $((SECONDS - t)) s"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.log"
-step test_cuda "$py" -m pytest -p no:warnings -q -rs -s tests/test_cuda.py
-step mapet_step_b8 "$py" bench/mapet_step.py --device cuda --sizes tiny small base --batch 8 --iters 20 \
+step test_cuda 180 "$py" -m pytest -p no:warnings -q -rs -s tests/test_cuda.py
+step mapet_step_b8 150 "$py" bench/mapet_step.py --device cuda --sizes tiny small base --batch 8 --iters 20 \
     --warmup 5 "${official[@]}"
-step mapet_step_b128 "$py" bench/mapet_step.py --device cuda --sizes small base --batch 128 --iters 10 \
+step mapet_step_b128 150 "$py" bench/mapet_step.py --device cuda --sizes small base --batch 128 --iters 10 \
     --warmup 3 "${official[@]}"
-step mapet_step_b128_compile "$py" bench/mapet_step.py --device cuda --sizes base --batch 128 \
+step mapet_step_b128_compile 300 "$py" bench/mapet_step.py --device cuda --sizes base --batch 128 \
     --iters 10 --warmup 3 --compile "${official[@]}"
-step loader_transfer "$py" bench/loader_transfer.py --workers 14
-step tokenize "$py" bench/tokenize_throughput.py --device cuda --images 4096 --batch-size 64 --workers 14
-step kmeans "$py" bench/kmeans_backends.py --n 200000 --dim 768 --k 1024 8192 --niter 10
+step loader_transfer 60 "$py" bench/loader_transfer.py --workers 14
+step tokenize 180 "$py" bench/tokenize_throughput.py --device cuda --images 8192 --batch-size 64 --workers 14 \
+    --repeats 2
+step kmeans 240 "$py" bench/kmeans_backends.py --n 200000 --dim 768 --k 1024 8192 --niter 10
