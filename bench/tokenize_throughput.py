@@ -12,7 +12,8 @@ Each repeat runs the job twice, on the first half of the images and on all of th
 so the job's fixed costs (building the model, starting the workers, the manifest) cancel; that is the rate a
 dataset-sized job runs at. The input side alone (the same DataLoader workers decoding and rendering, no
 model) is measured the same two ways: when its steady rate is below the bare forward, the job is bound by
-the CPU's decoding, not by CLIP.
+the CPU's decoding, not by CLIP. It also prints the main thread's own CPU time per image (steady): on a
+GPU the forward waits on the device, so this is what one process's job can do at most, whatever the GPU.
 """
 
 from __future__ import annotations
@@ -136,10 +137,11 @@ def main() -> None:
             device=str(device),
         )
 
-        def job(m: int, r: int) -> float:
-            t = time.perf_counter()
+        def job(m: int, r: int) -> tuple[float, float]:
+            """(wall seconds, CPU seconds of the main thread) of one tokenize job over the first m images."""
+            c, t = time.thread_time(), time.perf_counter()
             tokenize(folders[m], cb_path, tmp / f"tok{r}-{m}", cfg, progress=False)
-            return time.perf_counter() - t
+            return time.perf_counter() - t, time.thread_time() - c
 
         def input_side(m: int) -> float:
             s = list_folder(folders[m])
@@ -152,10 +154,11 @@ def main() -> None:
         rows = []
         for r in range(args.repeats):  # alternate them: a shared machine's speed drifts by +-15%
             bare = n / bare_forward()
-            t_half, t_all = job(n // 2, r), job(n, r)
+            (t_half, c_half), (t_all, c_all) = job(n // 2, r), job(n, r)
             whole, steady = n / t_all, (n - n // 2) / (t_all - t_half)
+            main_ms = 1e3 * (c_all - c_half) / (n - n // 2)
             i_half, i_all = input_side(n // 2), input_side(n)
-            rows.append((bare, whole, steady, n / i_all, (n - n // 2) / (i_all - i_half)))
+            rows.append((bare, whole, steady, n / i_all, (n - n // 2) / (i_all - i_half), main_ms))
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -165,17 +168,18 @@ def main() -> None:
         f"device: {name}; model {args.model} {spec.image_size}px grid {args.grid}, K {args.k}, batch {B}, "
         f"{n} images (and their first {n // 2}), {args.workers} workers"
     )
-    for i, (bare, whole, steady, i_whole, i_steady) in enumerate(rows):
+    for i, (bare, whole, steady, i_whole, i_steady, main_ms) in enumerate(rows):
         print(
             f"repeat {i}: bare CLIP forward {bare:.1f} img/s | tokenize job {whole:.1f} img/s whole, {steady:.1f} "
             f"steady | input side alone {i_whole:.1f} img/s whole, {i_steady:.1f} steady | ratio job / bare "
-            f"{whole / bare:.3f} whole, {steady / bare:.3f} steady"
+            f"{whole / bare:.3f} whole, {steady / bare:.3f} steady | main thread's CPU {main_ms:.3f} ms/img steady"
         )
     med = [statistics.median(row[j] / row[0] for row in rows) for j in (1, 2)]
-    inp = statistics.median(row[4] for row in rows)
+    inp, main_ms = (statistics.median(row[j] for row in rows) for j in (4, 5))
     print(
         f"median ratio tokenize / bare forward: {med[0]:.3f} whole job, {med[1]:.3f} steady (goal >= 0.85); "
-        f"input side alone, steady: {inp:.1f} img/s"
+        f"input side alone, steady: {inp:.1f} img/s; the job's main thread: {main_ms:.3f} ms of CPU per image "
+        f"(a ceiling of {1e3 / main_ms:.0f} img/s for one process)"
     )
 
 

@@ -130,6 +130,10 @@ def test_disk_full_stops_cleanly_and_resumes(refs, photos, codebook_path, tmp_pa
     err = capsys.readouterr().err
     assert "disk full; free space and re-run with --resume" in err and "Traceback" not in err
     assert not (out / "manifest.json").exists()
+    # what a kill during a write leaves: our temporary file, and zarr's (a shard is written on the commit
+    # thread while the next shard's batches run, so a kill can land in the middle of zarr's write)
+    (out / "wds/.shard-000002.tar.tmp-4242").write_bytes(b"torn")
+    (out / "tokens/c/1/0/0/0.3003cc760f9144328ab9f8063d4fb80f.partial").write_bytes(b"")
     monkeypatch.setattr(tokenkit.wds, "atomic_write_bytes", real)
     assert tokenkit_main([*argv, "--resume"]) == 0
     assert tree_bytes(out) == tree_bytes(refs["tokenize"])

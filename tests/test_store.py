@@ -83,6 +83,28 @@ def test_tar_indexes_list_each_tars_samples(pristine):
     assert "wds/shard-000000.idx.npy" in files
 
 
+def test_written_tar_index_matches_its_headers_for_any_name_and_size(tmp_path):
+    """write_tar saves the byte ranges it wrote (no re-parse): they must be what the member headers say,
+    also for names that need a PAX header (long, non-ASCII) and sizes at the 512-byte block edges."""
+    from tokenkit.wds import index_tar, load_index, write_tar
+
+    rng = np.random.default_rng(0)
+    keys = ["a", "k" * 180, "d/ünï-cödé", "e", "f", "g"]
+    sizes = [0, 1, 511, 512, 513, 3000]
+    samples = [
+        {"key": k, "ext": "jpg", "data": rng.bytes(n), "record": rng.bytes(100 + 37 * i)}
+        for i, (k, n) in enumerate(zip(keys, sizes, strict=True))
+    ]
+    tar = tmp_path / "shard-000000.tar"
+    refs = load_index(write_tar(tar, samples))
+    assert refs == index_tar(tar)
+    raw = tar.read_bytes()
+    for r, s in zip(refs, samples, strict=True):
+        (io, isz), (ro, rsz) = r.image, r.record
+        assert (r.key, r.ext) == (s["key"], "jpg")
+        assert raw[io : io + isz] == s["data"] and raw[ro : ro + rsz] == s["record"]
+
+
 def test_damaged_tar_index(store):
     ix = store / "wds/shard-000002.idx.npy"
     ix.write_bytes(ix.read_bytes()[:-8])

@@ -181,6 +181,13 @@ class _FeatureShard:
             self.buf["patch"][r] = pick
             self.buf["status"][r] = STATUS_OK
 
-    def commit(self, shard: int) -> dict:
-        sums = write_shard(self.out, shard, self.start, self.buf)
-        return {"ok": int((self.buf["status"] == STATUS_OK).sum()), "sha256": sums}
+    def seal(self, shard: int) -> Callable[[], dict]:
+        buf, start = self.buf, self.start  # begin() replaces them for the next shard
+
+        def write() -> dict:
+            return {
+                "ok": int((buf["status"] == STATUS_OK).sum()),
+                "sha256": write_shard(self.out, shard, start, buf),
+            }
+
+        return write

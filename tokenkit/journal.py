@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -121,8 +122,7 @@ class Journal:
                 )
             if not resume:
                 raise StoreError(f"{self.out}: holds an unfinished job; pass --resume to continue it")
-            for tmp in self.out.rglob(".*.tmp-*"):  # torn writes of the killed run; never valid
-                tmp.unlink()
+            remove_torn_writes(self.out)
             return False
         if self.out.exists() and any(self.out.iterdir()):
             # a job killed while initialising leaves arrays but no _job.json: start it again
@@ -165,8 +165,18 @@ class Journal:
                 p.unlink()
             self.progress.rmdir()
         self.job_path.unlink(missing_ok=True)
-        for tmp in self.out.rglob(".*.tmp-*"):
-            tmp.unlink()
+        remove_torn_writes(self.out)
+
+
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes NAME.<uuid hex>.partial
+
+
+def remove_torn_writes(out: Path) -> None:
+    """Delete the temporary files a killed job left behind: ours (`.NAME.tmp-PID`) and zarr's
+    (`NAME.<uuid>.partial`). Never valid: each is renamed into place only once complete."""
+    for f in out.rglob("*"):
+        if f.is_file() and ((f.name.startswith(".") and ".tmp-" in f.name) or _ZARR_PARTIAL.search(f.name)):
+            f.unlink()
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:

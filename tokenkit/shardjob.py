@@ -3,12 +3,15 @@
 A job is N source rows cut into work shards of `shard_size` rows. Rank 0 creates or checks the output
 (`Journal.begin`); every rank then takes its pending shards (round-robin), feeds their batches to a
 `ShardWriter`, and commits each finished shard with a record; rank 0 collects the records into the manifest.
-Bad images are skipped and listed (`on_error="skip"`) or stop the job (`"raise"`).
+A finished shard's files are written and committed on a second thread while the next shard's batches run
+(one shard in flight, committed in order), so the model does not wait for tar building, checksums and
+fsync. Bad images are skipped and listed (`on_error="skip"`) or stop the job (`"raise"`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -31,8 +34,10 @@ class ShardWriter(Protocol):
         """The decoded items of one batch (ViewDataset items without errors) and their views' pixels,
         (len(items) * V, S, S, 3) uint8 in item order."""
 
-    def commit(self, shard: int) -> dict:
-        """Write the shard's files; return its record (at least "ok", the stored count, and "sha256")."""
+    def seal(self, shard: int) -> Callable[[], dict]:
+        """The shard's rows are all added: return a function that writes its files and returns its record (at
+        least "ok", the stored count, and "sha256"). It runs on the commit thread while the next shard
+        fills, so it may use only what it holds now (`begin` starts new buffers)."""
 
 
 def run_shards(
@@ -65,7 +70,9 @@ def run_shards(
     bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{spec['job']}[{rank}]")
     current, skipped = None, []
     pin = writer.device.type == "cuda"
-    with StopSignal() as stop:  # a SIGTERM stops the job after the shard in flight is committed
+    inflight: Future | None = None  # the commit of the previous shard
+    # a SIGTERM stops the job after the shard in flight is committed; leaving the pool waits for its commit
+    with StopSignal() as stop, ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
         batches = iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers, pin)
         for sid, items, pixels, last in batches:
             if sid != current:
@@ -81,13 +88,19 @@ def run_shards(
                 writer.add(ok, pixels)
             bar.update(len(items))
             if last:
-                journal.commit(
-                    sid, {**writer.commit(sid), "shard": sid, "rows": list(ranges[sid]), "skipped": skipped}
+                write, meta = writer.seal(sid), {"shard": sid, "rows": list(ranges[sid]), "skipped": skipped}
+                if inflight is not None:
+                    inflight.result()  # raises the commit thread's error here
+                inflight = pool.submit(
+                    lambda sid=sid, write=write, meta=meta: journal.commit(sid, {**write(), **meta})
                 )
                 if stop.signum is not None:
+                    inflight.result()
                     bar.close()
                     batches.close()  # the loader's workers end now
                     raise Stopped(stop.signum, f"after work shard {sid}: {out} resumes with --resume")
+        if inflight is not None:
+            inflight.result()
     bar.close()
     barrier()
     if rank == 0:

@@ -215,22 +215,26 @@ class _TokenShard:
                     {"key": src.keys[i], "ext": src.ext(i), "data": it["data"], "record": record}
                 )
 
-    def commit(self, shard: int) -> dict:
-        buf = self.buf
-        okm = buf["status"] == STATUS_OK
-        n_classes = len(self.source.classes)
-        record = {
-            "ok": int(okm.sum()),
-            "sha256": {},
-            "code_counts": np.bincount(buf["tokens"][okm].ravel(), minlength=self.K).tolist(),
-            "label_counts": np.bincount(buf["labels"][okm] + 1, minlength=n_classes + 1).tolist(),
-        }
-        if self.zarr_out:
-            record["sha256"] = write_shard(self.out, shard, self.start, buf)
-        if self.wds_out:
-            path = tar_name(shard)
-            index = write_tar(self.out / path, self.samples).relative_to(self.out).as_posix()
-            record["tar"] = {"path": path, "samples": len(self.samples), "index": index}
-            record["sha256"][path] = sha256_file(self.out / path)
-            record["sha256"][index] = sha256_file(self.out / index)
-        return record
+    def seal(self, shard: int) -> Callable[[], dict]:
+        buf, samples, start = self.buf, self.samples, self.start  # begin() replaces them for the next shard
+
+        def write() -> dict:
+            okm = buf["status"] == STATUS_OK
+            n_classes = len(self.source.classes)
+            record = {
+                "ok": int(okm.sum()),
+                "sha256": {},
+                "code_counts": np.bincount(buf["tokens"][okm].ravel(), minlength=self.K).tolist(),
+                "label_counts": np.bincount(buf["labels"][okm] + 1, minlength=n_classes + 1).tolist(),
+            }
+            if self.zarr_out:
+                record["sha256"] = write_shard(self.out, shard, start, buf)
+            if self.wds_out:
+                path = tar_name(shard)
+                index = write_tar(self.out / path, samples).relative_to(self.out).as_posix()
+                record["tar"] = {"path": path, "samples": len(samples), "index": index}
+                record["sha256"][path] = sha256_file(self.out / path)
+                record["sha256"][index] = sha256_file(self.out / index)
+            return record
+
+        return write

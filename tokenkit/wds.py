@@ -48,9 +48,10 @@ def unpack_record(data: bytes, name: str = "<record>") -> dict:
         raise StoreError(f"{name}: not a tokenkit token record ({e}); the shard is damaged") from e
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A tar of (name, data) members with fixed metadata: identical input gives identical bytes."""
-    buf = io.BytesIO()
+def tar_bytes(members: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[int, int]]]:
+    """A tar of (name, data) members with fixed metadata (identical input gives identical bytes), and each
+    member's (offset, size) of its data in it."""
+    buf, spans = io.BytesIO(), []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -64,7 +65,9 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
                 "",
             )
             tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+            # the data ends the archive so far, padded to whole 512-byte blocks
+            spans.append((tf.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, len(data)))
+    return buf.getvalue(), spans
 
 
 def index_path(tar: Path | str) -> Path:
@@ -81,10 +84,11 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
         members.append((f"{s['key']}.{s['ext']}", s["data"]))
         members.append((f"{s['key']}.{TOKENS_EXT}", s["record"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = tar_bytes(members)
+    data, spans = tar_bytes(members)
     atomic_write_bytes(path, data)
+    refs = [SampleRef(s["key"], s["ext"], spans[2 * i], spans[2 * i + 1]) for i, s in enumerate(samples)]
     buf = io.BytesIO()
-    np.save(buf, index_array(index_tar(path, io.BytesIO(data))), allow_pickle=False)
+    np.save(buf, index_array(refs), allow_pickle=False)
     atomic_write_bytes(index_path(path), buf.getvalue())
     return index_path(path)
 
