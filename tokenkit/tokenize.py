@@ -192,7 +192,7 @@ class _TokenShard:
         }
 
     def add(self, items: list[dict], pixels: torch.Tensor) -> None:
-        src, V, G = self.source, self.cfg.views.views, self.encoder.spec.grid
+        V, G = self.cfg.views.views, self.encoder.spec.grid
         x = normalize(
             pixels.to(self.device, non_blocking=True), self.encoder.spec.mean, self.encoder.spec.std
         )  # (b*V, 3, S, S)
@@ -200,20 +200,13 @@ class _TokenShard:
             f = self.encoder(x)  # (b*V, G*G, C)
         codes = assign(f.flatten(0, 1).float(), self.centroids, self.metric)  # (b*V*G*G,) on CLIP's device
         codes = codes.view(len(items), V, G, G).cpu().numpy().astype(self.tok_dtype)  # (b, V, G, G)
-        for j, it in enumerate(items):
-            i = it["index"]
-            r = i - self.start
-            self.buf["tokens"][r], self.buf["views"][r], self.buf["status"][r] = (
-                codes[j],
-                it["views"],
-                STATUS_OK,
-            )
-            self.buf["crc32"][r] = it["crc32"]
-            if self.wds_out:
-                record = pack_record(codes[j], it["views"], int(src.labels[i]))
-                self.samples.append(
-                    {"key": src.keys[i], "ext": src.ext(i), "data": it["data"], "record": record}
-                )
+        rows = [it["index"] - self.start for it in items]
+        self.buf["tokens"][rows] = codes
+        self.buf["views"][rows] = [it["views"] for it in items]
+        self.buf["crc32"][rows] = [it["crc32"] for it in items]
+        self.buf["status"][rows] = STATUS_OK
+        if self.wds_out:  # the token records are packed on the commit thread
+            self.samples += [(it["index"], it["data"]) for it in items]
 
     def seal(self, shard: int) -> Callable[[], dict]:
         buf, samples, start = self.buf, self.samples, self.start  # begin() replaces them for the next shard
@@ -230,8 +223,18 @@ class _TokenShard:
             if self.zarr_out:
                 record["sha256"] = write_shard(self.out, shard, start, buf)
             if self.wds_out:
-                path = tar_name(shard)
-                index = write_tar(self.out / path, samples).relative_to(self.out).as_posix()
+                path, src = tar_name(shard), self.source
+                members = [
+                    {
+                        "key": src.keys[i],
+                        "ext": src.ext(i),
+                        "data": data,
+                        "record": pack_record(buf["tokens"][r], buf["views"][r], int(buf["labels"][r])),
+                    }
+                    for i, data in samples
+                    for r in [i - start]
+                ]
+                index = write_tar(self.out / path, members).relative_to(self.out).as_posix()
                 record["tar"] = {"path": path, "samples": len(samples), "index": index}
                 record["sha256"][path] = sha256_file(self.out / path)
                 record["sha256"][index] = sha256_file(self.out / index)
