@@ -223,17 +223,11 @@ class _TokenShard:
             if self.zarr_out:
                 record["sha256"] = write_shard(self.out, shard, start, buf)
             if self.wds_out:
-                path, src = tar_name(shard), self.source
-                members = [
-                    {
-                        "key": src.keys[i],
-                        "ext": src.ext(i),
-                        "data": data,
-                        "record": pack_record(buf["tokens"][r], buf["views"][r], int(buf["labels"][r])),
-                    }
-                    for i, data in samples
-                    for r in [i - start]
-                ]
+                path, src, members = tar_name(shard), self.source, []
+                for i, data in samples:
+                    r = i - start
+                    packed = pack_record(buf["tokens"][r], buf["views"][r], int(buf["labels"][r]))
+                    members.append({"key": src.keys[i], "ext": src.ext(i), "data": data, "record": packed})
                 index = write_tar(self.out / path, members).relative_to(self.out).as_posix()
                 record["tar"] = {"path": path, "samples": len(samples), "index": index}
                 record["sha256"][path] = sha256_file(self.out / path)
