@@ -3,11 +3,12 @@
     python bench/train_loader.py [--images 300] [--long-side 500] [--size 224] [--step-img-s 1350]
 
 The trainer's per-sample work (pretrain.data.make_sample): decode the JPEG, render the stored view (crop box
-+ flip, one bicubic resize to the student's size), colour jitter, to uint8. Images: scikit-image's colour
++ flip, one bicubic resize to the student's size), to uint8, draw the colour jitter (applied to the whole
+batch on the trainer's device since 2026-11-26; its cost per sample on the CPU is printed too). Images: scikit-image's colour
 photos resized to an ImageNet-like long side (500 px, JPEG quality 90, in memory), each with 8 stored
 random-resized views as `tokenkit tokenize --views 8` draws them. Prints ms per sample for each part and
 for the whole, and images/s per worker; with --step-img-s (one GPU's training images/s, e.g. MaPeT-S at
-batch 128 on the H100: 128 / 0.095 s, docs/benchmarks.md) the number of worker cores one GPU needs.
+batch 128 on the H200: 128 / 0.080 s, docs/benchmarks.md) the number of worker cores one GPU needs.
 
 Also the token store's share: a random batch read from a zarr store written by tokenkit's own writer
 (--store-rows rows, V 8, 14 x 14 tokens, ImageNet-like keys), reading every per-row array from zarr (as the
@@ -27,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import skimage.data
+import torch
 from PIL import Image
 
-from pretrain.data import jitter, make_sample
+from pretrain.data import apply_jitter, jitter_draws, make_sample
 from tokenkit.images import decode_image
-from tokenkit.views import ViewConfig, draw_views, keyed_rng, render_view, to_uint8
+from tokenkit.views import ViewConfig, draw_views, keyed_rng, render_view, to_uint8, to_unit
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
@@ -151,8 +153,8 @@ def main() -> None:
     parts = {
         "decode": lambda it, i: decode_image(it[1], it[0]),
         "render view": lambda it, i: render_view(decoded[i % len(items)], it[2][i % 8], args.size),
-        "jitter": lambda it, i: jitter(rendered[i % len(items)], keyed_rng(i), args.jitter),
         "to uint8": lambda it, i: to_uint8(rendered[i % len(items)]),
+        "jitter draws": lambda it, i: jitter_draws(keyed_rng(i), args.jitter),
         "whole sample": lambda it, i: make_sample(
             it[1], it[0], it[0], tokens, it[2], i, 0, args.size, args.jitter
         ),
@@ -169,6 +171,15 @@ def main() -> None:
     )
     for name, ms in med.items():
         print(f"  {name:13s} {ms:6.2f} ms")
+    batch = torch.stack([to_uint8(rendered[i % len(items)]) for i in range(args.batch_size)])
+    draws = torch.stack([jitter_draws(keyed_rng(i), args.jitter) for i in range(args.batch_size)])
+    t = time.perf_counter()
+    for _ in range(args.repeats):
+        apply_jitter(to_unit(batch), draws)
+    jit = 1000 * (time.perf_counter() - t) / (args.repeats * args.batch_size)
+    print(
+        f"colour jitter of a batch of {args.batch_size} on this CPU (the trainer's device here): {jit:.2f} ms/sample"
+    )
     every, tokens = store_read_ms(args.store_rows, args.batch_size, args.repeats)
     print(
         f"token store, random batch of {args.batch_size} of {args.store_rows} rows: every per-row array from "

@@ -4,8 +4,9 @@ targets. CLIP never runs here.
 For each sample and epoch the view is a deterministic function of (seed, epoch, key); its crop box and flip
 come from the store and are rendered by tokenkit's own `render_view`, so the input shows exactly the pixels
 the targets were computed from, at the student's resolution. Colour jitter (brightness, contrast,
-saturation) is drawn from the same keyed generator. Workers ship uint8 pixels (B, S, S, 3), 4x fewer bytes
-than float32; the trainer normalises them on its device (`tokenkit.views.normalize`), as tokenize does.
+saturation) is drawn from the same keyed generator in the worker and applied on the trainer's device to the
+whole batch (`apply_jitter`): workers ship uint8 pixels (B, S, S, 3), 4x fewer bytes than float32, and each
+sample's jitter draws (B, 3, 2); the trainer converts, jitters and normalises them on its device.
 
 Two readers: `StoreDataset` (map-style over a zarr store: each batch's token rows in one read through
 `__getitems__`, the per-row metadata held in memory (`TokenStore.meta`), each source image checked against
@@ -22,33 +23,57 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
 from torch.utils.data import IterableDataset, Sampler
 
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
-from tokenkit.views import keyed_rng, normalize, render_view, to_uint8
+from tokenkit.views import keyed_rng, render_view, standardize, to_uint8, to_unit
 from tokenkit.wds import SampleRef, read_sample, tar_refs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_input(pixels: torch.Tensor, device) -> torch.Tensor:
+def to_input(pixels: torch.Tensor, device, draws: torch.Tensor | None = None) -> torch.Tensor:
     """A loader batch (B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised on `device` (every pretrain,
-    evaluation and fine-tuning loader ships uint8 pixels)."""
-    return normalize(pixels.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+    evaluation and fine-tuning loader ships uint8 pixels), colour-jittered first when `draws` (B, 3, 2) are
+    given (pre-training)."""
+    x = to_unit(pixels.to(device, non_blocking=True))  # (B, 3, S, S) in [0, 1]
+    if draws is not None:
+        x = apply_jitter(x, draws.to(device, non_blocking=True))
+    return standardize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
-    """torchvision's ColorJitter(strength, strength, strength) with draws from `rng`: brightness, contrast
-    and saturation, in a random order, each by a factor uniform in [1 - strength, 1 + strength]."""
-    if strength <= 0:
-        return img
-    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-    for i in rng.permutation(len(ops)):
-        img = ops[i](img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
-    return img
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+
+
+def jitter_draws(rng: np.random.Generator, strength: float) -> torch.Tensor:
+    """One sample's colour jitter, torchvision's ColorJitter(strength, strength, strength): (3, 2) float32
+    rows (op, factor) in the order of application, a random order of brightness, contrast and saturation,
+    each factor uniform in [1 - strength, 1 + strength]. strength 0 gives factors 1, the identity."""
+    out = np.ones((3, 2), np.float32)
+    out[:, 0] = BRIGHTNESS, CONTRAST, SATURATION
+    if strength > 0:
+        for k, op in enumerate(rng.permutation(3)):
+            out[k] = op, rng.uniform(1 - strength, 1 + strength)
+    return torch.from_numpy(out)
+
+
+def apply_jitter(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, S, S) float in [0, 1], jittered in place by draws (B, 3, 2) from jitter_draws; each op as
+    torchvision's tensor adjust_brightness / adjust_contrast / adjust_saturation: a blend with black, the
+    grey mean, or the grey image, clamped to [0, 1]."""
+    B, _, S, _ = x.shape
+    grey_w = torch.tensor([[0.2989, 0.587, 0.114]], dtype=x.dtype, device=x.device)  # (1, 3)
+    for k in range(draws.shape[1]):
+        op = draws[:, k, 0].round().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        f = draws[:, k, 1].to(x.dtype).view(-1, 1, 1, 1)
+        grey = torch.matmul(grey_w, x.view(B, 3, -1)).view(B, 1, S, S)
+        other = torch.where(
+            op == SATURATION, grey, torch.where(op == CONTRAST, grey.mean((2, 3), keepdim=True), 0.0)
+        )  # (B, 1, S, S): what the op blends with
+        x.mul_(f).add_(other.mul_(1 - f)).clamp_(0, 1)
+    return x
 
 
 def make_sample(
@@ -61,13 +86,14 @@ def make_sample(
     seed: int,
     image_size: int,
     strength: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training pair: (S, S, 3) uint8 input pixels, (G*G,) int64 targets of the view used this epoch."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training sample: (S, S, 3) uint8 pixels of the view used this epoch, its (G*G,) int64 targets,
+    and its (3, 2) colour jitter draws (applied on the trainer's device: `to_input`)."""
     rng = keyed_rng(seed, epoch, key)
     v = int(rng.integers(0, len(views)))
-    img = render_view(decode_image(data, name), views[v], image_size)
-    x = to_uint8(jitter(img, rng, strength))  # (S, S, 3)
-    return x, torch.from_numpy(np.asarray(tokens[v], dtype=np.int64).reshape(-1))  # (G*G,)
+    x = to_uint8(render_view(decode_image(data, name), views[v], image_size))  # (S, S, 3)
+    targets = torch.from_numpy(np.asarray(tokens[v], dtype=np.int64).reshape(-1))  # (G*G,)
+    return x, targets, jitter_draws(rng, strength)
 
 
 class StoreDataset(torch.utils.data.Dataset):
@@ -94,7 +120,7 @@ class StoreDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         block = self.store.read(positions)  # one sorted read per array for the whole batch
         out = []
         for j in range(len(positions)):
@@ -177,7 +203,8 @@ class OpenTars:
 
 
 class StreamDataset(IterableDataset):
-    """webdataset token shards, streamed: yields whole batches (pixels (b, S, S, 3) uint8, targets (b, G*G)).
+    """webdataset token shards, streamed: yields whole batches (pixels (b, S, S, 3) uint8, targets (b, G*G),
+    jitter draws (b, 3, 2)).
 
     Per (epoch, rank) a keyed generator draws `len(shards)` shards with replacement (resampled shards: every
     rank streams the same amount whatever the shard sizes), a shuffle buffer mixes samples, and each
@@ -250,4 +277,4 @@ class StreamDataset(IterableDataset):
                             self.strength,
                         )
                     )
-                yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+                yield tuple(torch.stack(t) for t in zip(*pairs, strict=True))

@@ -339,9 +339,9 @@ def pretrain(
                 acc_sum = torch.zeros((), device=device)
                 for micro in range(cfg.accum_steps):
                     t_wait = time.perf_counter()
-                    pixels, targets = next(it)  # (B, S, S, 3) uint8, (B, G*G)
+                    pixels, targets, draws = next(it)  # (B, S, S, 3) uint8, (B, G*G), (B, 3, 2)
                     waited += time.perf_counter() - t_wait
-                    images = to_input(pixels, device)
+                    images = to_input(pixels, device, draws)  # colour jitter on the device
                     targets = targets.to(device, non_blocking=True)
                     aux = step_aux(cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
                         device

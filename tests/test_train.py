@@ -332,39 +332,44 @@ def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
     s = TokenStore.open(store)
     for epoch in (0, 1):
         ds.set_epoch(epoch)
-        x, y = ds[3]
+        x, y, draws = ds[3]
         block = s.read([3])
         v = int(keyed_rng(5, epoch, block["keys"][0]).integers(0, 2))
         assert torch.equal(y, torch.from_numpy(block["tokens"][0, v].reshape(-1)))
         want = render_view(s.image(3), block["views"][0, v], 64)
         assert x.dtype == torch.uint8 and x.shape == (64, 64, 3)
         assert torch.equal(x, torch.from_numpy(np.array(want)))  # exactly the stored view's pixels
+        assert torch.equal(to_input(x[None], "cpu", draws[None]), to_input(x[None], "cpu"))  # no jitter
 
 
 def test_jitter_is_colorjitter_with_keyed_draws_in_a_random_order():
-    """torchvision's ColorJitter(0.4, 0.4, 0.4): brightness, contrast and saturation factors in [0.6, 1.4],
-    applied in a random order (all six orders occur), each draw from the sample's keyed generator."""
+    """torchvision's ColorJitter(0.4, 0.4, 0.4) on tensors: brightness, contrast and saturation factors in
+    [0.6, 1.4], applied in a random order (all six orders occur), each draw from the sample's keyed
+    generator; the whole batch at once on the device (here the CPU), each sample as torchvision does it."""
     import skimage.data
-    from PIL import Image
     from torchvision.transforms import functional as TF
 
-    from pretrain.data import jitter
+    from pretrain.data import apply_jitter, jitter_draws
+    from tokenkit.views import to_unit
 
-    img = Image.fromarray(skimage.data.astronaut()).resize((48, 48))
+    photo = torch.from_numpy(skimage.data.astronaut()[::10, ::10].copy())  # (52, 52, 3) uint8
+    batch = torch.stack([photo.roll(7 * i, dims=0) for i in range(60)])  # (60, 52, 52, 3)
+    draws = torch.stack([jitter_draws(keyed_rng("j", key), 0.4) for key in range(60)])  # (60, 3, 2)
+    got = apply_jitter(to_unit(batch), draws)
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     orders = set()
     for key in range(60):
-        got = np.asarray(jitter(img, keyed_rng("j", key), 0.4))
         rng = keyed_rng("j", key)
-        want = img
+        want = to_unit(batch[key : key + 1])[0]
         order = tuple(int(i) for i in rng.permutation(3))
         for i in order:
-            f = rng.uniform(0.6, 1.4)
-            want = ops[i](want, f)
-        assert np.array_equal(got, np.asarray(want)), key
+            want = ops[i](want, float(np.float32(rng.uniform(0.6, 1.4))))
+        torch.testing.assert_close(got[key], want, rtol=0, atol=1e-6)
         orders.add(order)
     assert len(orders) == 6
-    assert jitter(img, keyed_rng("j", 0), 0.0) is img
+    assert (got - to_unit(batch)).abs().mean() > 0.02  # it does change the pixels
+    identity = torch.stack([jitter_draws(keyed_rng("j", 0), 0.0)] * 60)
+    assert torch.equal(apply_jitter(to_unit(batch), identity), to_unit(batch))
 
 
 def test_sampler_splits_ranks_disjointly_and_resumes_mid_epoch():
@@ -431,8 +436,8 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
         sampler = EpochSampler(len(ds), 3, rank, 2, cfg.seed)
         idx = list(sampler)[:3]
         pairs = ds.__getitems__(idx)
-        pixels, targets = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        images = to_input(pixels, "cpu")  # as the trainer does on its device
+        pixels, targets, draws = (torch.stack(t) for t in zip(*pairs, strict=True))
+        images = to_input(pixels, "cpu", draws)  # as the trainer does on its device
         aux = step_aux("mapet", 3, vit.grid, cfg.seed, 0, 0, rank)
         torch.manual_seed(int(keyed_rng("droppath", cfg.seed, 0, 0, rank).integers(2**62)))
         loss, _ = model(images, targets, aux)
@@ -510,7 +515,7 @@ def test_streamed_webdataset_training_is_deterministic_and_resumable(store, tmp_
         ds = StreamDataset(store, 64, batch_size=2, batches_per_epoch=5, seed=1, jitter=0.4, buffer=4)
         ds.set_epoch(0, start)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-        return [(x.sum().item(), y.tolist()) for x, y in loader]
+        return [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in loader]
 
     ref = batches(0)
     assert len(ref) == 5 and batches(2) == ref and batches(2, start=3) == ref[3:]
@@ -532,7 +537,7 @@ def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
     real = data.read_sample
     monkeypatch.setattr(data, "read_sample", lambda f, path, ref: reads.append(ref.key) or real(f, path, ref))
     ds = data.StreamDataset(store, 64, batch_size=2, batches_per_epoch=6, seed=1, jitter=0.4, buffer=4)
-    everything = [(x.sum().item(), y.tolist()) for x, y in ds]
+    everything = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
     assert len(reads) == 12
     reads.clear()
 
@@ -540,7 +545,7 @@ def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
         id, num_workers = 1, 3
 
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Worker)
-    mine = [(x.sum().item(), y.tolist()) for x, y in ds]
+    mine = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
     assert mine == everything[1::3] and len(reads) == 2 * 2  # batches 1 and 4, two samples each
 
 
@@ -553,7 +558,7 @@ def test_streamed_workers_read_saved_tar_indexes(store, tmp_path, monkeypatch):
 
     def batches(root):
         ds = data.StreamDataset(root, 64, batch_size=2, batches_per_epoch=5, seed=1, jitter=0.4, buffer=4)
-        return [(x.sum().item(), y.tolist()) for x, y in ds]
+        return [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
 
     import tokenkit.wds as wds
 
@@ -596,7 +601,7 @@ def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, mo
         fds.clear()
         base = len(os.listdir("/proc/self/fd"))
         ds = data.StreamDataset(store, 64, batch_size=3, batches_per_epoch=8, seed=1, jitter=0.4, buffer=4)
-        out = [(x.sum().item(), y.tolist()) for x, y in ds]
+        out = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
         assert len(os.listdir("/proc/self/fd")) == base  # all closed at the end
         return out, max(fds) - base
 

@@ -91,12 +91,21 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
 
 
-def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised with per-channel mean/std, on pixels' device."""
-    a = pixels.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S)
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1], on pixels' device."""
+    return pixels.permute(0, 3, 1, 2).float().div_(255)
+
+
+def standardize(a: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, S, S) float32 in [0, 1] -> normalised with per-channel mean/std, in place."""
     m = torch.tensor(mean, dtype=torch.float32, device=a.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=a.device).view(1, 3, 1, 1)
     return a.sub_(m).div_(s)
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised with per-channel mean/std, on pixels' device."""
+    return standardize(to_unit(pixels), mean, std)
 
 
 def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
