@@ -212,3 +212,14 @@ def test_knn_and_linear_probe_on_cuda_agree_with_cpu():
     a, b = (linear_probe(x[:2500], y[:2500], x[2500:], y[2500:], cfg, d) for d in ("cpu", CUDA))
     assert abs(a["top1"] - b["top1"]) <= 0.01 and abs(a["train_top1"] - b["train_top1"]) <= 0.004
     assert 0.5 < b["top1"] < 1.0
+
+
+def test_colour_jitter_on_cuda_matches_the_cpu():
+    """The trainer's input on the GPU (uint8 batch -> jittered, normalised floats) equals the CPU's."""
+    from pretrain.data import jitter_draws, to_input
+    from tokenkit.views import keyed_rng
+
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, 64, 64, 3), dtype=np.uint8))
+    draws = torch.stack([jitter_draws(keyed_rng("j", i), 0.4) for i in range(32)])
+    got = to_input(pixels.pin_memory(), CUDA, draws).cpu()
+    torch.testing.assert_close(got, to_input(pixels, "cpu", draws), rtol=0, atol=1e-5)
