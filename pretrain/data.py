@@ -68,7 +68,7 @@ def apply_jitter(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     for k in range(draws.shape[1]):
         op = draws[:, k, 0].round().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         f = draws[:, k, 1].to(x.dtype).view(-1, 1, 1, 1)
-        grey = torch.matmul(grey_w, x.view(B, 3, -1)).view(B, 1, S, S)
+        grey = torch.matmul(grey_w, x.reshape(B, 3, -1)).view(B, 1, S, S)
         other = torch.where(
             op == SATURATION, grey, torch.where(op == CONTRAST, grey.mean((2, 3), keepdim=True), 0.0)
         )  # (B, 1, S, S): what the op blends with
