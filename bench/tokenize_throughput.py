@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_loader import PHOTOS
 
 from tokenkit.clip_encoder import load_encoder, resolve_spec
 from tokenkit.codebook import Codebook
@@ -36,8 +37,6 @@ from tokenkit.images import decode_image, list_folder
 from tokenkit.loader import ViewDataset, iter_shard_batches
 from tokenkit.tokenize import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig, center_box, render_view, to_tensor
-
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
 
 def write_images(root: Path, indices: range) -> None:
@@ -86,13 +85,14 @@ def main() -> None:
         else ("cpu" if args.device == "auto" else args.device)
     )
     spec = resolve_spec(args.model, "none", grid=args.grid)
-    enc = load_encoder(spec, device)
     n, B = args.images, args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "img").mkdir()
+        # the image-writing processes fork before this process starts CUDA or torch's threads
         make_images(tmp / "img", n, max(1, min(os.cpu_count() or 1, 16)))
         half_folder(tmp / "img", tmp / "half", n // 2)
+        enc = load_encoder(spec, device)
         folders = {n // 2: tmp / "half", n: tmp / "img"}
         rng = np.random.default_rng(0)
         cb_path = tmp / "cb.safetensors"
