@@ -71,6 +71,10 @@ def run_shards(
     current, skipped = None, []
     pin = writer.device.type == "cuda"
     inflight: Future | None = None  # the commit of the previous shard
+
+    def commit(sid: int, write: Callable[[], dict], meta: dict) -> None:  # on the commit thread
+        journal.commit(sid, {**write(), **meta})
+
     # a SIGTERM stops the job after the shard in flight is committed; leaving the pool waits for its commit
     with StopSignal() as stop, ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
         batches = iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers, pin)
@@ -91,9 +95,7 @@ def run_shards(
                 write, meta = writer.seal(sid), {"shard": sid, "rows": list(ranges[sid]), "skipped": skipped}
                 if inflight is not None:
                     inflight.result()  # raises the commit thread's error here
-                inflight = pool.submit(
-                    lambda sid=sid, write=write, meta=meta: journal.commit(sid, {**write(), **meta})
-                )
+                inflight = pool.submit(commit, sid, write, meta)
                 if stop.signum is not None:
                     inflight.result()
                     bar.close()
