@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretrain.token_loss import token_loss
+from pretrain.token_loss import IGNORE, token_loss
 from pretrain.vit import VisionTransformer, ViTConfig
 
 
@@ -58,9 +58,15 @@ def block_mask(
 
 
 class BEiT(nn.Module):
-    def __init__(self, cfg: ViTConfig, vocab_size: int):
+    """num_masked: the most patches a mask holds (block_mask never masks more). The loss runs over exactly
+    that many rows per sample, the rows of a mask that stopped short padded and ignored (token_loss's
+    IGNORE): the step's shapes never depend on the masks, so it runs without a host sync and compiles
+    once."""
+
+    def __init__(self, cfg: ViTConfig, vocab_size: int, num_masked: int | None = None):
         super().__init__()
         self.encoder = VisionTransformer(cfg)
+        self.num_masked = num_masked or default_num_masked(cfg.num_patches)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(cfg.dim, vocab_size)
@@ -68,10 +74,16 @@ class BEiT(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def features(self, images: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor):
-        """images (B, 3, S, S), targets (B, G*G) int64, masked (B, G*G) bool.
+        """images (B, 3, S, S), targets (B, G*G) int64, masked (B, G*G) bool, at most num_masked per row.
 
-        Returns the normalised outputs (M, D) of the M masked patches of the batch and their targets (M,).
+        Returns the normalised outputs (B, num_masked, D) at each sample's masked patches (in grid order, then
+        padding) and their targets (B, num_masked), IGNORE at the padding.
         """
+        if masked.device.type == "cpu" and not torch.compiler.is_compiling():  # free to check off the GPU
+            most = int(masked.sum(1).max())
+            assert most <= self.num_masked, (
+                f"a mask holds {most} patches, more than num_masked {self.num_masked}"
+            )
         enc = self.encoder
         x = enc.embed_patches(images)  # (B, G*G, D)
         x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)  # masked patches -> mask token
@@ -79,12 +91,16 @@ class BEiT(nn.Module):
         for blk in enc.blocks:
             x = blk(x)
         x = enc.norm(x)[:, 1:]  # (B, G*G, D)
-        return x[masked], targets[masked]  # (M, D), (M,)
+        # masked patches first, in grid order (stable sort), then as many unmasked ones as pad to num_masked
+        pick = masked.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, : self.num_masked]
+        y = targets.gather(1, pick).masked_fill(~masked.gather(1, pick), IGNORE)  # (B, num_masked)
+        return x.gather(1, pick[..., None].expand(-1, -1, x.shape[-1])), y
 
     def forward(self, images, targets, masked):
-        """Logits (M, K) of the masked patches and their targets (M,)."""
+        """Logits (M, K) of the batch's M masked patches and their targets (M,)."""
         x, y = self.features(images, targets, masked)
-        return self.head(x), y
+        keep = y != IGNORE
+        return self.head(x[keep]), y[keep]
 
     def loss(self, images, targets, masked):
         """Mean cross-entropy over the masked patches and their token top-1 (pretrain.token_loss)."""

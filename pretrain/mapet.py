@@ -107,7 +107,11 @@ class MaPeT(nn.Module):
         self._flex = None  # (device, compiled flex_attention, BlockMasks), built on first CUDA forward
 
     def attention_args(self, device: torch.device) -> tuple:
-        """(masks, flex): BlockMasks + compiled FlexAttention on CUDA, boolean masks for SDPA elsewhere."""
+        """(masks, flex): BlockMasks + compiled FlexAttention on CUDA, boolean masks for SDPA elsewhere.
+        Built on the first call and cached: call it once before torch.compile (pretrain.train.compiled), or
+        the BlockMasks' construction is traced into the first graph and the model compiles twice."""
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" name one device: one cache
+            device = torch.device("cuda", torch.cuda.current_device())
         backend = self.attn_backend
         if backend == "auto":
             backend = "flex" if device.type == "cuda" else "sdpa"

@@ -4,15 +4,18 @@ MaPeT predicts 147 tokens per image over K = 8192 classes: the logits are the la
 (a float32 copy of them, the log-softmax kept for backward, its gradient: at ViT-B, batch 128, ~2 GiB on
 their own). `token_loss` computes head, log-softmax, loss and token top-1 over blocks of rows and, while a
 block's logits are at hand, the gradients of the head's input, weight and bias; backward only scales them.
-Same loss and gradients as F.cross_entropy(head(x), y) (fp64 test); what is kept for backward is the input's
-gradient (M, D) and the head's (K, D), not (M, K). Under autocast the products run in autocast's dtype and
-the softmax in float32, as autocast runs the unfused head and cross-entropy.
+Same loss and gradients as F.cross_entropy(head(x), y) (fp64 test), rows whose target is IGNORE left out
+of the mean (BEiT pads its predictions to a fixed count with them); what is kept for backward is the
+input's gradient (M, D) and the head's (K, D), not (M, K). Under autocast the products run in autocast's
+dtype and the softmax in float32, as autocast runs the unfused head and cross-entropy.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+IGNORE = -100  # a target that takes no part in the loss or the accuracy (F.cross_entropy's ignore_index)
 
 
 def rows_per_block(k: int, device: torch.device) -> int:
@@ -24,25 +27,30 @@ def rows_per_block(k: int, device: torch.device) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, dtype, rows):
-        """x (M, D), weight (K, D), bias (K,), target (M,) int64 -> (mean loss, number of correct top-1)."""
+        """x (M, D), weight (K, D), bias (K,), target (M,) int64 -> (mean loss over the rows whose target is
+        not IGNORE, number of correct top-1, number of such rows). No host sync: the count stays a tensor."""
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         M, acc = x.shape[0], torch.promote_types(dtype, torch.float32)
         xs, w, b = x.to(dtype), weight.to(dtype), bias.to(dtype)
         gx = torch.empty_like(x) if need_x else None
         gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
         gb = torch.zeros(bias.shape, dtype=acc, device=x.device) if need_b else None
+        valid = target != IGNORE  # (M,)
+        n = valid.sum()  # rows in the mean
+        scale = valid.to(acc) / n  # (M,) d(mean loss) / d(row loss)
+        target = target.clamp_min(0)  # ignored rows: any class, their terms are zeroed below
         loss = torch.zeros((), dtype=acc, device=x.device)
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         for s in range(0, M, rows):
-            xc, tc = xs[s : s + rows], target[s : s + rows]
+            xc, tc, vc, sc = xs[s : s + rows], target[s : s + rows], valid[s : s + rows], scale[s : s + rows]
             z = torch.addmm(b, xc, w.t()).to(acc)  # (m, K) logits of this block
             lse = z.logsumexp(1)  # (m,)
-            loss += (lse - z.gather(1, tc[:, None])[:, 0]).sum()
-            correct += (z.argmax(1) == tc).sum()
+            loss += ((lse - z.gather(1, tc[:, None])[:, 0]) * sc).sum()
+            correct += ((z.argmax(1) == tc) & vc).sum()
             if need_x or need_w or need_b:
                 z.sub_(lse[:, None]).exp_()  # softmax
                 z.scatter_add_(1, tc[:, None], z.new_full((len(tc), 1), -1.0))  # - one-hot
-                z.div_(M)  # d(mean loss) / d logits
+                z.mul_(sc[:, None])  # d(mean loss) / d logits
                 g = z.to(dtype)
                 if need_x:
                     gx[s : s + rows] = g @ w
@@ -52,11 +60,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     gb += z.sum(0)
         ctx.save_for_backward(gx, gw, gb)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
-        ctx.mark_non_differentiable(correct)
-        return loss / M, correct
+        ctx.mark_non_differentiable(correct, n)
+        return loss, correct, n
 
     @staticmethod
-    def backward(ctx, grad, _):
+    def backward(ctx, grad, *_):
         saved = zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         grads = [None if g is None else (g * grad).to(dt) for g, dt in saved]
         return *grads, None, None, None
@@ -67,15 +75,15 @@ def token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of head(x) against target, and token top-1 accuracy (no gradient).
 
-    x (..., D) features, target (...) int64 token ids, rows per block (default: rows_per_block). Equals
-    F.cross_entropy(head(x).flatten(0, -2).float(), target.flatten()) with
-    (head(x).argmax(-1) == target).float().mean(), without keeping the logits.
+    x (..., D) features, target (...) int64 token ids or IGNORE, rows per block (default: rows_per_block).
+    Equals F.cross_entropy(head(x).flatten(0, -2).float(), target.flatten(), ignore_index=IGNORE) with
+    (head(x).argmax(-1) == target) averaged over the rows not ignored, without keeping the logits.
     """
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x2, t = x.reshape(-1, x.shape[-1]), target.reshape(-1)
     with torch.autocast(dev, enabled=False):
-        loss, correct = _LinearCrossEntropy.apply(
+        loss, correct, n = _LinearCrossEntropy.apply(
             x2, head.weight, head.bias, t, dtype, rows or rows_per_block(head.out_features, x.device)
         )
-    return loss, correct.float() / t.numel()
+    return loss, correct.float() / n

@@ -188,6 +188,13 @@ class Objective(nn.Module):
         return self.net.loss(images, targets, aux)
 
 
+def compiled(objective: Objective, device: torch.device, mode: str | None = None) -> nn.Module:
+    """torch.compile of the objective (--compile), MaPeT's attention masks built first, outside the graph."""
+    if isinstance(objective.net, MaPeT):
+        objective.net.attention_args(device)
+    return torch.compile(objective, mode=mode)
+
+
 def pretrain(
     cfg: TrainConfig,
     resume: bool = False,
@@ -261,9 +268,7 @@ def pretrain(
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-    model = Objective(net)
-    if cfg.compile:
-        model = torch.compile(model)
+    model = compiled(Objective(net), device) if cfg.compile else Objective(net)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None

@@ -7,7 +7,7 @@ from torch import nn
 
 from pretrain.beit import BEiT
 from pretrain.mapet import MaPeT, random_orders
-from pretrain.token_loss import token_loss
+from pretrain.token_loss import IGNORE, token_loss
 from pretrain.vit import ViTConfig
 
 
@@ -35,6 +35,28 @@ def test_equals_cross_entropy_of_the_head_in_fp64(rows):
     assert acc.item() == want_acc.item() >= 5 / 63
     for a, b in zip(gg, gw, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_ignored_rows_take_no_part_in_loss_gradients_or_accuracy(rows):
+    torch.manual_seed(4)
+    head = nn.Linear(10, 30).double()
+    x = torch.randn(4, 9, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 30, (4, 9))
+    y[:, :3] = head(x).argmax(-1)[:, :3]  # 12 correct predictions
+    y[1, 1:7] = IGNORE  # 2 of the correct ones and 4 others ignored
+    y[3, 8] = IGNORE
+    keep = y != IGNORE
+    wrt = [x, head.weight, head.bias]
+    want = F.cross_entropy(head(x[keep]), y[keep])
+    gw = torch.autograd.grad(want, wrt)
+    got, acc = token_loss(x, head, y, rows=rows)
+    gg = torch.autograd.grad(got, wrt)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    assert acc.item() == pytest.approx(10 / 29)
+    for a, b in zip(gg, gw, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
+    assert gg[0][1, 1:7].abs().max() == 0 and gg[0][1, 0].abs().max() > 0
 
 
 def test_without_grad_it_only_computes_the_loss():
@@ -89,8 +111,14 @@ def test_objective_loss_is_the_cross_entropy_of_its_logits(objective):
         torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
         torch.randint(0, 40, (2, 16)),
     )
-    aux = random_orders(2, 16, g) if objective == "mapet" else torch.rand(2, 16, generator=g) < 0.4
+    if objective == "mapet":
+        aux = random_orders(2, 16, g)
+    else:  # a full mask and one that stopped short: the loss is over the 6 + 3 masked patches
+        aux = torch.zeros(2, 16, dtype=torch.bool)
+        aux[0, torch.randperm(16, generator=g)[: net.num_masked]] = True
+        aux[1, [2, 9, 10]] = True
     logits, y = net(images, targets, aux)
+    assert objective == "mapet" or logits.shape[0] == 9
     want = F.cross_entropy(logits.flatten(0, -2), y.flatten())
     gw = torch.autograd.grad(want, list(net.parameters()))
     got, acc = net.loss(images, targets, aux)

@@ -632,3 +632,48 @@ def test_compiled_objective_equals_eager_on_cpu():
     assert a1 == a2
     for x, y in zip(g2, g1, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
+    """--compile: MaPeT (FlexAttention, its BlockMasks built before compiling) and BEiT (masks of different
+    sizes from step to step) are each one graph, compiled once: no recompiles, no graph breaks. BEiT's
+    compiled loss and gradients equal eager's."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pretrain.beit import BEiT
+    from pretrain.train import compiled
+
+    cfg = ViTConfig(image_size=64, patch_size=16, dim=32, depth=2, heads=2)
+    g = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 40, (2, 16), generator=g)
+    real = torch.compile
+    for net, aux in [
+        (MaPeT(cfg, 40, attn_backend="flex"), lambda i: random_orders(2, 16, g)),
+        (BEiT(cfg, 40), lambda i: torch.arange(16).expand(2, 16) < torch.tensor([[6 - i], [i % 3 + 3]])),
+    ]:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        step_of = Objective(net)
+
+        def count(m, *a, c=counter, s=step_of, **kw):  # counts the objective's graphs, not FlexAttention's
+            return real(m, backend=c) if m is s else real(m, *a, **kw)
+
+        monkeypatch.setattr(torch, "compile", count)
+        step = compiled(step_of, images.device)
+        for i in range(4):
+            if isinstance(net, MaPeT):  # FlexAttention has no backward on the CPU
+                with torch.no_grad():
+                    step(images, targets, aux(i))
+                continue
+            assert aux(i).sum().item() == 6 - i + i % 3 + 3  # 9, 8, 9, 6 masked patches
+            torch.manual_seed(i)
+            loss, acc = step(images, targets, aux(i))
+            got = torch.autograd.grad(loss, list(net.parameters()))
+            torch.manual_seed(i)
+            want_loss, want_acc = Objective(net)(images, targets, aux(i))
+            want = torch.autograd.grad(want_loss, list(net.parameters()))
+            torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
+            assert acc == want_acc
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert counter.frame_count == 1, type(net).__name__
