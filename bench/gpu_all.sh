@@ -7,8 +7,9 @@
 # official step runs beside this project's (bench/official_step.py). Steps run in order of importance and
 # each one's failure is logged without stopping the rest. STEPS="name ..." runs only the steps named. Each
 # step is stopped after its time limit (seconds, the second argument of `step`), so a slow step costs its
-# limit and no more. On an H200 (2026-11-26) test_cuda took 97 s, mapet_step_b8 92 s, mapet_step_b128 81 s,
-# loader_transfer 6 s; the limits sum to 23 minutes, so a 10-minute call runs a few steps (STEPS="...").
+# limit and no more. On an H200 (2026-11-26) test_cuda took 97-129 s, mapet_step_b8 92 s, mapet_step_b128
+# 81 s, mapet_step_b8_cudagraphs 205 s, tokenize 63 s, online 48 s, loader_transfer 6 s; the limits sum to
+# 31 minutes, so a 10-minute call runs a few steps (STEPS="...").
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_all.sh OUTDIR [OFFICIAL_REPO TIMM_0_6_DIR]}
 official=()
@@ -37,6 +38,10 @@ step mapet_step_b128 150 "$py" bench/mapet_step.py --device cuda --sizes small b
     --warmup 3 "${official[@]}"
 step mapet_step_b128_compile 300 "$py" bench/mapet_step.py --device cuda --sizes base --batch 128 \
     --iters 10 --warmup 3 --compile "${official[@]}"
+step mapet_step_b8_cudagraphs 300 "$py" bench/mapet_step.py --device cuda --sizes tiny base --batch 8 \
+    --iters 20 --warmup 5 --compile reduce-overhead "${official[@]}"
+step mapet_step_b8_sdpa 150 "$py" bench/mapet_step.py --device cuda --sizes tiny base --batch 8 --iters 20 \
+    --warmup 5 --attn-backend sdpa "${official[@]}"
 step online 120 "$py" bench/mapet_step.py --device cuda --sizes small --batch 128 --iters 10 --warmup 3 --online
 step loader_transfer 60 "$py" bench/loader_transfer.py --workers 14
 step tokenize 180 "$py" bench/tokenize_throughput.py --device cuda --images 8192 --batch-size 64 --workers 14 \

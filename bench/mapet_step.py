@@ -1,7 +1,7 @@
 """One full training step (forward, backward, clip, AdamW) of MaPeT, BEiT and plain ViTs, same sizes.
 
     python bench/mapet_step.py [--sizes tiny small] [--batch 8] [--threads 2] [--device cpu|cuda] [--online]
-        [--official PATH/TO/aimagelab-MaPeT --official-pythonpath TIMM_0_6_DIR] [--compile]
+        [--official PATH/TO/aimagelab-MaPeT --official-pythonpath TIMM_0_6_DIR] [--compile [MODE]]
 
 Every iteration runs one step of every model in turn (bench/step_timing.py), so machine drift hits all
 alike; prints median seconds per step and the ratios the project's goals are stated in, as medians of the
@@ -33,7 +33,7 @@ from step_timing import TrainStep, interleave, ratio, step_flops
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
 from pretrain.mapet import MaPeT, default_context, random_orders, visibility_mask
-from pretrain.train import Objective, adamw, param_groups
+from pretrain.train import Objective, adamw, compiled, param_groups
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 
 OFFICIAL_CPU = {"tiny": 1.10, "small": 2.79}  # s/step, fp32, batch 8, 2 threads (official aimagelab/MaPeT)
@@ -56,26 +56,32 @@ class PlainViT(torch.nn.Module):
         return F.cross_entropy(self.head(x[:, 1:].mean(1)), targets[:, 0] % 1000), None
 
 
-def train_step(model, make_aux, batch: int, device: torch.device, compile: bool = False) -> TrainStep:
+def train_step(model, make_aux, batch: int, device: torch.device, compile: str = "") -> TrainStep:
     """The trainer's step (pretrain.train.Objective, its AdamW groups) on a fixed random batch; make_aux()
-    gives the per-step randomness the data loader would (orders, masks)."""
+    gives the per-step randomness the data loader would (orders, masks). compile: "" (eager) or a
+    torch.compile mode ("default", "reduce-overhead": CUDA graphs)."""
     cfg = model.encoder.cfg
     opt = adamw(param_groups(model, 0.05), lr=1e-4)
-    step = torch.compile(Objective(model)) if compile else Objective(model)
+    step = compiled(Objective(model), device, compile) if compile else Objective(model)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     targets = torch.randint(0, 8192, (batch, cfg.num_patches), generator=g).to(device)
-    return TrainStep(
-        lambda aux: step(images, targets, aux.to(device))[0], list(model.parameters()), opt, make_aux, device
-    )
+
+    def step_loss(aux):
+        if compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' previous outputs are dead
+        return step(images, targets, aux.to(device))[0]
+
+    return TrainStep(step_loss, list(model.parameters()), opt, make_aux, device)
 
 
 def our_steps(
     cfg: ViTConfig,
     batch: int,
     device: torch.device,
-    compile: bool = False,
+    compile: str = "",
     names: tuple[str, ...] = ("mapet", "beit", "plain", "head"),
+    attn_backend: str = "auto",
 ) -> dict[str, TrainStep]:
     """TrainSteps of MaPeT, BEiT, a plain ViT and a ViT with MaPeT's head (those in `names`)."""
     G = cfg.grid
@@ -91,7 +97,7 @@ def our_steps(
 
     zero = lambda: torch.zeros(1)  # noqa: E731
     models = {
-        "mapet": (lambda: MaPeT(cfg, 8192), orders),
+        "mapet": (lambda: MaPeT(cfg, 8192, attn_backend=attn_backend), orders),
         "beit": (lambda: BEiT(cfg, 8192), masks),
         "plain": (lambda: PlainViT(cfg, 8192, 0), zero),
         "head": (lambda: PlainViT(cfg, 8192, P), zero),
@@ -142,8 +148,18 @@ def main() -> None:
     )
     ap.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile MaPeT's and BEiT's steps (the trainer's --compile); the plain ViTs are left out",
+        nargs="?",
+        const="default",
+        default="",
+        choices=["default", "reduce-overhead"],
+        help="torch.compile MaPeT's and BEiT's steps in this mode (the trainer's --compile [MODE]; "
+        "reduce-overhead: CUDA graphs); the plain ViTs are left out",
+    )
+    ap.add_argument(
+        "--attn-backend",
+        default="auto",
+        choices=["auto", "sdpa", "flex"],
+        help="MaPeT's attention (the trainer's --attn-backend; auto: flex on CUDA, sdpa elsewhere)",
     )
     ap.add_argument("--official", metavar="REPO", help="checkout of aimagelab/MaPeT: time its step too")
     ap.add_argument(
@@ -157,14 +173,16 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {args.threads} threads"
     print(
         f"device: {name}; {precision}; batch {args.batch}; {args.iters} iterations after {args.warmup} warm-up, "
-        "each one step of every model in turn" + ("; torch.compile (ours)" if args.compile else "")
+        "each one step of every model in turn"
+        + (f"; torch.compile {args.compile} (ours)" if args.compile else "")
+        + f"; MaPeT attention {args.attn_backend}"
     )
     for size in args.sizes:
         cfg = ViTConfig(**PRESETS[SIZES[size]])
         B = args.batch
         # compiling takes minutes per model on a GPU: with --compile only the two objectives are built
         names = ("mapet", "beit") if args.compile else ("mapet", "beit", "plain", "head")
-        steps = our_steps(cfg, B, device, args.compile, names)
+        steps = our_steps(cfg, B, device, args.compile, names, args.attn_backend)
         if args.official:
             steps["official"], builds = official_step(args, size, B, device)
         interleave(steps, args.iters, args.warmup)
