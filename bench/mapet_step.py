@@ -2,6 +2,7 @@
 
     python bench/mapet_step.py [--sizes tiny small] [--batch 8] [--threads 2] [--device cpu|cuda] [--online]
         [--official PATH/TO/aimagelab-MaPeT --official-pythonpath TIMM_0_6_DIR] [--compile [MODE]]
+        [--attn-backend auto|sdpa|flex] [--profile STEPS]
 
 Every iteration runs one step of every model in turn (bench/step_timing.py), so machine drift hits all
 alike; prints median seconds per step and the ratios the project's goals are stated in, as medians of the
@@ -161,6 +162,9 @@ def main() -> None:
         choices=["auto", "sdpa", "flex"],
         help="MaPeT's attention (the trainer's --attn-backend; auto: flex on CUDA, sdpa elsewhere)",
     )
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS", help="profile MaPeT's step over STEPS more steps"
+    )
     ap.add_argument("--official", metavar="REPO", help="checkout of aimagelab/MaPeT: time its step too")
     ap.add_argument(
         "--official-pythonpath", default="", help="folder holding timm 0.6.x for the official code"
@@ -240,7 +244,23 @@ def main() -> None:
             print(line)
         if args.online:
             online(cfg, B, device, args, precision, t_mapet)
+        if args.profile:
+            profile(mapet, args.profile, cuda)
         del steps
+
+
+def profile(step: TrainStep, iters: int, cuda: bool) -> None:
+    """The operators (and on CUDA the kernels) that take MaPeT's step time, over `iters` more steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(iters):
+            step(record=False)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"  MaPeT step profile, {iters} steps, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
 
 
 def online(cfg, B, device, args, precision, t_mapet) -> None:
