@@ -647,9 +647,10 @@ def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
     g = torch.Generator().manual_seed(0)
     images, targets = torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 40, (2, 16), generator=g)
     real = torch.compile
+    counts = torch.tensor([[6, 3], [5, 4], [4, 5], [3, 3]])  # masked patches per sample at each step
     for net, aux in [
         (MaPeT(cfg, 40, attn_backend="flex"), lambda i: random_orders(2, 16, g)),
-        (BEiT(cfg, 40), lambda i: torch.arange(16).expand(2, 16) < torch.tensor([[6 - i], [i % 3 + 3]])),
+        (BEiT(cfg, 40), lambda i: torch.arange(16).expand(2, 16) < counts[i][:, None]),
     ]:
         torch._dynamo.reset()
         counter = CompileCounter()
@@ -665,7 +666,6 @@ def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
                 with torch.no_grad():
                     step(images, targets, aux(i))
                 continue
-            assert aux(i).sum().item() == 6 - i + i % 3 + 3  # 9, 8, 9, 6 masked patches
             torch.manual_seed(i)
             loss, acc = step(images, targets, aux(i))
             got = torch.autograd.grad(loss, list(net.parameters()))
