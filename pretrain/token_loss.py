@@ -44,13 +44,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, M, rows):
             xc, tc, vc, sc = xs[s : s + rows], target[s : s + rows], valid[s : s + rows], scale[s : s + rows]
             z = torch.addmm(b, xc, w.t()).to(acc)  # (m, K) logits of this block
-            lse = z.logsumexp(1)  # (m,)
-            loss += ((lse - z.gather(1, tc[:, None])[:, 0]) * sc).sum()
+            zt = z.gather(1, tc[:, None])[:, 0]  # (m,) the targets' logits
             correct += ((z.argmax(1) == tc) & vc).sum()
+            top = z.amax(1)  # (m,)
+            z.sub_(top[:, None]).exp_()  # in place, one pass each (logsumexp would take its own copies)
+            total = z.sum(1)  # (m,)
+            loss += ((top + total.log() - zt) * sc).sum()  # log-sum-exp minus the target's logit
             if need_x or need_w or need_b:
-                z.sub_(lse[:, None]).exp_()  # softmax
-                z.scatter_add_(1, tc[:, None], z.new_full((len(tc), 1), -1.0))  # - one-hot
-                z.mul_(sc[:, None])  # d(mean loss) / d logits
+                z.mul_((sc / total)[:, None])  # softmax, scaled: d(mean loss) / d logits ...
+                z.scatter_add_(1, tc[:, None], -sc[:, None])  # ... minus the scaled one-hot
                 g = z.to(dtype)
                 if need_x:
                     gx[s : s + rows] = g @ w
