@@ -132,15 +132,29 @@ def test_torch_kmeans_holds_float16_features_in_float16_on_the_gpu():
     assert peak < 1.5 * x.nbytes, f"peak {peak / 2**20:.0f} MiB for {x.nbytes / 2**20:.0f} MiB of float16"
 
 
-def test_compiled_training_step_on_cuda(store_cuda, tmp_path):
-    """--compile on CUDA: the whole objective (FlexAttention inside) compiles, trains and checkpoints."""
+@pytest.mark.parametrize("objective", ["mapet", "beit"])
+def test_compiled_training_step_on_cuda(store_cuda, tmp_path, monkeypatch, objective):
+    """--compile on CUDA: the whole objective (FlexAttention inside) compiles once, as one graph, over every
+    step (BEiT's masks differ in size from step to step), trains and checkpoints."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from pretrain.train import Objective
+
+    torch._dynamo.reset()
+    counter, real = CompileCounterWithBackend("inductor"), torch.compile
+
+    def count(m, *a, **kw):  # counts the objective's graphs; FlexAttention's own compile passes through
+        return real(m, backend=counter) if isinstance(m, Objective) else real(m, *a, **kw)
+
+    monkeypatch.setattr(torch, "compile", count)
     cfg = TrainConfig(
         tokens=str(store_cuda), out=str(tmp_path / "run"), model="mapet_micro", image_size=64, patch_size=16,
         batch_size=4, epochs=2, warmup_epochs=1, lr=2e-3, workers=0, log_every=1, seed=0, device="cuda",
-        compile=True,
+        compile=True, objective=objective,
     )  # fmt: skip
     ckpt = torch.load(pretrain(cfg, progress=False), weights_only=True, map_location="cpu")
-    assert ckpt["step"] > 0
+    assert ckpt["step"] > 1
+    assert counter.frame_count == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
