@@ -611,21 +611,26 @@ def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, mo
     assert most_few <= 2 < most_all
 
 
-def test_compiled_objective_equals_eager_on_cpu():
+@pytest.mark.parametrize("kind", ["mapet", "beit"])
+def test_compiled_objective_equals_eager_on_cpu(kind):
     """--compile (torch.compile of the objective, custom autograd functions included) gives the eager loss
     and gradients."""
+    from pretrain.beit import BEiT
+    from pretrain.train import compiled
+
     torch.manual_seed(0)
-    net = MaPeT(ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2), 64)
+    cfg = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2)
+    net = MaPeT(cfg, 64) if kind == "mapet" else BEiT(cfg, 64)
     g = torch.Generator().manual_seed(0)
-    images, targets, orders = (
-        torch.randn(4, 3, 32, 32),
-        torch.randint(0, 64, (4, 16)),
-        random_orders(4, 16, g),
+    images, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 64, (4, 16))
+    # MaPeT: factorisation orders; BEiT: masks of 6, 6, 4 and 2 patches (padded to 6 rows each)
+    aux = (
+        random_orders(4, 16, g) if kind == "mapet" else torch.arange(16) < torch.tensor([[6], [6], [4], [2]])
     )
     results = []
-    for objective in (Objective(net), torch.compile(Objective(net))):
+    for objective in (Objective(net), compiled(Objective(net), images.device)):
         torch.manual_seed(1)  # the same drop-path draws
-        loss, acc = objective(images, targets, orders)
+        loss, acc = objective(images, targets, aux)
         results.append((loss, acc, torch.autograd.grad(loss, list(net.parameters()))))
     (l1, a1, g1), (l2, a2, g2) = results
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
