@@ -2,7 +2,7 @@
 
     python bench/mapet_step.py [--sizes tiny small] [--batch 8] [--threads 2] [--device cpu|cuda] [--online]
         [--official PATH/TO/aimagelab-MaPeT --official-pythonpath TIMM_0_6_DIR] [--compile [MODE]]
-        [--attn-backend auto|sdpa|flex] [--profile STEPS]
+        [--attn-backend auto|sdpa|flex] [--grad-checkpointing] [--profile STEPS]
 
 Every iteration runs one step of every model in turn (bench/step_timing.py), so machine drift hits all
 alike; prints median seconds per step and the ratios the project's goals are stated in, as medians of the
@@ -83,8 +83,10 @@ def our_steps(
     compile: str = "",
     names: tuple[str, ...] = ("mapet", "beit", "plain", "head"),
     attn_backend: str = "auto",
+    grad_checkpointing: bool = False,
 ) -> dict[str, TrainStep]:
-    """TrainSteps of MaPeT, BEiT, a plain ViT and a ViT with MaPeT's head (those in `names`)."""
+    """TrainSteps of MaPeT, BEiT, a plain ViT and a ViT with MaPeT's head (those in `names`); grad_checkpointing
+    for all of them (the trainer's --grad-checkpointing)."""
     G = cfg.grid
     torch.manual_seed(0)
     P = 1 + G * G - default_context(G * G)
@@ -103,7 +105,12 @@ def our_steps(
         "plain": (lambda: PlainViT(cfg, 8192, 0), zero),
         "head": (lambda: PlainViT(cfg, 8192, P), zero),
     }
-    return {k: train_step(models[k][0]().to(device), models[k][1], batch, device, compile) for k in names}
+    steps = {}
+    for k in names:
+        net = models[k][0]().to(device)
+        net.encoder.grad_checkpointing = grad_checkpointing
+        steps[k] = train_step(net, models[k][1], batch, device, compile)
+    return steps
 
 
 def official_step(args, size: str, batch: int, device: torch.device) -> tuple[TrainStep, list[float]]:
@@ -163,6 +170,11 @@ def main() -> None:
         help="MaPeT's attention (the trainer's --attn-backend; auto: flex on CUDA, sdpa elsewhere)",
     )
     ap.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute each block in backward, in all our models (the trainer's --grad-checkpointing)",
+    )
+    ap.add_argument(
         "--profile", type=int, default=0, metavar="STEPS", help="profile MaPeT's step over STEPS more steps"
     )
     ap.add_argument("--official", metavar="REPO", help="checkout of aimagelab/MaPeT: time its step too")
@@ -180,13 +192,14 @@ def main() -> None:
         "each one step of every model in turn"
         + (f"; torch.compile {args.compile} (ours)" if args.compile else "")
         + f"; MaPeT attention {args.attn_backend}"
+        + ("; gradient checkpointing (ours)" if args.grad_checkpointing else "")
     )
     for size in args.sizes:
         cfg = ViTConfig(**PRESETS[SIZES[size]])
         B = args.batch
         # compiling takes minutes per model on a GPU: with --compile only the two objectives are built
         names = ("mapet", "beit") if args.compile else ("mapet", "beit", "plain", "head")
-        steps = our_steps(cfg, B, device, args.compile, names, args.attn_backend)
+        steps = our_steps(cfg, B, device, args.compile, names, args.attn_backend, args.grad_checkpointing)
         if args.official:
             steps["official"], builds = official_step(args, size, B, device)
         interleave(steps, args.iters, args.warmup)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pretrain.token_loss import IGNORE, token_loss
-from pretrain.vit import VisionTransformer, ViTConfig
+from pretrain.vit import VisionTransformer, ViTConfig, run_block
 
 
 def default_num_masked(num_patches: int) -> int:
@@ -89,7 +89,7 @@ class BEiT(nn.Module):
         x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)  # masked patches -> mask token
         x = enc.prepend_cls(x)  # (B, N, D)
         for blk in enc.blocks:
-            x = blk(x)
+            x = run_block(enc, blk, x)
         x = enc.norm(x)[:, 1:]  # (B, G*G, D)
         # masked patches first, in grid order (stable sort), then as many unmasked ones as pad to num_masked
         pick = masked.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, : self.num_masked]

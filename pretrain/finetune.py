@@ -56,6 +56,7 @@ class FinetuneConfig:
     seed: int = 0
     workers: int = 2
     device: str = "cpu"
+    grad_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
 
     def validate(self) -> None:
         require(
@@ -252,7 +253,7 @@ def validate(
     }
 
 
-RESUME_FREE = ("workers", "device")  # settings that may change between a run and its resume
+RESUME_FREE = ("workers", "device", "grad_checkpointing")  # settings that may change on resume
 
 
 def finetune(
@@ -285,6 +286,7 @@ def finetune(
         encoder.blocks, torch.linspace(0, cfg.drop_path, len(encoder.blocks)).tolist(), strict=True
     ):
         blk.drop_path = rate
+    encoder.grad_checkpointing = cfg.grad_checkpointing
     net = Classifier(encoder, num_classes).to(device)
     opt = adamw(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     history, start = [], 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.token_loss import token_loss
-from pretrain.vit import Block, VisionTransformer, ViTConfig, compute_dtype, drop_path, mlp, scaled
+from pretrain.vit import Block, VisionTransformer, ViTConfig, compute_dtype, drop_path, mlp, run_block, scaled
 
 
 def default_context(num_patches: int) -> int:
@@ -156,8 +156,8 @@ class MaPeT(nn.Module):
         groups = (c + P, c + 2 * P, P)
         last = len(enc.blocks) - 1
         for i, blk in enumerate(enc.blocks):
-            x = two_stream_block(
-                blk, x, groups, attn_masks, flex, last=i == last
+            x = run_block(
+                enc, two_stream_block, blk, x, groups, attn_masks, flex, last=i == last
             )  # (B, c+3P, D); last: (B, P, D)
         return enc.norm(x), targets.gather(1, orders[:, c - 1 :])  # (B, P, D), (B, P)
 

@@ -68,6 +68,7 @@ class TrainConfig:
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     attn_backend: str = "auto"
+    grad_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
     max_steps: int | None = None  # stop early (smoke runs, benchmarks); the schedule still spans all epochs
     ckpt_every: int = 0  # steps between checkpoints, 0: at the end of each epoch only
     keep: int = 2
@@ -132,9 +133,9 @@ def loop_checks(cfg) -> tuple:
 
 
 def build_model(cfg: TrainConfig, vit: ViTConfig, k: int) -> nn.Module:
-    if cfg.objective == "mapet":
-        return MaPeT(vit, k, cfg.num_context, cfg.attn_backend)
-    return BEiT(vit, k)
+    net = MaPeT(vit, k, cfg.num_context, cfg.attn_backend) if cfg.objective == "mapet" else BEiT(vit, k)
+    net.encoder.grad_checkpointing = cfg.grad_checkpointing
+    return net
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -444,6 +445,7 @@ RESUME_FREE = {
     "keep",
     "log_every",
     "compile",
+    "grad_checkpointing",
     "source_root",
 }
 
