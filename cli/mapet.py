@@ -52,6 +52,14 @@ def resume_option(folder: str):
     )
 
 
+GRAD_CHECKPOINTING = click.option(
+    "--grad-checkpointing",
+    is_flag=True,
+    help="Recompute each block's activations in backward: far less memory, about a third more compute, "
+    "same losses. May be switched on or off on resume.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def cli():
     """MaPeT and BEiT pre-training of ViTs on cached visual tokens, and their evaluation."""
@@ -86,12 +94,7 @@ def cli():
 @click.option(
     "--attn-backend", type=click.Choice(["auto", "sdpa", "flex"]), default="auto", show_default=True
 )
-@click.option(
-    "--grad-checkpointing",
-    is_flag=True,
-    help="Recompute each block's activations in backward: far less memory, about a third more compute; "
-    "same losses. May be switched on or off on resume.",
-)
+@GRAD_CHECKPOINTING
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
 @click.option(
     "--ckpt-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: per epoch)."
@@ -295,11 +298,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--grad-checkpointing",
-    is_flag=True,
-    help="Recompute each block's activations in backward: far less memory, about a third more compute.",
-)
+@GRAD_CHECKPOINTING
 @resume_option("OUT")
 @click.option("--quiet", is_flag=True)
 def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):
