@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.token_loss import token_loss
-from pretrain.vit import Block, VisionTransformer, ViTConfig, compute_dtype, drop_path, mlp, run_block, scaled
+from pretrain.vit import (
+    Block,
+    VisionTransformer,
+    ViTConfig,
+    add_drop_path,
+    compute_dtype,
+    mlp,
+    run_block,
+    scaled,
+)
 
 
 def default_context(num_patches: int) -> int:
@@ -76,12 +85,13 @@ def two_stream_block(
         o = proj(sdpa(q, k, v, **{"block_mask" if flex else "attn_mask": masks[1]}))  # (B, P, D)
         x = x[:, L - P :]  # (B, P, D)
     else:
-        q = attn.q(y).view(B, L, H, Dh).transpose(1, 2)  # (B, H, L, Dh)
-        o_a = F.scaled_dot_product_attention(q[:, :, :a], k[:, :, :a], v[:, :, :a])  # (B, H, c+P, Dh) dense
-        o_b = sdpa(q[:, :, a:], k, v, **{"block_mask" if flex else "attn_mask": masks[0]})  # (B, H, 2P, Dh)
+        # split, not indexed: backward joins the two query gradients in one copy instead of padding each
+        q_a, q_b = attn.q(y).view(B, L, H, Dh).transpose(1, 2).split([a, L - a], dim=2)  # (B, H, ., Dh)
+        o_a = F.scaled_dot_product_attention(q_a, k[:, :, :a], v[:, :, :a])  # (B, H, c+P, Dh) dense
+        o_b = sdpa(q_b, k, v, **{"block_mask" if flex else "attn_mask": masks[0]})  # (B, H, 2P, Dh)
         o = torch.cat([proj(o_a), proj(o_b)], dim=1)  # (B, L, D)
-    x = x + drop_path(o, blk.drop_path, blk.training)
-    return x + drop_path(mlp(blk.mlp, blk.norm2(x), blk.gamma2), blk.drop_path, blk.training)
+    x = add_drop_path(x, o, blk.drop_path, blk.training)
+    return add_drop_path(x, mlp(blk.mlp, blk.norm2(x), blk.gamma2), blk.drop_path, blk.training)
 
 
 class MaPeT(nn.Module):

@@ -45,8 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xc, tc, vc, sc = xs[s : s + rows], target[s : s + rows], valid[s : s + rows], scale[s : s + rows]
             z = torch.addmm(b, xc, w.t()).to(acc)  # (m, K) logits of this block
             zt = z.gather(1, tc[:, None])[:, 0]  # (m,) the targets' logits
-            correct += ((z.argmax(1) == tc) & vc).sum()
-            top = z.amax(1)  # (m,)
+            top, pred = z.max(1)  # (m,) the row maxima and their first indices, one pass
+            correct += ((pred == tc) & vc).sum()
             z.sub_(top[:, None]).exp_()  # in place, one pass each (logsumexp would take its own copies)
             total = z.sum(1)  # (m,)
             loss += ((top + total.log() - zt) * sc).sum()  # log-sum-exp minus the target's logit

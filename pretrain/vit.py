@@ -49,13 +49,14 @@ PRESETS = {
 }
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth, one draw per sample. Both MaPeT streams are rows of the same sample's tensor, so
-    they share the draw, as the paper's implementation does."""
+def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """x + drop_path(branch): stochastic depth, one draw per sample, a kept branch scaled by 1 / (1 - p).
+    Both MaPeT streams are rows of the same sample's tensor, so they share the draw, as the paper's
+    implementation does. One fused pass (addcmul) with the scale drawn in x's dtype."""
     if p == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)  # (B, 1, 1)
-    return x * keep / (1 - p)
+        return x + branch
+    scale = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p).div_(1 - p)  # (B, 1, 1)
+    return torch.addcmul(x, branch, scale)
 
 
 def compute_dtype(y: torch.Tensor) -> torch.Tensor:
@@ -133,9 +134,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D). MaPeT runs the same weights through pretrain.mapet.two_stream_block."""
-        x = x + drop_path(self.attn(self.norm1(x), self.gamma1), self.drop_path, self.training)
-        x = x + drop_path(mlp(self.mlp, self.norm2(x), self.gamma2), self.drop_path, self.training)
-        return x
+        x = add_drop_path(x, self.attn(self.norm1(x), self.gamma1), self.drop_path, self.training)
+        return add_drop_path(x, mlp(self.mlp, self.norm2(x), self.gamma2), self.drop_path, self.training)
 
 
 def run_block(enc: VisionTransformer, fn, *args, **kw):

@@ -36,8 +36,12 @@ def per_sample_mask(order: torch.Tensor, c: int) -> torch.Tensor:
     return m
 
 
-def reference_logits(model: MaPeT, images: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-    """(B, P, K) logits of the query stream, one sample at a time, unpermuted."""
+def reference_logits(
+    model: MaPeT, images: torch.Tensor, orders: torch.Tensor, branch_scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, P, K) logits of the query stream, one sample at a time, unpermuted. branch_scales (depth, 2, B):
+    the factor of each block's attention and MLP branch per sample (stochastic depth: 0 or 1 / (1 - p)),
+    applied to every row of the sample, both streams; None: 1 (no drop path)."""
     enc, c, N, P = model.encoder, model.num_context, model.num_tokens, model.num_predict
     out = []
     for b in range(images.shape[0]):
@@ -46,7 +50,7 @@ def reference_logits(model: MaPeT, images: torch.Tensor, orders: torch.Tensor) -
         masks = model.mask_token[0, 0] + enc.pos_embed[0, 1 + target_ids]  # (P, D)
         x = torch.cat([tokens, masks, masks])  # (N+2P, D)
         m = per_sample_mask(orders[b].cpu(), c).to(x.device)
-        for blk in enc.blocks:
+        for i, blk in enumerate(enc.blocks):
             a = blk.attn
             y = blk.norm1(x)
             q = a.q(y).view(-1, a.heads, a.dh).transpose(0, 1)  # (H, L, Dh)
@@ -55,7 +59,8 @@ def reference_logits(model: MaPeT, images: torch.Tensor, orders: torch.Tensor) -
             s = (q @ k.transpose(1, 2)) / a.dh**0.5  # (H, L, S)
             s = s.masked_fill(~m, float("-inf"))
             o = (s.softmax(-1) @ v).transpose(0, 1).reshape(x.shape[0], -1)  # (L, D)
-            x = x + blk.gamma1 * a.proj(o)
-            x = x + blk.gamma2 * blk.mlp(blk.norm2(x))
+            s1, s2 = (1.0, 1.0) if branch_scales is None else branch_scales[i, :, b]
+            x = x + s1 * blk.gamma1 * a.proj(o)
+            x = x + s2 * blk.gamma2 * blk.mlp(blk.norm2(x))
         out.append(model.head(enc.norm(x[N + P :])))
     return torch.stack(out)

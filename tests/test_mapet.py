@@ -69,6 +69,32 @@ def test_fp32_sdpa_matches_reference_tightly():
     torch.testing.assert_close(fast, reference_logits(model, images, orders), rtol=1e-4, atol=1e-5)
 
 
+def test_both_streams_share_each_samples_drop_path_draw():
+    """In training, stochastic depth drops or keeps a block's branch for a whole sample: its content and query
+    rows alike (one draw per sample, as the official code's DropPath on the joint tensor). The fast path in
+    train mode equals the dense reference given the draws it made, applied per sample to both streams."""
+    model = make().train()
+    B, rates = 6, (0.4, 0.6)
+    for blk, r in zip(model.encoder.blocks, rates, strict=True):
+        blk.drop_path = r
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(B, 3, 64, 64, generator=g, dtype=torch.float64)
+    orders = random_orders(B, 16, g)
+    torch.manual_seed(7)
+    fast, _ = model(images, torch.zeros(B, 16, dtype=torch.long), orders)
+    torch.manual_seed(7)  # the same draws, in the fast path's order: per block, attention then MLP branch
+    scales = torch.stack(
+        [
+            torch.stack([torch.empty(B, dtype=torch.float64).bernoulli_(1 - r) / (1 - r) for _ in range(2)])
+            for r in rates
+        ]
+    )  # (depth, 2, B)
+    assert 0 < (scales == 0).sum() < scales.numel()  # some branches dropped, some kept
+    torch.testing.assert_close(fast, reference_logits(model, images, orders, scales), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # without the draws, the same model gives other logits: the draws took effect
+        assert not torch.allclose(fast, reference_logits(model, images, orders))
+
+
 def patch_grad_norms(model, images, orders, t):
     """|d logits[0, t] / d pixels| summed over each 16x16 patch: (16,) per grid patch."""
     images = images.clone().requires_grad_(True)
