@@ -223,6 +223,8 @@ def main() -> None:
             else ""
         )
         print(f"  step: MaPeT {t_mapet:.3f} s | BEiT {steps['beit'].median:.3f} s{plain}")
+        if args.compile:
+            print(f"  compile (both objectives, this size and before): {compile_counts()}")
         print(f"  forward + backward: MaPeT {gf('mapet')} | BEiT {gf('beit')}")
         head = f"   MaPeT / ViT+head: {ratio(steps, 'mapet', 'head'):.2f}" if "head" in steps else ""
         print(
@@ -260,6 +262,16 @@ def main() -> None:
         if args.profile:
             profile(mapet, args.profile, cuda)
         del steps
+
+
+def compile_counts() -> str:
+    """What torch.compile did so far in this process: graphs compiled, graph breaks, and the graphs that
+    reduce-overhead left out of CUDA graphs (each skip's reason is logged as a warning when it happens)."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    skips = counters["inductor"]["cudagraph_skips"]
+    return f"{counters['stats']['unique_graphs']} graphs, {breaks} graph breaks, {skips} CUDA-graph skips"
 
 
 def profile(step: TrainStep, iters: int, cuda: bool) -> None:
