@@ -19,8 +19,10 @@ IGNORE = -100  # a target that takes no part in the loss or the accuracy (F.cros
 
 
 def rows_per_block(k: int, device: torch.device) -> int:
-    """Rows whose float32 logits fit in ~8 MiB on CPU (cache-sized), ~64 MiB on a GPU (few launches)."""
-    budget = 2**24 if device.type == "cuda" else 2**21
+    """Rows whose float32 logits fit in ~16 MiB on CPU, ~64 MiB on a GPU (few launches). On the CPU, 512 rows
+    at K 8192 ran 3-5% faster than 256 (forward + backward, widths 192 to 768, 2 cores) and no slower than
+    1024: larger blocks read the head's weight fewer times."""
+    budget = 2**24 if device.type == "cuda" else 2**22
     return max(1, budget // k)
 
 
