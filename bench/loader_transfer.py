@@ -47,7 +47,7 @@ def rate(args, batched_uint8: bool) -> float:
         batch_size=args.batch_size,
         num_workers=args.workers,
         collate_fn=per_batch if batched_uint8 else per_image,
-        prefetch_factor=4,
+        prefetch_factor=4 if args.workers else None,  # torch refuses a prefetch factor without workers
     )
     t, n = time.perf_counter(), 0
     for batch in loader:

@@ -19,6 +19,7 @@ GPU the forward waits on the device, so this is what one process's job can do at
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -66,6 +67,17 @@ def half_folder(root: Path, half: Path, n: int) -> None:
     half.mkdir()
     for f in sorted(root.iterdir())[:n]:
         os.link(f, half / f.name)
+
+
+def steady_rate(images: int, seconds: float) -> float:
+    """images / seconds of the second half; nan when noise made the difference of two times <= 0."""
+    return images / seconds if seconds > 0 else math.nan
+
+
+def median(values) -> float:
+    """Median of the measurable values (nan when none is)."""
+    ok = [v for v in values if not math.isnan(v)]
+    return statistics.median(ok) if ok else math.nan
 
 
 def main() -> None:
@@ -155,10 +167,10 @@ def main() -> None:
         for r in range(args.repeats):  # alternate them: a shared machine's speed drifts by +-15%
             bare = n / bare_forward()
             (t_half, c_half), (t_all, c_all) = job(n // 2, r), job(n, r)
-            whole, steady = n / t_all, (n - n // 2) / (t_all - t_half)
+            whole, steady = n / t_all, steady_rate(n - n // 2, t_all - t_half)
             main_ms = 1e3 * (c_all - c_half) / (n - n // 2)
             i_half, i_all = input_side(n // 2), input_side(n)
-            rows.append((bare, whole, steady, n / i_all, (n - n // 2) / (i_all - i_half), main_ms))
+            rows.append((bare, whole, steady, n / i_all, steady_rate(n - n // 2, i_all - i_half), main_ms))
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -174,13 +186,15 @@ def main() -> None:
             f"steady | input side alone {i_whole:.1f} img/s whole, {i_steady:.1f} steady | ratio job / bare "
             f"{whole / bare:.3f} whole, {steady / bare:.3f} steady | main thread's CPU {main_ms:.3f} ms/img steady"
         )
-    med = [statistics.median(row[j] / row[0] for row in rows) for j in (1, 2)]
-    inp, main_ms = (statistics.median(row[j] for row in rows) for j in (4, 5))
+    med = [median(row[j] / row[0] for row in rows) for j in (1, 2)]
+    inp, main_ms = (median(row[j] for row in rows) for j in (4, 5))
     print(
         f"median ratio tokenize / bare forward: {med[0]:.3f} whole job, {med[1]:.3f} steady (goal >= 0.85); "
         f"input side alone, steady: {inp:.1f} img/s; the job's main thread: {main_ms:.3f} ms of CPU per image "
         f"(a ceiling of {1e3 / main_ms:.0f} img/s for one process)"
     )
+    if any(math.isnan(row[j]) for row in rows for j in (2, 4)):
+        print("nan: the second half took no longer than the first (fixed costs dominate); use more --images")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--store-rows", type=int, default=32768, help="Rows of the synthetic token store.")
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
+    if args.store_rows < 1024 or args.store_rows % 1024:
+        ap.error(f"--store-rows {args.store_rows}: must be a positive multiple of 1024 (the shard size)")
     items = jpegs(args.long_side)
     tokens = np.zeros((8, (args.size // 16) ** 2), np.uint16)
     decoded = [decode_image(data, key) for key, data, _ in items]

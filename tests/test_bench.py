@@ -1,0 +1,81 @@
+"""The benchmark scripts run end to end on tiny settings, so a GPU session never finds one broken.
+
+They print measured ratios (speed goals live there, not in timed tests); these checks assert only what does
+not depend on the machine's speed: that each script finishes, and its deterministic figures (FLOP and
+saved-memory ratios, the k-means objective).
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, f"{script} {' '.join(args)}: exit {r.returncode}\n{r.stderr[-2000:]}"
+    return r.stdout
+
+
+def number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"no match for {pattern!r} in:\n{text}"
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("extra", [(), ("--grad-checkpointing",)], ids=["eager", "grad-checkpointing"])
+def test_step_bench_on_the_micro_model(extra):
+    out = bench("mapet_step.py", "--sizes", "micro", "--iters", "1", "--warmup", "1", *extra)
+    # micro: N 50, c 13, P 37; the FLOP ratio is a property of the two models, not of the machine
+    assert "[micro] N=50 c=13 P=37" in out
+    assert 1.8 < number(r"MaPeT / BEiT: \S+ \(goal <= 2\.2; FLOPs (\d+\.\d+)", out) < 2.2
+    assert number(r"mask built once: (\d+\.\d+) ms", out) > 0
+
+
+def test_saved_activations_bench_counts_mapet_above_beit():
+    out = bench("saved_activations.py", "--size", "tiny")
+    # MaPeT keeps 491 rows per image in 11 blocks (147 in the last), BEiT 197: ~2.3x the saved memory
+    assert 2.0 < number(r"MaPeT / BEiT (\d+\.\d+)", out) < 2.6
+
+
+def test_kmeans_bench_compares_the_backends():
+    out = bench("kmeans_backends.py", "--n", "2000", "--dim", "16", "--k", "8", "--niter", "4")
+    assert 0.9 < number(r"objective torch / faiss (\d+\.\d+)", out) < 1.1
+
+
+def test_loader_benches_run_with_and_without_workers():
+    for workers in ("0", "1"):
+        out = bench(
+            "loader_transfer.py", "--workers", workers, "--images", "16", "--batch-size", "8", "--size", "64"
+        )
+        assert number(r"uint8 per batch (\d+) img/s", out) > 0
+    out = bench(
+        "train_loader.py", "--images", "8", "--repeats", "1", "--store-rows", "1024", "--batch-size", "8"
+    )
+    assert number(r"one worker \(sample \+ its tokens\): (\d+) img/s", out) > 0
+
+
+def test_train_loader_bench_refuses_a_store_smaller_than_a_shard():
+    r = subprocess.run(
+        [sys.executable, "bench/train_loader.py", "--store-rows", "64"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--store-rows 64: must be a positive multiple of 1024" in r.stderr
+
+
+def test_tokenize_bench_on_the_tiny_tokenizer():
+    out = bench(
+        "tokenize_throughput.py",
+        *("--model", "tokenkit-tiny-vit", "--grid", "4", "--k", "16", "--images", "8", "--batch-size", "4"),
+        *("--workers", "0", "--repeats", "1"),
+    )
+    assert number(r"bare CLIP forward (\d+\.\d+) img/s", out) > 0
+    assert "median ratio tokenize / bare forward" in out
