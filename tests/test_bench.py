@@ -29,13 +29,25 @@ def number(pattern: str, text: str) -> float:
     return float(m.group(1))
 
 
-@pytest.mark.parametrize("extra", [(), ("--grad-checkpointing",)], ids=["eager", "grad-checkpointing"])
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--grad-checkpointing",), ("--attn-backend", "sdpa", "--online", "--profile", "1")],
+    ids=["eager", "grad-checkpointing", "online-profile"],
+)
 def test_step_bench_on_the_micro_model(extra):
     out = bench("mapet_step.py", "--sizes", "micro", "--iters", "1", "--warmup", "1", *extra)
     # micro: N 50, c 13, P 37; the FLOP ratio is a property of the two models, not of the machine
     assert "[micro] N=50 c=13 P=37" in out
     assert 1.8 < number(r"MaPeT / BEiT: \S+ \(goal <= 2\.2; FLOPs (\d+\.\d+)", out) < 2.2
     assert number(r"mask built once: (\d+\.\d+) ms", out) > 0
+    if "--online" in extra:
+        assert number(r"ratio cache / online (\d+\.\d+)x", out) > 0
+        assert "MaPeT step profile, 1 steps" in out
+
+
+def test_gpu_script_parses():
+    """bench/gpu_all.sh runs only on a lent GPU: at least its syntax is checked everywhere."""
+    assert subprocess.run(["bash", "-n", "bench/gpu_all.sh"], cwd=ROOT).returncode == 0
 
 
 def test_saved_activations_bench_counts_mapet_above_beit():
