@@ -1,8 +1,14 @@
 """The README's main command, on a tiny slice: the same script, the same CLI chain, a report at the end."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenkit.store import TokenStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +26,16 @@ def test_quickstart_on_a_tiny_slice(tmp_path):
         line for line in report.splitlines() if line.startswith("| cell type") or line.startswith("| defect")
     ]
     assert len(rows) == 6  # 2 tasks x (random, beit, mapet)
+    # the pre-training table: both objectives, and the baseline of predicting tokens from code frequencies,
+    # whose figures are the entropy and the largest share of the store's own code counts
+    counts = np.asarray(TokenStore.open(run / "tokens").manifest["code_counts"], dtype=np.float64)
+    p = counts[counts > 0] / counts.sum()
+    m = re.search(r"^\| code frequencies alone \| (\d+\.\d+) \| (\d+\.\d)% \|$", report, re.M)
+    assert m, report
+    assert float(m.group(1)) == pytest.approx(-(p * np.log(p)).sum(), abs=0.006)
+    assert float(m.group(2)) == pytest.approx(100 * p.max(), abs=0.06)
+    for obj in ("mapet", "beit"):
+        assert re.search(rf"^\| {obj} \| \d+\.\d+ \| \d+\.\d% \|$", report, re.M), report
     for png in ("pretrain_curves.png", "codebook_usage.png", "token_maps.png"):
         assert (run / png).stat().st_size > 1000
     assert "done in" in out
