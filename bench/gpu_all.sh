@@ -9,7 +9,7 @@
 # step is stopped after its time limit (seconds, the second argument of `step`), so a slow step costs its
 # limit and no more. On an H200 (2026-11-26) test_cuda took 97-129 s, mapet_step_b8 92 s, mapet_step_b128
 # 81 s, mapet_step_b8_cudagraphs 205 s, tokenize 63 s, online 48 s, loader_transfer 6 s; the limits sum to
-# 38 minutes, so a 10-minute call runs a few steps (STEPS="...").
+# 40 minutes, so a 10-minute call runs a few steps (STEPS="...").
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_all.sh OUTDIR [OFFICIAL_REPO TIMM_0_6_DIR]}
 official=()
@@ -42,6 +42,8 @@ step mapet_step_b8_cudagraphs 300 "$py" bench/mapet_step.py --device cuda --size
     --iters 20 --warmup 5 --compile reduce-overhead "${official[@]}"
 step mapet_step_b8_sdpa 150 "$py" bench/mapet_step.py --device cuda --sizes tiny base --batch 8 --iters 20 \
     --warmup 5 --attn-backend sdpa "${official[@]}"
+step mapet_step_b128_sdpa 150 "$py" bench/mapet_step.py --device cuda --sizes small base --batch 128 --iters 10 \
+    --warmup 3 --attn-backend sdpa "${official[@]}"
 step mapet_step_b8_profile 120 "$py" bench/mapet_step.py --device cuda --sizes base --batch 8 --iters 5 \
     --warmup 3 --profile 5
 step mapet_step_b8_ckpt 150 "$py" bench/mapet_step.py --device cuda --sizes tiny base --batch 8 --iters 20 \
