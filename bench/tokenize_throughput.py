@@ -191,7 +191,7 @@ def main() -> None:
     print(
         f"median ratio tokenize / bare forward: {med[0]:.3f} whole job, {med[1]:.3f} steady (goal >= 0.85); "
         f"input side alone, steady: {inp:.1f} img/s; the job's main thread: {main_ms:.3f} ms of CPU per image "
-        f"(a ceiling of {1e3 / main_ms:.0f} img/s for one process)"
+        + (f"(a ceiling of {1e3 / main_ms:.0f} img/s for one process)" if main_ms > 0 else "(not measurable)")
     )
     if any(math.isnan(row[j]) for row in rows for j in (2, 4)):
         print("nan: the second half took no longer than the first (fixed costs dominate); use more --images")
