@@ -32,11 +32,11 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def frequency_baseline(counts: np.ndarray) -> tuple[float, float]:
+def frequency_baseline(usage: dict) -> tuple[float, float]:
     """(cross-entropy in nats, top-1) of predicting every token from the codes' frequencies alone, ignoring
-    the image: what a pre-training that learned nothing from the visible patches would reach."""
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum()), float(p.max())
+    the image, from the store's codebook usage: the entropy is log(perplexity), the top-1 the largest
+    cluster's share. What a pre-training that learned nothing from the visible patches would reach."""
+    return float(np.log(usage["perplexity"])), float(usage["largest_cluster_share"])
 
 
 def last_epoch(m: list[dict]) -> tuple[float, float]:
@@ -108,12 +108,12 @@ def verdicts(rows: list[tuple]) -> list[str]:
 def main() -> None:
     run = Path(sys.argv[1])
     store = TokenStore.open(run / "tokens")
-    baseline = frequency_baseline(np.asarray(store.manifest["code_counts"], dtype=np.float64))
+    st = usage(store, run / "codebook_usage.png")
+    baseline = frequency_baseline(st)
     curves(run, run / "pretrain_curves.png", baseline)
     learned = {
         obj: last_epoch(read_metrics(run / f"pretrain-{obj}" / "metrics.jsonl")) for obj in ("mapet", "beit")
     }
-    st = usage(store, run / "codebook_usage.png")
     token_grid(store, run / "token_maps.png")
     rows = []
     for task, desc in TASKS.items():
