@@ -114,7 +114,7 @@ class MaPeT(nn.Module):
         assert mask[: c + P, : c + P].all() and not mask[: c + P, c + P :].any()
         self.register_buffer("mask_b", mask[c + P :], persistent=False)  # (2P, c+2P)
         self.attn_backend = attn_backend
-        self._flex = None  # (device, compiled flex_attention, BlockMasks), built on first CUDA forward
+        self._flex = None  # (device, compiled flex_attention, BlockMasks, flex_attention), built on first use
 
     def attention_args(self, device: torch.device) -> tuple:
         """(masks, flex): BlockMasks + compiled FlexAttention on CUDA, boolean masks for SDPA elsewhere.
@@ -144,8 +144,13 @@ class MaPeT(nn.Module):
                 device,
                 torch.compile(flex_attention, dynamic=False),
                 (block_mask(dense), block_mask(dense[P:].contiguous())),
+                flex_attention,
             )
-        return self._flex[2], self._flex[1]
+        # inside a compiled model (--compile) the plain function: Dynamo traces it into the model's graph. The
+        # compiled wrapper there split the graph at every attention call on CUDA (torch 2.11: 15 graphs for a
+        # 4-block model, so CUDA graphs gained nothing); eager calls need the wrapper (uncompiled, FlexAttention
+        # materialises the scores)
+        return self._flex[2], self._flex[3 if torch.compiler.is_compiling() else 1]
 
     def features(self, images: torch.Tensor, targets: torch.Tensor, orders: torch.Tensor):
         """images (B, 3, S, S); targets (B, G*G) int64 token ids (row-major); orders (B, G*G) permutations.
