@@ -160,8 +160,8 @@ def main() -> None:
         const="default",
         default="",
         choices=["default", "reduce-overhead"],
-        help="torch.compile MaPeT's and BEiT's steps in this mode (default: the trainer's --compile; "
-        "reduce-overhead: CUDA graphs, an experiment the trainer does not offer); the plain ViTs are left out",
+        help="torch.compile MaPeT's and BEiT's steps in this mode, as the trainer's --compile [MODE] does "
+        "(reduce-overhead: CUDA graphs); the plain ViTs are left out",
     )
     ap.add_argument(
         "--attn-backend",

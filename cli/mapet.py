@@ -32,7 +32,7 @@ from pretrain.evaluate import (
 from pretrain.export import export as export_model
 from pretrain.finetune import FinetuneConfig, classifier_of, validate
 from pretrain.finetune import finetune as run_finetune
-from pretrain.train import TrainConfig
+from pretrain.train import COMPILE_MODES, TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
 from tokenkit.errors import require
@@ -90,7 +90,15 @@ def cli():
 @click.option(
     "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True
 )
-@click.option("--compile", is_flag=True, help="torch.compile the model.")
+@click.option(
+    "--compile",
+    type=click.Choice(COMPILE_MODES),
+    is_flag=False,
+    flag_value="default",
+    default=None,
+    help="torch.compile the model, in this mode (--compile alone: default; reduce-overhead: CUDA graphs, for "
+    "small per-GPU batches, one process without --accum-steps).",
+)
 @click.option(
     "--attn-backend", type=click.Choice(["auto", "sdpa", "flex"]), default="auto", show_default=True
 )

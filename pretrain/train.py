@@ -37,6 +37,8 @@ from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm
 from tokenkit.store import TokenStore, verify
 from tokenkit.views import keyed_rng
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes --compile takes
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -66,7 +68,7 @@ class TrainConfig:
     workers: int = 4
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    compile: str | None = None  # a torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     attn_backend: str = "auto"
     grad_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
     max_steps: int | None = None  # stop early (smoke runs, benchmarks); the schedule still spans all epochs
@@ -106,6 +108,13 @@ class TrainConfig:
                 ("--ckpt-every", self.ckpt_every, self.ckpt_every >= 0, ">= 0 (0: per epoch)"),
             )
         )
+        if self.compile not in (None, *COMPILE_MODES):
+            raise ConfigError(f"--compile {self.compile}: choose one of {', '.join(COMPILE_MODES)}")
+        if self.compile == "reduce-overhead" and self.accum_steps > 1:
+            raise ConfigError(
+                f"--compile reduce-overhead with --accum-steps {self.accum_steps}: CUDA graphs reuse the memory "
+                "of the gradients being accumulated (pytorch/pytorch#169545); use --compile (default mode)"
+            )
         n = self.vit().num_patches + 1  # N: CLS + patches
         if self.num_context is not None and self.objective != "mapet":
             raise ConfigError(
@@ -190,7 +199,9 @@ class Objective(nn.Module):
 
 
 def compiled(objective: Objective, device: torch.device, mode: str | None = None) -> nn.Module:
-    """torch.compile of the objective (--compile), MaPeT's attention masks built first, outside the graph."""
+    """torch.compile of the objective (--compile MODE), MaPeT's attention masks built first, outside the graph.
+    With mode "reduce-overhead" (CUDA graphs) call torch.compiler.cudagraph_mark_step_begin() before each
+    step: the graphs' outputs of the step before are then dead and their memory reused."""
     if isinstance(objective.net, MaPeT):
         objective.net.attention_args(device)
     return torch.compile(objective, mode=mode)
@@ -206,6 +217,11 @@ def pretrain(
 ) -> Path:
     """Train, checkpoint and log into cfg.out. Returns the path of the last checkpoint."""
     cfg.validate()
+    if cfg.compile == "reduce-overhead" and world > 1:
+        raise ConfigError(
+            "--compile reduce-overhead under torchrun: CUDA graphs with DDP's gradient hooks are not tested "
+            "here; use --compile (default mode), whose launch savings matter less at training batch sizes"
+        )
     run = Path(cfg.out)
     store = TokenStore.open(cfg.tokens)
     if cfg.data == "zarr" and not store.has_zarr:
@@ -269,7 +285,7 @@ def pretrain(
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-    model = compiled(Objective(net), device) if cfg.compile else Objective(net)
+    model = compiled(Objective(net), device, cfg.compile) if cfg.compile else Objective(net)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -354,6 +370,8 @@ def pretrain(
                     )
                     torch.manual_seed(int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62)))
                     sync = nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
+                    if cfg.compile == "reduce-overhead":
+                        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
                     with sync:
                         with autocast:
                             loss, acc = model(images, targets, aux)

@@ -262,10 +262,38 @@ def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, photos
         (dict(clip_grad=0.0), "--clip-grad 0.0: must be > 0"),
         (dict(drop_path=1.0), r"--drop-path 1.0: must be in \[0, 1\)"),
         (dict(objective="beit", num_context=20), "--num-context 20: a MaPeT setting"),
+        (dict(compile="reduce-overhead", accum_steps=2), "reduce-overhead with --accum-steps 2: CUDA graphs"),
+        (dict(compile="fast"), "--compile fast: choose one of default, reduce-overhead, max-autotune"),
     ):
         with pytest.raises(ConfigError, match=message):
             pretrain(tiny(wds, tmp_path / "run", image_size=112, **bad), progress=False)
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="reduce-overhead under torchrun"):
+        pretrain(tiny(wds, tmp_path / "run", compile="reduce-overhead"), rank=0, world=2, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_steps_are_marked(store, tmp_path, monkeypatch):
+    """--compile reduce-overhead: the objective is compiled in that mode and every step starts with
+    cudagraph_mark_step_begin (the graphs' outputs of the step before die there, so CUDA graphs may reuse
+    their memory); --compile alone compiles in torch's default mode and marks nothing."""
+    from pretrain.train import Objective
+
+    real, modes, marks = torch.compile, [], []
+
+    def record(m, *a, mode=None, **kw):  # compiles with the eager backend: only the plumbing is under test
+        if isinstance(m, Objective):
+            modes.append(mode)
+            return real(m, backend="eager")
+        return real(m, *a, mode=mode, **kw)
+
+    monkeypatch.setattr(torch, "compile", record)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, steps in (("reduce-overhead", 3), ("default", 2)):
+        torch._dynamo.reset()
+        pretrain(tiny(store, tmp_path / mode, compile=mode, max_steps=steps), progress=False)
+        assert [m["step"] for m in metrics(tmp_path / mode)][-1] == steps
+    assert modes == ["reduce-overhead", "default"] and len(marks) == 3
 
 
 def test_moved_source_images_are_named_before_the_run_starts(tmp_path, photos, codebook_path):
