@@ -59,6 +59,16 @@ GRAD_CHECKPOINTING = click.option(
     "same losses. May be switched on or off on resume.",
 )
 
+COMPILE = click.option(
+    "--compile",
+    type=click.Choice(COMPILE_MODES),
+    is_flag=False,
+    flag_value="default",
+    default=None,
+    help="torch.compile the training step, in this mode (--compile alone: default; reduce-overhead: CUDA "
+    "graphs, for small per-GPU batches, one process without --accum-steps). May change on resume.",
+)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def cli():
@@ -90,15 +100,7 @@ def cli():
 @click.option(
     "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True
 )
-@click.option(
-    "--compile",
-    type=click.Choice(COMPILE_MODES),
-    is_flag=False,
-    flag_value="default",
-    default=None,
-    help="torch.compile the model, in this mode (--compile alone: default; reduce-overhead: CUDA graphs, for "
-    "small per-GPU batches, one process without --accum-steps).",
-)
+@COMPILE
 @click.option(
     "--attn-backend", type=click.Choice(["auto", "sdpa", "flex"]), default="auto", show_default=True
 )
@@ -307,6 +309,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @GRAD_CHECKPOINTING
+@COMPILE
 @resume_option("OUT")
 @click.option("--quiet", is_flag=True)
 def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):

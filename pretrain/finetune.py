@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, to_input
 from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
-from pretrain.train import adamw, loop_checks, lr_at
+from pretrain.train import adamw, compile_checks, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
@@ -57,6 +57,7 @@ class FinetuneConfig:
     workers: int = 2
     device: str = "cpu"
     grad_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
+    compile: str | None = None  # a torch.compile mode for the training step (pretrain.train.COMPILE_MODES)
 
     def validate(self) -> None:
         require(
@@ -71,6 +72,7 @@ class FinetuneConfig:
                 ("--cutmix", self.cutmix, self.cutmix >= 0, ">= 0 (0: off)"),
             )
         )
+        compile_checks(self)
 
 
 class Classifier(nn.Module):
@@ -253,7 +255,7 @@ def validate(
     }
 
 
-RESUME_FREE = ("workers", "device", "grad_checkpointing")  # settings that may change on resume
+RESUME_FREE = ("workers", "device", "grad_checkpointing", "compile")  # settings that may change on resume
 
 
 def finetune(
@@ -274,6 +276,7 @@ def finetune(
     DDP, each rank trains on its split of every epoch's permutation and validates its share of `val`.
     """
     cfg.validate()
+    compile_checks(cfg, world)
     out = Path(out)
     if not resume and (out / "last.pt").exists():
         raise ConfigError(
@@ -304,10 +307,13 @@ def finetune(
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         history, start = ckpt["history"], ckpt["epoch"] + 1
+    step_net = torch.compile(net, mode=cfg.compile) if cfg.compile else net  # validation runs `net`, eager
     model = (
-        nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        nn.parallel.DistributedDataParallel(
+            step_net, device_ids=[device.index] if device.type == "cuda" else None
+        )
         if world > 1
-        else net
+        else step_net
     )
     autocast = bf16_on_cuda(device)
     size = encoder.cfg.image_size
@@ -367,6 +373,8 @@ def finetune(
                 if cfg.reprob > 0:
                     x = random_erase(x, cfg.reprob)  # per sample, before mixup (as timm's loader does)
                 last = world == 1 or micro == cfg.accum_steps - 1
+                if cfg.compile == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
                 with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
                     with autocast:
                         if mixer is not None:
@@ -382,7 +390,7 @@ def finetune(
         del batches
         if world > 1:  # every rank's mean: the logged loss, and the same NaN verdict on every rank
             torch.distributed.all_reduce(loss_sum)
-        top1, top5, n_val = accuracy(model, val_loader, device, autocast, world)
+        top1, top5, n_val = accuracy(net, val_loader, device, autocast, world)  # eager: no recompiles
         rec = {
             "epoch": epoch,
             "loss": float(loss_sum) / (steps * cfg.accum_steps * world),

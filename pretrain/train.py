@@ -108,13 +108,7 @@ class TrainConfig:
                 ("--ckpt-every", self.ckpt_every, self.ckpt_every >= 0, ">= 0 (0: per epoch)"),
             )
         )
-        if self.compile not in (None, *COMPILE_MODES):
-            raise ConfigError(f"--compile {self.compile}: choose one of {', '.join(COMPILE_MODES)}")
-        if self.compile == "reduce-overhead" and self.accum_steps > 1:
-            raise ConfigError(
-                f"--compile reduce-overhead with --accum-steps {self.accum_steps}: CUDA graphs reuse the memory "
-                "of the gradients being accumulated (pytorch/pytorch#169545); use --compile (default mode)"
-            )
+        compile_checks(self)
         n = self.vit().num_patches + 1  # N: CLS + patches
         if self.num_context is not None and self.objective != "mapet":
             raise ConfigError(
@@ -125,6 +119,24 @@ class TrainConfig:
                 f"--num-context {self.num_context}: must be in [1, {n - 1}] for {n} tokens (CLS counts; the "
                 "rest are predicted)"
             )
+
+
+def compile_checks(cfg, world: int = 1) -> None:
+    """--compile MODE settings that cannot run (pre-training and fine-tuning): a one-line ConfigError."""
+    if cfg.compile not in (None, *COMPILE_MODES):
+        raise ConfigError(f"--compile {cfg.compile}: choose one of {', '.join(COMPILE_MODES)}")
+    if cfg.compile != "reduce-overhead":
+        return
+    if cfg.accum_steps > 1:
+        raise ConfigError(
+            f"--compile reduce-overhead with --accum-steps {cfg.accum_steps}: CUDA graphs reuse the memory of "
+            "the gradients being accumulated (pytorch/pytorch#169545); use --compile (default mode)"
+        )
+    if world > 1:
+        raise ConfigError(
+            "--compile reduce-overhead under torchrun: CUDA graphs with DDP's gradient hooks are not tested "
+            "here; use --compile (default mode), whose launch savings matter less at training batch sizes"
+        )
 
 
 def loop_checks(cfg) -> tuple:
@@ -217,11 +229,7 @@ def pretrain(
 ) -> Path:
     """Train, checkpoint and log into cfg.out. Returns the path of the last checkpoint."""
     cfg.validate()
-    if cfg.compile == "reduce-overhead" and world > 1:
-        raise ConfigError(
-            "--compile reduce-overhead under torchrun: CUDA graphs with DDP's gradient hooks are not tested "
-            "here; use --compile (default mode), whose launch savings matter less at training batch sizes"
-        )
+    compile_checks(cfg, world)
     run = Path(cfg.out)
     store = TokenStore.open(cfg.tokens)
     if cfg.data == "zarr" and not store.has_zarr:

@@ -257,6 +257,35 @@ def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
     assert main(two_batches) == 2 and not (tmp_path / "x").exists()  # 2 batches cannot fill a step of 3
 
 
+def test_compiled_finetune_trains_as_eager_does(tmp_path, monkeypatch):
+    """--compile: the training step runs compiled (here through AOTAutograd's traced forward and backward,
+    without inductor's code generation, to keep the test fast) and reaches eager's weights and losses;
+    validation runs the eager module. reduce-overhead with --accum-steps is refused before the run folder."""
+    data = separable_folder(tmp_path / "data", n_per_class=8)
+    real, modes = torch.compile, []
+
+    def traced(m, *a, mode=None, **kw):
+        modes.append(mode)
+        return real(m, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", traced)
+    flat = ("--epochs", "2", "--drop-path", "0")  # no random draw inside the model
+    assert main(_ft_args(data, tmp_path / "eager", *flat)) == 0
+    assert modes == []
+    torch._dynamo.reset()
+    assert main(_ft_args(data, tmp_path / "compiled", *flat, "--compile")) == 0
+    assert modes == ["default"]
+    eager, comp = (torch.load(tmp_path / p / "last.pt", weights_only=True) for p in ("eager", "compiled"))
+    for k in eager["model"]:
+        torch.testing.assert_close(comp["model"][k], eager["model"][k], rtol=1e-4, atol=1e-6)
+    assert [r["loss"] for r in comp["history"]] == pytest.approx(
+        [r["loss"] for r in eager["history"]], rel=1e-5
+    )
+    assert [r["val_top1"] for r in comp["history"]] == [r["val_top1"] for r in eager["history"]]
+    bad = _ft_args(data, tmp_path / "x", "--compile", "reduce-overhead", "--accum-steps", "2")
+    assert main(bad) == 2 and not (tmp_path / "x").exists()
+
+
 def test_two_rank_finetune_validates_every_sample_once(tmp_path):
     """torchrun, gloo: both ranks train as one DDP model (two micro-batches per step: the first without an
     all-reduce) and the reported top-1 is that model's on all of val."""
