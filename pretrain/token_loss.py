@@ -38,22 +38,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n = valid.sum()  # rows in the mean
         scale = valid.to(acc) / n  # (M,) d(mean loss) / d(row loss)
         target = target.clamp_min(0)  # ignored rows: any class, their terms are zeroed below
-        # Sums and gradients are built out of place: torch 2.11's compiled autograd.Function saved a tensor
-        # for backward as it was before later in-place updates (zeros), so --compile trained on zero gradients
-        loss = correct = gw = gb = None
-        gx = []
+        # every sum is built out of place: torch 2.11's compiled autograd.Function saved a tensor for backward
+        # as it was before later in-place updates (zeros), so --compile trained on zero gradients
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
+        gb = torch.zeros(bias.shape, dtype=acc, device=x.device) if need_b else None
+        gx = []  # (m, D) blocks
         for s in range(0, x.shape[0], rows):
             xc, tc, vc, sc = xs[s : s + rows], target[s : s + rows], valid[s : s + rows], scale[s : s + rows]
             z = torch.addmm(b, xc, w.t()).to(acc)  # (m, K) logits of this block
             zt = z.gather(1, tc[:, None])[:, 0]  # (m,) the targets' logits
             top, pred = z.max(1)  # (m,) the row maxima and their first indices, one pass
+            correct = correct + ((pred == tc) & vc).sum()
             z.sub_(top[:, None]).exp_()  # in place, one pass each (logsumexp would take its own copies)
             total = z.sum(1)  # (m,)
-            block = (
-                ((top + total.log() - zt) * sc).sum(),  # log-sum-exp minus the target's logit
-                ((pred == tc) & vc).sum(),
-            )
-            loss, correct = block if loss is None else (loss + block[0], correct + block[1])
+            loss = loss + ((top + total.log() - zt) * sc).sum()  # log-sum-exp minus the target's logit
             if need_x or need_w or need_b:
                 z.mul_((sc / total)[:, None])  # softmax, scaled: d(mean loss) / d logits ...
                 z.scatter_add_(1, tc[:, None], -sc[:, None])  # ... minus the scaled one-hot
@@ -61,14 +61,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_x:
                     gx.append(g @ w)
                 if need_w:
-                    gw = (g.t() @ xc).to(acc) if gw is None else gw + (g.t() @ xc).to(acc)
+                    gw = gw + (g.t() @ xc).to(acc)
                 if need_b:
-                    gb = z.sum(0) if gb is None else gb + z.sum(0)
-        if loss is None:  # no rows
-            loss, correct = torch.zeros((), dtype=acc, device=x.device), n.new_zeros(())
+                    gb = gb + z.sum(0)
         gx = (torch.cat(gx).to(x.dtype) if gx else torch.zeros_like(x)) if need_x else None
-        gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w and gw is None else gw
-        gb = torch.zeros(bias.shape, dtype=acc, device=x.device) if need_b and gb is None else gb
         ctx.save_for_backward(gx, gw, gb)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
         ctx.mark_non_differentiable(correct, n)
