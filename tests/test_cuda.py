@@ -166,6 +166,25 @@ def test_compiled_training_is_one_graph_and_follows_eager_training(store_cuda, t
     assert eager[-1, 0] < eager[0, 0]  # it trained
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_finetune_on_cuda_follows_eager(tmp_path, mode):
+    """mapet finetune --compile MODE on CUDA: the per-epoch losses and top-1 of the eager run, bf16 rounding
+    apart (no drop path)."""
+    from tests.test_evaluate import _ft_args, main, separable_folder
+
+    data = separable_folder(tmp_path / "data", n_per_class=16)
+    flat = ("--epochs", "3", "--drop-path", "0", "--device", "cuda")
+    hist = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile", mode))):
+        torch._dynamo.reset()
+        assert main(_ft_args(data, tmp_path / name, *flat, *extra)) == 0
+        hist[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["history"]
+    losses = {k: [r["loss"] for r in h] for k, h in hist.items()}
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=5e-2)
+    assert losses["eager"][-1] < losses["eager"][0]
+    assert abs(hist["compiled"][-1]["val_top1"] - hist["eager"][-1]["val_top1"]) <= 0.1
+
+
 def test_cuda_features_match_cpu_features(photos, vit_spec, tmp_path):
     """`tokenkit features` on the GPU (uint8 batches normalised there) stores the CPU's features, up to
     float16 storage and fp32 rounding."""
