@@ -90,7 +90,7 @@ def cli():
 @click.option("--clip-grad", type=float, default=3.0, show_default=True)
 @click.option("--drop-path", type=float, default=0.1, show_default=True)
 @click.option("--image-size", type=int, default=None, help="Student input size (default: the preset's).")
-@click.option("--patch-size", type=int, default=None, help="With --checkpoint random.")
+@click.option("--patch-size", type=int, default=None, help="Student patch size (default: the preset's).")
 @click.option("--num-context", type=int, default=None, help="MaPeT context tokens c (default CLS + 25%).")
 @click.option("--jitter", type=float, default=0.4, show_default=True, help="Colour jitter on the input only.")
 @click.option("--data", type=click.Choice(["auto", "zarr", "wds"]), default="auto", show_default=True)
@@ -126,6 +126,7 @@ def pretrain(tokens, out, resume, quiet, **kw):
         click.echo(f"checkpoint: {last}")
 
 
+RANDOM_PATCH_HELP = "Patch size of a random-init encoder (--checkpoint random); a file fixes its own."
 CHECKPOINT_HELP = (
     "RUN/last.pt of 'mapet pretrain', an encoder .safetensors with timm ViT key names ('mapet export', or "
     "another codebase's timm ViT), or 'random' (random init)."
@@ -153,10 +154,10 @@ encoder_options = with_options(
             type=click.Choice(list(PRESETS)),
             default="mapet_small",
             show_default=True,
-            help="With --checkpoint random.",
+            help="Preset of a random-init encoder (--checkpoint random).",
         ),
         click.option("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP),
-        click.option("--patch-size", type=int, default=None, help="With --checkpoint random."),
+        click.option("--patch-size", type=int, default=None, help=RANDOM_PATCH_HELP),
         click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--batch-size", type=int, default=64, show_default=True),
@@ -286,9 +287,15 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--train", "train_dir", required=True, type=EXISTING)
 @click.option("--val", "val_dir", required=True, type=EXISTING)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Fine-tuning run folder.")
-@click.option("--model", type=click.Choice(list(PRESETS)), default="mapet_small", show_default=True)
+@click.option(
+    "--model",
+    type=click.Choice(list(PRESETS)),
+    default="mapet_small",
+    show_default=True,
+    help="Preset of a random-init encoder (--checkpoint random).",
+)
 @click.option("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)
-@click.option("--patch-size", type=int, default=None, help="With --checkpoint random.")
+@click.option("--patch-size", type=int, default=None, help=RANDOM_PATCH_HELP)
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per rank and micro-step.")
 @click.option("--accum-steps", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")

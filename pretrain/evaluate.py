@@ -23,8 +23,9 @@ from tqdm import tqdm
 from pretrain.checkpoint import load_checkpoint
 from pretrain.data import to_input
 from pretrain.export import load_timm
+from pretrain.train import size_checks
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig, at_image_size
-from tokenkit.errors import ConfigError, ImageError, SourceError
+from tokenkit.errors import ConfigError, ImageError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
 from tokenkit.store import TokenStore
 from tokenkit.views import to_uint8
@@ -41,11 +42,14 @@ def load_encoder(
     export`, or another codebase's timm ViT: pretrain.export.load_timm), or a random-init one for
     `checkpoint="random"`. With a file, image_size (if given) resamples its positions for that input size
     (pretrain.vit.at_image_size); its patch size is fixed by the weights."""
+    require(size_checks(image_size, patch_size))
     if checkpoint == "random":
         if model not in PRESETS:
             raise ConfigError(f"--model {model}: choose one of {', '.join(PRESETS)}")
         kw = dict(PRESETS[model])
-        kw.update({k: v for k, v in (("image_size", image_size), ("patch_size", patch_size)) if v})
+        kw.update(
+            {k: v for k, v in (("image_size", image_size), ("patch_size", patch_size)) if v is not None}
+        )
         cfg = ViTConfig(**kw, drop_path=0.0)
         _check_multiple(cfg.image_size, cfg.patch_size)
         torch.manual_seed(seed)
@@ -55,12 +59,12 @@ def load_encoder(
         if checkpoint.endswith(".safetensors")
         else encoder_of(load_checkpoint(Path(checkpoint)))
     )
-    if patch_size and patch_size != enc.cfg.patch_size:
+    if patch_size is not None and patch_size != enc.cfg.patch_size:
         raise ConfigError(
             f"{checkpoint}: --patch-size {patch_size}, but its weights have patch size {enc.cfg.patch_size}; "
             "leave --patch-size out"
         )
-    size = image_size or enc.cfg.image_size
+    size = enc.cfg.image_size if image_size is None else image_size
     _check_multiple(size, enc.cfg.patch_size)
     return at_image_size(enc, size).eval()
 

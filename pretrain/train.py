@@ -81,9 +81,9 @@ class TrainConfig:
         if self.model not in PRESETS:
             raise ConfigError(f"--model {self.model}: choose one of {', '.join(PRESETS)}")
         kw = dict(PRESETS[self.model], drop_path=self.drop_path)
-        if self.image_size:
+        if self.image_size is not None:
             kw["image_size"] = self.image_size
-        if self.patch_size:
+        if self.patch_size is not None:
             kw["patch_size"] = self.patch_size
         cfg = ViTConfig(**kw)
         if cfg.image_size % cfg.patch_size:
@@ -106,6 +106,8 @@ class TrainConfig:
                 ("--keep", self.keep, self.keep >= 1, ">= 1"),
                 ("--log-every", self.log_every, self.log_every >= 1, ">= 1"),
                 ("--ckpt-every", self.ckpt_every, self.ckpt_every >= 0, ">= 0 (0: per epoch)"),
+                ("--max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, ">= 1"),
+                *size_checks(self.image_size, self.patch_size),
             )
         )
         compile_checks(self)
@@ -137,6 +139,14 @@ def compile_checks(cfg, world: int = 1) -> None:
             "--compile reduce-overhead under torchrun: CUDA graphs with DDP's gradient hooks are not tested "
             "here; use --compile (default mode), whose launch savings matter less at training batch sizes"
         )
+
+
+def size_checks(image_size: int | None, patch_size: int | None) -> tuple:
+    """require() entries for --image-size / --patch-size: left out (None: the preset's or the weights') or >= 1."""
+    return (
+        ("--image-size", image_size, image_size is None or image_size >= 1, ">= 1"),
+        ("--patch-size", patch_size, patch_size is None or patch_size >= 1, ">= 1"),
+    )
 
 
 def loop_checks(cfg) -> tuple:

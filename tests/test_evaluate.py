@@ -360,6 +360,11 @@ def test_checkpoint_at_another_image_size(run, tmp_path):
         load_encoder(str(run), patch_size=8)
     with pytest.raises(ConfigError, match="not a multiple"):
         load_encoder(str(run), image_size=100)
+    for checkpoint in (str(run), "random"):  # 0 is refused, not taken for "the default"
+        with pytest.raises(ConfigError, match="--image-size 0: must be >= 1"):
+            load_encoder(checkpoint, "mapet_micro", image_size=0)
+        with pytest.raises(ConfigError, match="--patch-size 0: must be >= 1"):
+            load_encoder(checkpoint, "mapet_micro", patch_size=0)
 
 
 def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenkit.errors import ConfigError, load_failure
+from tokenkit.errors import ConfigError, load_failure, require
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # tiny configs for tests and CPU demos
 
@@ -121,8 +121,12 @@ def resolve_spec(
 ) -> EncoderSpec:
     """Check the model name, derive the input size from the grid, and fingerprint the weights."""
     oc = _open_clip()
-    if grid < 1:
-        raise ConfigError(f"--grid {grid}: must be >= 1")
+    require(
+        (
+            ("--grid", grid, grid >= 1, ">= 1"),
+            ("--image-size", image_size, image_size is None or image_size >= 1, ">= 1 (or left out)"),
+        )
+    )
     cfg = _model_config(oc, model, pretrained)
     vcfg = cfg["vision_cfg"]
     if "timm_model_name" in vcfg and vcfg["timm_model_name"]:

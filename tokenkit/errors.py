@@ -47,3 +47,12 @@ def require(checks) -> None:
     for flag, value, ok, want in checks:
         if not ok:
             raise ConfigError(f"{flag} {value}: must be {want}")
+
+
+def job_size_checks(cfg) -> tuple:
+    """require() entries for the sizes of a batch job's config (features, tokenize)."""
+    return (
+        ("--shard-size", cfg.shard_size, cfg.shard_size >= 1, ">= 1"),
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, ">= 1"),
+        ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
+    )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tokenkit.clip_encoder import EncoderSpec, load_encoder
-from tokenkit.errors import ConfigError
+from tokenkit.errors import ConfigError, job_size_checks, require
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION
 from tokenkit.loader import ViewDataset, autocast, pick_device
@@ -41,8 +41,7 @@ class FeaturesConfig:
     def validate(self) -> None:
         if self.max_patches < 1:
             raise ConfigError(f"--max-patches {self.max_patches}: must be >= 1")
-        if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ConfigError("--shard-size and --batch-size must be >= 1, --workers >= 0")
+        require(job_size_checks(self))
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"--on-error {self.on_error}: choose skip or raise")
 

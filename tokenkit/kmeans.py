@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenkit.errors import ConfigError, MissingDependencyError
+from tokenkit.errors import ConfigError, MissingDependencyError, require
 
 METRICS = ("l2", "cosine")
 BACKENDS = ("auto", "faiss", "torch")
@@ -44,10 +44,14 @@ class KMeansConfig:
     backend: str = "auto"
 
     def validate(self) -> None:
-        if not 1 < self.k <= 2**31 - 1:
-            raise ConfigError(f"--k {self.k}: must be in [2, 2^31 - 1]")
-        if self.niter < 1 or self.nredo < 1:
-            raise ConfigError(f"--niter {self.niter} / --nredo {self.nredo}: both must be >= 1")
+        require(
+            (
+                ("--k", self.k, 1 < self.k <= 2**31 - 1, "in [2, 2^31 - 1]"),
+                ("--niter", self.niter, self.niter >= 1, ">= 1"),
+                ("--nredo", self.nredo, self.nredo >= 1, ">= 1"),
+                ("--seed", self.seed, self.seed >= 0, ">= 0"),  # numpy's and faiss's seeds are unsigned
+            )
+        )
         if self.metric not in METRICS:
             raise ConfigError(f"--metric {self.metric}: choose one of {', '.join(METRICS)}")
         if self.backend not in BACKENDS:

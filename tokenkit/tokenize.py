@@ -18,7 +18,7 @@ import torch
 
 from tokenkit.clip_encoder import load_encoder
 from tokenkit.codebook import Codebook
-from tokenkit.errors import CodebookError, ConfigError
+from tokenkit.errors import CodebookError, ConfigError, job_size_checks, require
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION, sha256_file
 from tokenkit.kmeans import assign
@@ -58,8 +58,7 @@ class TokenizeConfig:
             raise ConfigError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"--on-error {self.on_error}: choose skip or raise")
-        if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ConfigError("--shard-size and --batch-size must be >= 1, --workers >= 0")
+        require(job_size_checks(self))
 
     def job_fields(self) -> dict:
         return {
