@@ -10,7 +10,7 @@
 # limit and no more. On an H200 (2026-11-26) test_cuda took 97-129 s, mapet_step_b8 92 s, mapet_step_b128
 # 81 s, mapet_step_b8_cudagraphs 205 s, tokenize 63 s, online 48 s, loader_transfer 6 s; on an H100 (same
 # day) test_cuda 113 s (before its two CUDA-graph tests), mapet_step_b8 109 s, mapet_step_b128 111 s,
-# mapet_step_b8_cudagraphs 127-208 s. The limits sum to 50 minutes, so a 10-minute call runs a few steps.
+# mapet_step_b8_cudagraphs 127-208 s. The limits sum to 55 minutes, so a 10-minute call runs a few steps.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_all.sh OUTDIR [OFFICIAL_REPO TIMM_0_6_DIR]}
 official=()
@@ -43,6 +43,8 @@ step mapet_step_b8_compile 300 "$py" bench/mapet_step.py --device cuda --sizes t
     --iters 20 --warmup 5 --compile "${official[@]}"
 step mapet_step_b8_cudagraphs 300 "$py" bench/mapet_step.py --device cuda --sizes tiny base --batch 8 \
     --iters 20 --warmup 5 --compile reduce-overhead "${official[@]}"
+step mapet_step_b8_cudagraphs_ckpt 300 "$py" bench/mapet_step.py --device cuda --sizes tiny base --batch 8 \
+    --iters 20 --warmup 5 --compile reduce-overhead --grad-checkpointing "${official[@]}"
 step mapet_step_b8_sdpa 150 "$py" bench/mapet_step.py --device cuda --sizes tiny base --batch 8 --iters 20 \
     --warmup 5 --attn-backend sdpa "${official[@]}"
 step mapet_step_b128_sdpa 150 "$py" bench/mapet_step.py --device cuda --sizes small base --batch 128 --iters 10 \

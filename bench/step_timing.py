@@ -27,6 +27,7 @@ class TrainStep:
     device: torch.device
     times: list[float] = field(default_factory=list)
     peak_bytes: int = 0  # largest (own resident state + step transient) seen, CUDA only
+    calls: int = 0
 
     def __call__(self, record: bool = True) -> None:
         cuda = self.device.type == "cuda"
@@ -46,11 +47,16 @@ class TrainStep:
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
+        self.calls += 1
         if record:
             self.times.append(dt)
-            if cuda:  # other models' state is resident too: count only this model's own
-                own = self.resident_bytes() + torch.cuda.max_memory_allocated() - before
-                self.peak_bytes = max(self.peak_bytes, own)
+        # The peak counts warm-up steps but the first (whose optimizer step allocates the state that
+        # resident_bytes counts): with CUDA graphs (--compile reduce-overhead) a warm-up step records the
+        # graphs, and only then does the allocator see their memory (allocated from the graphs' pool; a replay
+        # allocates nothing). Other models' state is resident too: count only this model's own.
+        if cuda and self.calls > 1:
+            own = self.resident_bytes() + torch.cuda.max_memory_allocated() - before
+            self.peak_bytes = max(self.peak_bytes, own)
 
     def resident_bytes(self) -> int:
         """Bytes this model keeps between steps: parameters and optimizer state (gradients are freed)."""
