@@ -293,23 +293,21 @@ def profile(step: TrainStep, iters: int, cuda: bool) -> None:
 def online(cfg, B, device, args, precision, t_mapet) -> None:
     """Images/s of a MaPeT step from cached targets vs the same step plus CLIP tokenization of the batch."""
     from tokenkit.clip_encoder import load_encoder, resolve_spec
-    from tokenkit.kmeans import assign
+    from tokenkit.codebook import Codebook
+    from tokenkit.tokenizer import Tokenizer
 
     spec = resolve_spec("ViT-B-16", "none", grid=cfg.grid)
     clip = load_encoder(spec, device)
-    centroids = torch.randn(8192, clip.dim, device=device)
-    x = torch.randn(B, 3, spec.image_size, spec.image_size, device=device)
-    ac = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else torch.autocast("cpu", enabled=False)
-    )
+    centroids = np.random.default_rng(0).standard_normal((8192, clip.dim), dtype=np.float32)
+    tok = Tokenizer(Codebook(centroids, spec, {"kmeans": {"metric": "l2"}}), clip, precision)
+    S = spec.image_size
+    pixels = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8).to(
+        device
+    )  # the views, as loaders ship them
     times = []
     for i in range(args.warmup + args.iters):
         t = time.perf_counter()
-        with ac:
-            f = clip(x)  # (B, G*G, C)
-        assign(f.flatten(0, 1).float(), centroids)
+        tok(pixels)  # (B, G, G) token ids
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:

@@ -18,9 +18,10 @@ GROUPS = {"mapet": mapet_cli, "tokenkit": tokenkit_cli, "cli.mapet": mapet_cli, 
 
 
 def shell_lines(text: str) -> list[str]:
-    """Command lines of the fenced and the 4-space-indented code blocks, continuation lines joined."""
-    fenced = r"```[a-z]*\n(.*?)```"
-    blocks = re.findall(fenced, text, re.S)
+    """Command lines of the fenced (but Python) and the 4-space-indented code blocks, continuation lines
+    joined."""
+    fenced = r"```([a-z]*)\n(.*?)```"
+    blocks = [body for lang, body in re.findall(fenced, text, re.S) if lang != "python"]
     blocks += re.findall(r"((?:^    \S.*\n)+)", re.sub(fenced, "", text, flags=re.S), re.M)
     out = []
     for block in blocks:
@@ -93,3 +94,26 @@ def test_documented_bench_flags_exist():
         assert r.returncode == 0, r.stderr.decode()[-500:]
         missing = [f for f in sorted(used) if f not in r.stdout.decode()]
         assert not missing, f"{script} has no {', '.join(missing)}"
+
+
+def test_the_python_api_block_runs(tmp_path, photos, codebook_path, monkeypatch):
+    """docs/pipeline.md's Python API block runs as shown, on a tiny codebook and store, with the smallest
+    preset in place of mapet_small; its MaPeT loss backpropagates into every weight but BEiT's."""
+    from tokenkit.tokenize import TokenizeConfig, tokenize
+
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    code = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)
+    tokenize(photos, codebook_path, tmp_path / "tokens", TokenizeConfig(workers=0), progress=False)
+    photo = next(photos.rglob("*.jpg"))
+    for doc, here in (("kclip-8192.safetensors", codebook_path), ("photo.jpg", photo)):
+        assert f'"{doc}"' in code
+        code = code.replace(f'"{doc}"', f'"{here}"')
+    assert '"mapet_small"' in code
+    code = code.replace('"mapet_small"', '"mapet_micro"')
+    monkeypatch.chdir(tmp_path)  # the block opens the store "tokens"
+    ns: dict = {}
+    exec(compile(code, "docs/pipeline.md", "exec"), ns)
+    tok, mapet = ns["tok"], ns["mapet"]
+    assert ns["ids"].shape == (tok.grid, tok.grid) and int(ns["ids"].max()) < tok.codebook.k
+    assert all(p.grad is not None for p in mapet.parameters())
+    assert 0 <= ns["top1"].item() <= 1 and ns["loss"].detach().item() > 0

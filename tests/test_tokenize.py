@@ -56,6 +56,38 @@ def test_stored_views_retokenize_to_stored_tokens(store_path):
         assert np.array_equal(s["tokens"][0], brute_tokens(img, views, store.codebook))
 
 
+def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path):
+    """tokenkit.tokenizer.Tokenizer (the Python API, which `tokenize` runs) on an image and a stored view row
+    gives that view's stored tokens; with no view, the central square's tokens (brute force)."""
+    import torch
+
+    from tokenkit.tokenizer import Tokenizer
+    from tokenkit.views import center_box
+
+    tok = Tokenizer.load(codebook_path, device="cpu")
+    store = TokenStore.open(store_path)
+    assert (tok.grid, tok.codebook.sha256) == (store.grid, store.codebook_sha256)
+    for pos in (0, 7):
+        s, img = store.read([pos]), store.image(pos)
+        for v, view in enumerate(s["views"][0]):
+            ids = tok.encode_image(img, view)
+            assert ids.dtype == torch.int64 and np.array_equal(ids.numpy(), s["tokens"][0, v])
+        center = np.array([[*center_box(*img.size), 0]])
+        assert np.array_equal(tok.encode_image(img).numpy(), brute_tokens(img, center, store.codebook)[0])
+    with pytest.raises(ValueError, match=r"expected \(B, 64, 64, 3\) uint8 views"):
+        tok(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_codebook_of_another_encoder_width_is_refused(tmp_path, codebook_path, photos):
+    """A codebook whose centroids do not have its encoder's feature width: one line naming the file."""
+    cb = Codebook.load(codebook_path)
+    bad = tmp_path / "bad.safetensors"
+    Codebook(np.zeros((cb.k, cb.dim + 1), np.float32), cb.encoder, cb.meta).save(bad)
+    with pytest.raises(CodebookError, match=f"{bad}: centroids have dim {cb.dim + 1} but"):
+        tokenize(photos, bad, tmp_path / "t", TokenizeConfig(workers=0), progress=False)
+    assert not (tmp_path / "t").exists()
+
+
 def test_views_are_keyed_by_seed_and_key_and_center_view_is_the_central_square(
     tmp_path, photos, codebook_path
 ):

@@ -18,14 +18,14 @@ import torch
 
 from tokenkit.clip_encoder import load_encoder
 from tokenkit.codebook import Codebook
-from tokenkit.errors import CodebookError, ConfigError, job_size_checks, require
+from tokenkit.errors import ConfigError, job_size_checks, require
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION, sha256_file
-from tokenkit.kmeans import assign
-from tokenkit.loader import ViewDataset, autocast, pick_device
+from tokenkit.loader import ViewDataset, pick_device
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
-from tokenkit.views import ViewConfig, normalize
+from tokenkit.tokenizer import Tokenizer
+from tokenkit.views import ViewConfig
 from tokenkit.wds import pack_record, write_tar
 
 FORMATS = ("zarr", "wds", "both")
@@ -88,19 +88,12 @@ def tokenize(
     cfg.validate()
     out, codebook_path = Path(out), Path(codebook_path)
     cb = Codebook.load(codebook_path)
-    spec = cb.encoder
     source = list_source(images)
+    spec = cb.encoder
+    tokenizer = Tokenizer(cb, load_encoder(spec, pick_device(cfg.device)), cfg.precision, str(codebook_path))
     n, G, V, K = len(source), spec.grid, cfg.views.views, cb.k
     tok_dtype = np.dtype(cb.token_dtype)
     assert K - 1 <= np.iinfo(tok_dtype).max
-    device = pick_device(cfg.device)
-    encoder = load_encoder(spec, device)
-    if encoder.dim != cb.dim:
-        raise CodebookError(
-            f"{codebook_path}: centroids have dim {cb.dim} but {spec.model} gives {encoder.dim}-d features; "
-            "use the codebook built from this model's features"
-        )
-    centroids = torch.from_numpy(cb.centroids).to(device)
     job = {
         "job": "tokenize",
         "codebook_sha256": cb.sha256,
@@ -150,9 +143,7 @@ def tokenize(
             "label_counts": np.sum([r["label_counts"] for r in records], axis=0).tolist(),
         }
 
-    writer = _TokenShard(
-        out, source, encoder, centroids, cb.metric, device, cfg, tok_dtype, zarr_out, wds_out
-    )
+    writer = _TokenShard(out, source, tokenizer, cfg, tok_dtype, zarr_out, wds_out)
     run_shards(out, job, init, dataset, writer, manifest, cfg, resume, (rank, world, barrier), progress)
     return out
 
@@ -160,25 +151,13 @@ def tokenize(
 class _TokenShard:
     """Buffers one work shard of tokens; writes its zarr shards and/or its webdataset tar."""
 
-    def __init__(self, out, source, encoder, centroids, metric, device, cfg, tok_dtype, zarr_out, wds_out):
-        self.out, self.source, self.encoder, self.centroids, self.metric = (
-            out,
-            source,
-            encoder,
-            centroids,
-            metric,
-        )
-        self.device, self.cfg, self.tok_dtype, self.zarr_out, self.wds_out = (
-            device,
-            cfg,
-            tok_dtype,
-            zarr_out,
-            wds_out,
-        )
-        self.K = centroids.shape[0]
+    def __init__(self, out, source, tokenizer: Tokenizer, cfg, tok_dtype, zarr_out, wds_out):
+        self.out, self.source, self.tokenizer, self.cfg = out, source, tokenizer, cfg
+        self.tok_dtype, self.zarr_out, self.wds_out = tok_dtype, zarr_out, wds_out
+        self.K, self.device = tokenizer.codebook.k, tokenizer.device  # run_shards pins memory for CUDA
 
     def begin(self, start: int, stop: int) -> None:
-        src, rows, V, G = self.source, stop - start, self.cfg.views.views, self.encoder.spec.grid
+        src, rows, V, G = self.source, stop - start, self.cfg.views.views, self.tokenizer.grid
         self.start, self.samples = start, []
         self.buf = {
             "tokens": np.zeros((rows, V, G, G), self.tok_dtype),
@@ -191,13 +170,8 @@ class _TokenShard:
         }
 
     def add(self, items: list[dict], pixels: torch.Tensor) -> None:
-        V, G = self.cfg.views.views, self.encoder.spec.grid
-        x = normalize(
-            pixels.to(self.device, non_blocking=True), self.encoder.spec.mean, self.encoder.spec.std
-        )  # (b*V, 3, S, S)
-        with autocast(self.device, self.cfg.precision):
-            f = self.encoder(x)  # (b*V, G*G, C)
-        codes = assign(f.flatten(0, 1).float(), self.centroids, self.metric)  # (b*V*G*G,) on CLIP's device
+        V, G = self.cfg.views.views, self.tokenizer.grid
+        codes = self.tokenizer(pixels)  # (b*V, G, G) on CLIP's device
         codes = codes.view(len(items), V, G, G).cpu().numpy().astype(self.tok_dtype)  # (b, V, G, G)
         rows = [it["index"] - self.start for it in items]
         self.buf["tokens"][rows] = codes
