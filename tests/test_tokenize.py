@@ -56,7 +56,7 @@ def test_stored_views_retokenize_to_stored_tokens(store_path):
         assert np.array_equal(s["tokens"][0], brute_tokens(img, views, store.codebook))
 
 
-def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path):
+def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path, tmp_path):
     """tokenkit.tokenizer.Tokenizer (the Python API, which `tokenize` runs) on an image and a stored view row
     gives that view's stored tokens; with no view, the central square's tokens (brute force)."""
     import torch
@@ -76,6 +76,19 @@ def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path):
         assert np.array_equal(tok.encode_image(img).numpy(), brute_tokens(img, center, store.codebook)[0])
     with pytest.raises(ValueError, match=r"expected \(B, 64, 64, 3\) uint8 views"):
         tok(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    # an image as Image.open gives it (EXIF-rotated JPEG, RGBA PNG) is read as the tokenize job decodes it
+    from PIL import Image
+
+    img = store.image(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    rgba = img.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(tmp_path / "alpha.png")
+    for name in ("rot.jpg", "alpha.png"):
+        want = tok.encode_image(decode_image((tmp_path / name).read_bytes()))
+        assert torch.equal(tok.encode_image(Image.open(tmp_path / name)), want)
 
 
 def test_codebook_of_another_encoder_width_is_refused(tmp_path, codebook_path, photos):

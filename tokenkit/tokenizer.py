@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tokenkit.clip_encoder import EncoderSpec, GridEncoder, load_encoder
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError
+from tokenkit.images import to_rgb
 from tokenkit.kmeans import assign
 from tokenkit.loader import autocast, pick_device
 from tokenkit.views import center_box, normalize, render_view, to_uint8
@@ -78,7 +79,9 @@ class Tokenizer:
         return assign(f.flatten(0, 1).float(), self.centroids, self.codebook.metric).view(B, G, G)
 
     def encode_image(self, img: Image.Image, view=None) -> torch.Tensor:
-        """(G, G) int64 token ids of one RGB image: its central square (`--view center`), or `view`, a stored
-        (x, y, w, h, flip) row, rendered at image_size."""
+        """(G, G) int64 token ids of one image (as Image.open gives it: EXIF orientation, alpha and 16-bit
+        modes handled as `tokenkit tokenize` does): its central square (`--view center`), or `view`, a
+        stored (x, y, w, h, flip) row, rendered at image_size."""
+        img = to_rgb(ImageOps.exif_transpose(img))
         view = (*center_box(img.width, img.height), 0) if view is None else view
-        return self(to_uint8(render_view(img.convert("RGB"), view, self.image_size))[None])[0]
+        return self(to_uint8(render_view(img, view, self.image_size))[None])[0]
