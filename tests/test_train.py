@@ -645,12 +645,13 @@ def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, mo
 @pytest.mark.parametrize("kind", ["mapet", "beit"])
 def test_compiled_objective_equals_eager_on_cpu(kind):
     """--compile (torch.compile of the objective, custom autograd functions included) gives the eager loss
-    and gradients."""
+    and gradients, with --grad-checkpointing too: the compiled recomputation replays the drop-path draws of
+    the forward (drop path 0.5 in the second block, so a fresh draw would show)."""
     from pretrain.beit import BEiT
     from pretrain.train import compiled
 
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2)
+    cfg = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, drop_path=0.5)
     net = MaPeT(cfg, 64) if kind == "mapet" else BEiT(cfg, 64)
     g = torch.Generator().manual_seed(0)
     images, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 64, (4, 16))
@@ -659,15 +660,24 @@ def test_compiled_objective_equals_eager_on_cpu(kind):
         random_orders(4, 16, g) if kind == "mapet" else torch.arange(16) < torch.tensor([[6], [6], [4], [2]])
     )
     results = []
-    for objective in (Objective(net), compiled(Objective(net), images.device)):
+    for ckpt, objective in (
+        (False, Objective(net)),
+        (False, compiled(Objective(net), images.device)),
+        (True, None),
+    ):
+        net.encoder.grad_checkpointing = ckpt
+        if objective is None:
+            torch._dynamo.reset()
+            objective = compiled(Objective(net), images.device)
         torch.manual_seed(1)  # the same drop-path draws
         loss, acc = objective(images, targets, aux)
         results.append((loss, acc, torch.autograd.grad(loss, list(net.parameters()))))
-    (l1, a1, g1), (l2, a2, g2) = results
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
-    assert a1 == a2
-    for x, y in zip(g2, g1, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    (l1, a1, g1) = results[0]
+    for l2, a2, g2 in results[1:]:
+        torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+        assert a1 == a2
+        for x, y in zip(g2, g1, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
