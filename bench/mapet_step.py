@@ -301,9 +301,8 @@ def online(cfg, B, device, args, precision, t_mapet) -> None:
     centroids = np.random.default_rng(0).standard_normal((8192, clip.dim), dtype=np.float32)
     tok = Tokenizer(Codebook(centroids, spec, {"kmeans": {"metric": "l2"}}), clip, precision)
     S = spec.image_size
-    pixels = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8).to(
-        device
-    )  # the views, as loaders ship them
+    pixels = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8)  # the views, as loaders ship them
+    pixels = pixels.to(device)
     times = []
     for i in range(args.warmup + args.iters):
         t = time.perf_counter()

@@ -76,6 +76,11 @@ def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path, tmp_pa
         assert np.array_equal(tok.encode_image(img).numpy(), brute_tokens(img, center, store.codebook)[0])
     with pytest.raises(ValueError, match=r"expected \(B, 64, 64, 3\) uint8 views"):
         tok(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    from dataclasses import replace
+
+    other = load_encoder(replace(tok.spec, seed=1, weights_id="none:seed=1"))  # other weights, same shape
+    with pytest.raises(CodebookError, match="not on the encoder given"):
+        Tokenizer(tok.codebook, other)
     # an image as Image.open gives it (EXIF-rotated JPEG, RGBA PNG) is read as the tokenize job decodes it
     from PIL import Image
 

@@ -35,6 +35,12 @@ class Tokenizer:
         self.codebook, self.encoder, self.precision = codebook, encoder, precision
         self.device = next(encoder.parameters()).device
         autocast(self.device, precision)  # refuses an unknown precision now, not at the first batch
+        if encoder.spec != codebook.encoder:  # the centroids describe that encoder's features only
+            raise CodebookError(
+                f"{name}: fitted on {codebook.encoder.model} ({codebook.encoder.weights_id}, layer "
+                f"{codebook.encoder.layer}, {codebook.encoder.image_size} px), not on the encoder given; "
+                "build the encoder from codebook.encoder"
+            )
         if encoder.dim != codebook.dim:
             raise CodebookError(
                 f"{name}: centroids have dim {codebook.dim} but {encoder.spec.model} gives {encoder.dim}-d "
