@@ -4,6 +4,7 @@ tokenkit features IMAGES OUT --model RN50x64 --pretrained openai --image-size 44
 tokenkit codebook FEATURES OUT --k 8192 --niter 20 --nredo 5 --metric l2
 tokenkit tokenize IMAGES CODEBOOK OUT --views 8 --format both
 tokenkit inspect STORE [--json] | verify STORE | show STORE KEY --out tokens.png
+tokenkit encode CODEBOOK IMAGE [--out tokens.png]
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from cli.runtime import apply_preset, init_distributed, run_cli, with_options
 from tokenkit.clip_encoder import resolve_spec
 from tokenkit.codebook import build_codebook
 from tokenkit.features import FeaturesConfig, extract_features
+from tokenkit.images import decode_image
 from tokenkit.kmeans import KMeansConfig
 from tokenkit.presets import PRESETS
+from tokenkit.render import save_sheet
 from tokenkit.render import show as show_tokens
 from tokenkit.store import TokenStore, verify_sources
 from tokenkit.store import verify as verify_store
 from tokenkit.tokenize import TokenizeConfig
 from tokenkit.tokenize import tokenize as tokenize_images
-from tokenkit.views import ViewConfig
+from tokenkit.tokenizer import Tokenizer
+from tokenkit.views import ViewConfig, center_box
 
 PATH = click.Path(path_type=Path)
 EXISTING = click.Path(exists=True, path_type=Path)
@@ -258,6 +263,33 @@ def show(store, key, out, size, source):
     """Write a PNG of image KEY with its token map drawn over each stored view."""
     path = show_tokens(TokenStore.open(store), key, out, size, source)
     click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("codebook", type=EXISTING)
+@click.argument("image", type=EXISTING)
+@click.option("--out", type=PATH, default=None, help="Also write a PNG of the view and its token map.")
+@click.option("--size", type=int, default=224, show_default=True, help="Rendered view size in the PNG.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option(
+    "--precision", default="auto", show_default=True, help="auto (bf16 on CUDA) | fp32 | bf16 | fp16."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object (image, grid, tokens) instead of rows."
+)
+def encode(codebook, image, out, size, device, precision, as_json):
+    """Print the tokens of IMAGE's central square under CODEBOOK (G rows of G ids), as 'tokenkit tokenize
+    --view center' stores them; no token store needed."""
+    tok = Tokenizer.load(codebook, device, precision)
+    img = decode_image(image.read_bytes(), str(image), min_side=tok.grid)
+    ids = tok.encode_image(img).cpu().numpy()  # (G, G)
+    if as_json:
+        click.echo(json.dumps({"image": str(image), "grid": tok.grid, "tokens": ids.tolist()}))
+    else:
+        click.echo("\n".join(" ".join(str(t) for t in row) for row in ids))
+    if out is not None:
+        view = np.array([[*center_box(img.width, img.height), 0]])  # (1, 5)
+        click.echo(f"wrote {save_sheet(img, view, ids[None], out, size)}", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:

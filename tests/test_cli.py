@@ -36,6 +36,21 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
     assert run(["verify", tok], capsys)[0] == 0
     rc, out, _ = run(["show", tok, "even/astronaut", "--out", tmp_path / "t.png", "--size", "96"], capsys)
     assert rc == 0 and Image.open(tmp_path / "t.png").size == (2 * 96 + 12, 2 * (96 + 6) + 6)
+    # encode: one image's tokens without a store, the ones tokenize stores for its central square
+    from tokenkit.store import TokenStore
+
+    center = ["--views", "1", "--view", "center", "--format", "zarr", "--workers", "0", "--quiet"]
+    assert run(["tokenize", photos, cb, tmp_path / "center", *center], capsys)[0] == 0
+    store = TokenStore.open(tmp_path / "center")
+    stored = store.read([store.index_of("even/astronaut")])["tokens"][0, 0]  # (G, G)
+    photo = photos / "even" / "astronaut.jpg"
+    rc, out, err = run(["encode", cb, photo, "--out", tmp_path / "e.png", "--size", "64"], capsys)
+    assert rc == 0 and [[int(t) for t in row.split()] for row in out.splitlines()] == stored.tolist(), err
+    assert Image.open(tmp_path / "e.png").size == (2 * 64 + 12, 64 + 12)
+    rc, out, _ = run(["encode", cb, photo, "--json"], capsys)
+    assert json.loads(out) == {"image": str(photo), "grid": 3, "tokens": stored.tolist()}
+    rc, _, err = run(["encode", cb, tmp_path / "t.png.missing"], capsys)
+    assert rc == 2 and "does not exist" in err
     (tok / "tokens/c/0/0/0/0").write_bytes(b"junk")
     rc, _, err = run(["verify", tok], capsys)
     assert rc == 1 and "shard 0" in err and err.count("\n") >= 1

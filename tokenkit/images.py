@@ -262,7 +262,11 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 1) -> Image
             img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
+        raise ImageError(
+            f"{name}: not a usable image (no image format Pillow reads); remove or replace the file"
+        ) from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{name}: not a usable image ({e}); remove or replace the file") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: truncated or corrupt image ({e}); remove or replace the file") from e

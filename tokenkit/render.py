@@ -1,4 +1,5 @@
-"""`tokenkit show`: one stored image with its token map drawn over each of its views, as a PNG."""
+"""Token maps drawn over their views, as a PNG: `tokenkit show` (a stored image, each stored view) and
+`tokenkit encode --out` (any image under a codebook, its central square)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ def show(store: TokenStore, key: str, out: Path, size: int = 224, source_root: s
             raise StoreError(f"{store.root}: no stored sample with key '{key}'")
         img = decode_image(found["data"], key)
         views, tokens = found["views"], found["tokens"]
+    return save_sheet(img, views, tokens, out, size)
+
+
+def save_sheet(img: Image.Image, views: np.ndarray, tokens: np.ndarray, out: Path, size: int = 224) -> Path:
+    """Write a PNG with one row per view: the view rendered at size x size, and beside it the same view with
+    its token map. views (V, 5) rows (x, y, w, h, flip); tokens (V, G, G)."""
     V = len(views)
     sheet = Image.new("RGB", (2 * size + 12, V * (size + 6) + 6), (255, 255, 255))
     for v in range(V):
