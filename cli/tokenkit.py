@@ -19,6 +19,7 @@ import numpy as np
 from cli.runtime import apply_preset, init_distributed, run_cli, with_options
 from tokenkit.clip_encoder import resolve_spec
 from tokenkit.codebook import build_codebook
+from tokenkit.errors import require
 from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.images import decode_image
 from tokenkit.kmeans import KMeansConfig
@@ -261,6 +262,7 @@ def verify(store, sources, source_root, quiet):
 @click.option("--source", type=str, default=None, help="Image folder, when it moved since tokenize.")
 def show(store, key, out, size, source):
     """Write a PNG of image KEY with its token map drawn over each stored view."""
+    require((("--size", size, size >= 1, ">= 1"),))
     path = show_tokens(TokenStore.open(store), key, out, size, source)
     click.echo(f"wrote {path}")
 
@@ -280,6 +282,7 @@ def show(store, key, out, size, source):
 def encode(codebook, image, out, size, device, precision, as_json):
     """Print the tokens of IMAGE's central square under CODEBOOK (G rows of G ids), as 'tokenkit tokenize
     --view center' stores them; no token store needed."""
+    require((("--size", size, size >= 1, ">= 1"),))
     tok = Tokenizer.load(codebook, device, precision)
     img = decode_image(image.read_bytes(), str(image), min_side=tok.grid)
     ids = tok.encode_image(img).cpu().numpy()  # (G, G)

@@ -79,6 +79,7 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
         ),
         (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--views", "0"], "--views 0: must be >= 1"),
         (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--workers", "-1"], "--workers -1: must be >= 0"),
+        (["encode", "{cb}", "{photos}/even/astronaut.jpg", "--size", "0"], "--size 0: must be >= 1"),
         (["features", "{photos}", "{tmp}/f", "--shard-size", "0"], "--shard-size 0: must be >= 1"),
         (["features", "{photos}", "{tmp}/f", "--image-size", "0"], "--image-size 0: must be >= 1"),
         (["tokenize", "{tmp}/empty", "{cb}", "{tmp}/t"], "no images"),
