@@ -158,3 +158,25 @@ def test_on_error_raise_names_the_file_and_wds_only_stores_still_show(
     assert rc == 0 and Image.open(tmp_path / "w.png").size == (2 * 64 + 12, 2 * (64 + 6) + 6)
     assert reads == ["odd/chelsea"]  # found in the shards' indexes: one sample read, not every shard
     assert run(["show", tmp_path / "w", "nope", "--out", tmp_path / "x.png"], capsys)[0] == 2
+
+
+def test_the_paper_preset_fills_what_the_command_line_leaves_out(tmp_path, photos, features_store, capsys):
+    """--preset mapet-kclip gives the paper's value of every option the command line leaves out and an
+    explicit flag wins; the input size follows the grid, so --grid 7 with the preset's RN50x64 is 224 px
+    (not a clash with the paper's 448)."""
+    from tokenkit.codebook import Codebook
+
+    cb = tmp_path / "cb.safetensors"
+    argv = ["codebook", features_store, cb, "--preset", "mapet-kclip", "--k", "8", "--niter", "3"]
+    rc, _, err = run([*argv, "--backend", "torch"], capsys)
+    assert rc == 0, err
+    got = Codebook.load(cb).meta["kmeans"]
+    assert (got["k"], got["niter"], got["nredo"], got["metric"], got["max_points_per_centroid"]) == (
+        8, 3, 5, "l2", 512,
+    )  # fmt: skip
+    missing = tmp_path / "no-such-weights.pt"  # stops the job before any weights load
+    features = ["features", photos, tmp_path / "f", "--preset", "mapet-kclip", "--pretrained", missing]
+    rc, _, err = run([*features, "--grid", "7"], capsys)
+    assert rc == 2 and "no-such-weights.pt: checkpoint not found" in err, err
+    rc, _, err = run([*features, "--image-size", "224"], capsys)
+    assert rc == 2 and "RN50x64 has stride 32, so the grid needs --image-size 448" in err, err

@@ -7,8 +7,7 @@ PRESETS = {
     "mapet-kclip": {
         "model": "RN50x64",
         "pretrained": "openai",
-        "image_size": 448,
-        "grid": 14,
+        "grid": 14,  # the input size follows from the grid: 14 x RN50x64's stride 32 = 448 px
         "layer": -1,
         "max_patches": 4_194_304,
         "k": 8192,
