@@ -660,15 +660,10 @@ def test_compiled_objective_equals_eager_on_cpu(kind):
         random_orders(4, 16, g) if kind == "mapet" else torch.arange(16) < torch.tensor([[6], [6], [4], [2]])
     )
     results = []
-    for ckpt, objective in (
-        (False, Objective(net)),
-        (False, compiled(Objective(net), images.device)),
-        (True, None),
-    ):
+    for ckpt, compile in ((False, False), (False, True), (True, True)):  # eager, compiled, + checkpointing
         net.encoder.grad_checkpointing = ckpt
-        if objective is None:
-            torch._dynamo.reset()
-            objective = compiled(Objective(net), images.device)
+        torch._dynamo.reset()
+        objective = compiled(Objective(net), images.device) if compile else Objective(net)
         torch.manual_seed(1)  # the same drop-path draws
         loss, acc = objective(images, targets, aux)
         results.append((loss, acc, torch.autograd.grad(loss, list(net.parameters()))))
