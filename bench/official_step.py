@@ -19,20 +19,26 @@ import torch
 import torch.nn.functional as F
 
 
+def import_official(repo: str):
+    """(the official models module, its loader's per-sample mask builder) from a checkout at `repo`."""
+    sys.path.insert(0, repo)
+    try:
+        import models.mapet.mapet as official
+        from utils.models import attention_mask_full_mapet_1
+    except Exception as e:  # noqa: BLE001 - any import failure means the same fix
+        raise SystemExit(
+            f"error: cannot import the official MaPeT code from {repo} ({type(e).__name__}: {e}); pass a "
+            "checkout of github.com/aimagelab/MaPeT as --official and timm 0.6.x as --official-pythonpath"
+        ) from None
+    return official, attention_mask_full_mapet_1
+
+
 class Official:
     """The official model of one size and its training-step pieces (imported from a checkout at `repo`)."""
 
     def __init__(self, repo: str, size: str, batch: int, device: torch.device):
-        sys.path.insert(0, repo)
-        try:
-            import models.mapet.mapet as official
-            from utils.models import attention_mask_full_mapet_1
-        except Exception as e:  # noqa: BLE001 - any import failure means the same fix
-            raise SystemExit(
-                f"error: cannot import the official MaPeT code from {repo} ({type(e).__name__}: {e}); "
-                "pass a checkout of github.com/aimagelab/MaPeT as --repo and put timm 0.6.x on PYTHONPATH"
-            ) from None
-        self.masks_for, self.device, self.B = attention_mask_full_mapet_1, device, batch
+        official, self.masks_for = import_official(repo)
+        self.device, self.B = device, batch
         torch.manual_seed(0)
         self.model = getattr(official, f"mapet_{size}_patch16_224")(
             least_number=50, init_values=0.1, drop_path_rate=0.1

@@ -5,6 +5,7 @@ not depend on the machine's speed: that each script finishes, and its determinis
 saved-memory ratios, the k-means objective).
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -91,3 +92,29 @@ def test_tokenize_bench_on_the_tiny_tokenizer():
     )
     assert number(r"bare CLIP forward (\d+\.\d+) img/s", out) > 0
     assert "median ratio tokenize / bare forward" in out
+
+
+OFFICIAL = os.environ.get("MAPET_OFFICIAL", "")  # a checkout of aimagelab/MaPeT (never shipped here)
+OFFICIAL_TIMM = os.environ.get("MAPET_OFFICIAL_TIMM", "")  # a folder holding timm 0.6.x, for its models
+
+
+@pytest.mark.skipif(not OFFICIAL, reason="set MAPET_OFFICIAL (and MAPET_OFFICIAL_TIMM) to the official code")
+@pytest.mark.parametrize("drop_path", ["0", "0.5"])
+def test_official_parity(drop_path):
+    """Same weights, images, orders and targets: the official model and ours agree to float64 rounding in
+    logits, loss and every gradient, with and without drop path (the same draws on both sides)."""
+    out = bench(
+        "official_parity.py", "--official", OFFICIAL, "--official-pythonpath", OFFICIAL_TIMM,
+        "--drop-path", drop_path,
+    )  # fmt: skip
+    assert "targets differing: 0" in out and "  match" in out, out
+    assert number(r"logits ([0-9.e+-]+)", out) < 1e-12
+
+
+def test_official_parity_names_a_missing_checkout(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "bench/official_parity.py", "--official", str(tmp_path / "nowhere")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "cannot import the official MaPeT code from" in r.stderr and "nowhere" in r.stderr, r.stderr

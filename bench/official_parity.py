@@ -1,0 +1,155 @@
+"""Parity with the official MaPeT implementation: the same weights, images, orders and targets through the
+official model (aimagelab/MaPeT, its per-sample dense masks) and through ours (gathered order, one static
+mask) give the same logits, loss and gradients.
+
+    python bench/official_parity.py --official ~/src/MaPeT --official-pythonpath ~/timm-0.6.13 \
+        [--size tiny] [--batch 2] [--dtype float64]
+
+Both models run in float64 by default (tolerance 1e-9), without drop path (eval mode); the weights are drawn
+once and copied from the official model into ours under a name map that covers every parameter on both
+sides (the script fails if one is left over). LayerScale is drawn around 1 rather than left at its init 0.1,
+so every branch moves the output. The official forward takes the permutation as its data loader makes it
+(CLS first, patches 1-based after it) and returns the predicted positions in the image's row-major order;
+ours predicts them in the factorisation order, so rows are matched by position before comparing. Prints the
+largest differences and exits 1 when one is above the tolerance. Needs the official checkout and timm 0.6
+(see bench/official_step.py); this project ships none of the official code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from official_step import import_official
+
+from pretrain.mapet import MaPeT
+from pretrain.vit import PRESETS, ViTConfig
+
+K = 8192
+CONTEXT = 50
+
+
+def name_map(depth: int) -> dict[str, str]:
+    """Official parameter name -> ours."""
+    out = {
+        "patch_embed.proj.weight": "encoder.patch_embed.weight",
+        "patch_embed.proj.bias": "encoder.patch_embed.bias",
+        "cls_token": "encoder.cls_token",
+        "pos_embed": "encoder.pos_embed",
+        "mask_positional_token": "mask_token",
+        "norm.weight": "encoder.norm.weight",
+        "norm.bias": "encoder.norm.bias",
+        "decoder.weight": "head.weight",
+        "decoder.bias": "head.bias",
+    }
+    per_block = {
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "attn.q": "attn.q",
+        "attn.kv": "attn.kv",
+        "attn.proj": "attn.proj",
+        "mlp.fc1": "mlp.0",
+        "mlp.fc2": "mlp.2",
+    }
+    for i in range(depth):
+        for theirs, ours in per_block.items():
+            for leaf in ("weight", "bias"):
+                out[f"blocks.{i}.{theirs}.{leaf}"] = f"encoder.blocks.{i}.{ours}.{leaf}"
+        out[f"blocks.{i}.ls1.gamma"] = f"encoder.blocks.{i}.gamma1"
+        out[f"blocks.{i}.ls2.gamma"] = f"encoder.blocks.{i}.gamma2"
+    return out
+
+
+def official_model(repo: str, size: str, dtype: torch.dtype, drop_path: float):
+    official, masks_for = import_official(repo)
+    model = getattr(official, f"mapet_{size}_patch16_224")(
+        least_number=CONTEXT, init_values=0.1, drop_path_rate=drop_path
+    )
+    return model.to(dtype).train(drop_path > 0), masks_for
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--official", required=True, metavar="REPO", help="checkout of aimagelab/MaPeT")
+    ap.add_argument("--official-pythonpath", default="", help="folder holding timm 0.6.x")
+    ap.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop-path", type=float, default=0.0, help="> 0: both in train mode, same draws")
+    args = ap.parse_args()
+    if args.official_pythonpath:
+        sys.path.insert(0, args.official_pythonpath)
+    dtype = getattr(torch, args.dtype)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.manual_seed(args.seed)
+    theirs, masks_for = official_model(args.official, args.size, dtype, args.drop_path)
+    with torch.no_grad():  # LayerScale around 1: every branch moves the output
+        for name, p in theirs.named_parameters():
+            if name.endswith(".gamma"):
+                p.copy_(0.5 + torch.rand_like(p))
+    cfg = ViTConfig(**PRESETS[f"mapet_{args.size}"], drop_path=args.drop_path)
+    ours = MaPeT(cfg, vocab_size=K, num_context=CONTEXT).to(dtype).train(args.drop_path > 0)
+    names = name_map(cfg.depth)
+    their_params, our_params = dict(theirs.named_parameters()), dict(ours.named_parameters())
+    left = sorted(set(their_params) ^ set(names)) + sorted(set(our_params) - set(names.values()))
+    if left:
+        raise SystemExit(f"error: parameters without a counterpart: {', '.join(left)}")
+    with torch.no_grad():
+        for a, b in names.items():
+            our_params[b].copy_(their_params[a])
+
+    B, G2, N = args.batch, cfg.num_patches, cfg.num_patches + 1
+    g = torch.Generator().manual_seed(args.seed + 1)
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g, dtype=dtype)
+    targets = torch.randint(0, K, (B, G2), generator=g)
+    orders = torch.rand(B, G2, generator=g).argsort(dim=1)  # ours: patch indices in factorisation order
+
+    # official: its loader's permutation (CLS = 1, patch j = j + 2), per-sample masks, forward, targets
+    per = [
+        masks_for(torch.cat([torch.ones(1), o.double() + 2]), theirs.num_heads, CONTEXT, N) for o in orders
+    ]
+    mask_q, mask_h, index, _upper = (torch.stack(t) for t in zip(*per, strict=True))
+    # drop path: one draw per sample and residual branch, in block order, on both sides
+    torch.manual_seed(args.seed + 2)
+    their_logits = theirs(images, mask_q.to(dtype), mask_h.to(dtype), index).transpose(1, 2)  # (B, P, K)
+    their_targets = targets[index[:, 1:]].reshape(B, -1)  # predicted patches in row-major order
+    their_loss = F.cross_entropy(their_logits.flatten(0, 1), their_targets.flatten())
+    their_loss.backward()
+
+    # ours, rows put in row-major order of the predicted patches to match
+    torch.manual_seed(args.seed + 2)
+    our_logits, our_targets = ours(images, targets, orders)  # (B, P, K) in factorisation order
+    rowmajor = orders[:, CONTEXT - 1 :].argsort(dim=1)  # (B, P)
+    our_logits = our_logits.gather(1, rowmajor[..., None].expand(-1, -1, K))
+    our_targets = our_targets.gather(1, rowmajor)
+    torch.manual_seed(args.seed + 2)
+    our_loss, _acc = ours.loss(images, targets, orders)
+    our_loss.backward()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    diffs = {
+        "targets": float((our_targets != their_targets).sum()),
+        "logits": rel(our_logits.detach(), their_logits.detach()),
+        "loss": rel(our_loss.detach(), their_loss.detach()),
+    }
+    grads = {a: rel(our_params[b].grad, their_params[a].grad) for a, b in names.items()}
+    worst = max(grads, key=grads.get)
+    print(
+        f"MaPeT-{args.size[0].upper()} (official) vs ours, {args.dtype}, batch {B}, N {N}, c {CONTEXT}, K {K}: "
+        f"drop path {args.drop_path}: loss {float(their_loss.detach()):.6f} vs {float(our_loss.detach()):.6f}"
+    )
+    print(f"  targets differing: {int(diffs['targets'])}")
+    print(f"  largest relative difference: logits {diffs['logits']:.2e}, loss {diffs['loss']:.2e}")
+    print(f"  gradients of {len(grads)} parameters: largest relative difference {grads[worst]:.2e} ({worst})")
+    bad = diffs["targets"] > 0 or max(diffs["logits"], diffs["loss"], grads[worst]) > tol
+    print(f"  {'MISMATCH' if bad else 'match'} (tolerance {tol:g})")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
