@@ -106,3 +106,28 @@ def test_weights_that_cannot_be_loaded_are_one_line_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="could not load .*refused by weights-only loading"):
         load_encoder(resolve_spec("tokenkit-tiny-vit", str(bad), grid=4))
+
+
+def test_features_are_the_trunk_outputs_written_out_by_hand():
+    """What the grid features are, computed step by step from the open_clip modules: for a ResNet, the last
+    stage's output before attention pooling (the official k-CLIP features); for a ViT, the patch tokens after
+    the chosen block, before ln_post, CLS dropped. Guards against open_clip's forward_intermediates changing
+    what it returns (a norm applied, the pooled stage, another block)."""
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    rn = load_encoder(resolve_spec("tokenkit-tiny-rn", "none", grid=3))
+    v = rn.visual
+    with torch.no_grad():
+        h = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))  # (2, C, 3, 3)
+    assert torch.allclose(rn(x), h.flatten(2).transpose(1, 2), atol=1e-6)
+
+    x = x[:, :, :64, :64]
+    for layer in (0, 1):
+        vit = load_encoder(resolve_spec("tokenkit-tiny-vit", "none", grid=4, layer=layer))
+        v = vit.visual
+        with torch.no_grad():
+            t = v.conv1(x).flatten(2).transpose(1, 2)  # (2, 16, D)
+            cls = v.class_embedding.expand(2, 1, -1)
+            t = v.ln_pre(torch.cat([cls, t], dim=1) + v.positional_embedding)
+            for blk in v.transformer.resblocks[: layer + 1]:
+                t = blk(t)
+        assert torch.allclose(vit(x), t[:, 1:], atol=1e-5), layer
