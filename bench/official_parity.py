@@ -22,7 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from official_step import import_official
+from reference_code import ALL, Plan, copy_weights, grad_diffs, import_reference, parity_args, rel
 
 from pretrain.mapet import MaPeT
 from pretrain.vit import PRESETS, ViTConfig
@@ -31,8 +31,8 @@ K = 8192
 CONTEXT = 50
 
 
-def name_map(depth: int) -> dict[str, str]:
-    """Official parameter name -> ours."""
+def weight_plan(depth: int) -> Plan:
+    """Every official parameter and its counterpart in ours (the same shapes: one-to-one)."""
     out = {
         "patch_embed.proj.weight": "encoder.patch_embed.weight",
         "patch_embed.proj.bias": "encoder.patch_embed.bias",
@@ -59,11 +59,14 @@ def name_map(depth: int) -> dict[str, str]:
                 out[f"blocks.{i}.{theirs}.{leaf}"] = f"encoder.blocks.{i}.{ours}.{leaf}"
         out[f"blocks.{i}.ls1.gamma"] = f"encoder.blocks.{i}.gamma1"
         out[f"blocks.{i}.ls2.gamma"] = f"encoder.blocks.{i}.gamma2"
-    return out
+    return [(a, ALL, b, ALL) for a, b in out.items()]
 
 
 def official_model(repo: str, size: str, dtype: torch.dtype, drop_path: float):
-    official, masks_for = import_official(repo)
+    official, models = import_reference(
+        repo, ["models.mapet.mapet", "utils.models"], "the official MaPeT code", "--official"
+    )
+    masks_for = models.attention_mask_full_mapet_1
     model = getattr(official, f"mapet_{size}_patch16_224")(
         least_number=CONTEXT, init_values=0.1, drop_path_rate=drop_path
     )
@@ -72,18 +75,9 @@ def official_model(repo: str, size: str, dtype: torch.dtype, drop_path: float):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--official", required=True, metavar="REPO", help="checkout of aimagelab/MaPeT")
-    ap.add_argument("--official-pythonpath", default="", help="folder holding timm 0.6.x")
-    ap.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drop-path", type=float, default=0.0, help="> 0: both in train mode, same draws")
-    args = ap.parse_args()
-    if args.official_pythonpath:
-        sys.path.insert(0, args.official_pythonpath)
-    dtype = getattr(torch, args.dtype)
-    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    args = parity_args(ap, "--official", "checkout of aimagelab/MaPeT")
+    dtype = args.dtype
     torch.manual_seed(args.seed)
     theirs, masks_for = official_model(args.official, args.size, dtype, args.drop_path)
     with torch.no_grad():  # LayerScale around 1: every branch moves the output
@@ -92,14 +86,8 @@ def main() -> int:
                 p.copy_(0.5 + torch.rand_like(p))
     cfg = ViTConfig(**PRESETS[f"mapet_{args.size}"], drop_path=args.drop_path)
     ours = MaPeT(cfg, vocab_size=K, num_context=CONTEXT).to(dtype).train(args.drop_path > 0)
-    names = name_map(cfg.depth)
-    their_params, our_params = dict(theirs.named_parameters()), dict(ours.named_parameters())
-    left = sorted(set(their_params) ^ set(names)) + sorted(set(our_params) - set(names.values()))
-    if left:
-        raise SystemExit(f"error: parameters without a counterpart: {', '.join(left)}")
-    with torch.no_grad():
-        for a, b in names.items():
-            our_params[b].copy_(their_params[a])
+    plan = weight_plan(cfg.depth)
+    copy_weights(theirs, ours, plan)
 
     B, G2, N = args.batch, cfg.num_patches, cfg.num_patches + 1
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -129,25 +117,22 @@ def main() -> int:
     our_loss, _acc = ours.loss(images, targets, orders)
     our_loss.backward()
 
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
     diffs = {
         "targets": float((our_targets != their_targets).sum()),
-        "logits": rel(our_logits.detach(), their_logits.detach()),
-        "loss": rel(our_loss.detach(), their_loss.detach()),
+        "logits": rel(our_logits, their_logits),
+        "loss": rel(our_loss, their_loss),
     }
-    grads = {a: rel(our_params[b].grad, their_params[a].grad) for a, b in names.items()}
+    grads = grad_diffs(theirs, ours, plan)
     worst = max(grads, key=grads.get)
     print(
-        f"MaPeT-{args.size[0].upper()} (official) vs ours, {args.dtype}, batch {B}, N {N}, c {CONTEXT}, K {K}: "
+        f"MaPeT-{args.size[0].upper()} (official) vs ours, {str(dtype)[6:]}, batch {B}, N {N}, c {CONTEXT}, K {K}: "
         f"drop path {args.drop_path}: loss {float(their_loss.detach()):.6f} vs {float(our_loss.detach()):.6f}"
     )
     print(f"  targets differing: {int(diffs['targets'])}")
     print(f"  largest relative difference: logits {diffs['logits']:.2e}, loss {diffs['loss']:.2e}")
     print(f"  gradients of {len(grads)} parameters: largest relative difference {grads[worst]:.2e} ({worst})")
-    bad = diffs["targets"] > 0 or max(diffs["logits"], diffs["loss"], grads[worst]) > tol
-    print(f"  {'MISMATCH' if bad else 'match'} (tolerance {tol:g})")
+    bad = diffs["targets"] > 0 or max(diffs["logits"], diffs["loss"], grads[worst]) > args.tol
+    print(f"  {'MISMATCH' if bad else 'match'} (tolerance {args.tol:g})")
     return 1 if bad else 0
 
 

@@ -13,31 +13,19 @@ layer scale 0.1, drop path 0.1, 50 context tokens, K 8192.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
-
-
-def import_official(repo: str):
-    """(the official models module, its loader's per-sample mask builder) from a checkout at `repo`."""
-    sys.path.insert(0, repo)
-    try:
-        import models.mapet.mapet as official
-        from utils.models import attention_mask_full_mapet_1
-    except Exception as e:  # noqa: BLE001 - any import failure means the same fix
-        raise SystemExit(
-            f"error: cannot import the official MaPeT code from {repo} ({type(e).__name__}: {e}); pass a "
-            "checkout of github.com/aimagelab/MaPeT as --official and timm 0.6.x as --official-pythonpath"
-        ) from None
-    return official, attention_mask_full_mapet_1
+from reference_code import import_reference
 
 
 class Official:
     """The official model of one size and its training-step pieces (imported from a checkout at `repo`)."""
 
     def __init__(self, repo: str, size: str, batch: int, device: torch.device):
-        official, self.masks_for = import_official(repo)
+        official, models = import_reference(
+            repo, ["models.mapet.mapet", "utils.models"], "the official MaPeT code", "--official"
+        )
+        self.masks_for = models.attention_mask_full_mapet_1
         self.device, self.B = device, batch
         torch.manual_seed(0)
         self.model = getattr(official, f"mapet_{size}_patch16_224")(

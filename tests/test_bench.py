@@ -111,10 +111,29 @@ def test_official_parity(drop_path):
     assert number(r"logits ([0-9.e+-]+)", out) < 1e-12
 
 
-def test_official_parity_names_a_missing_checkout(tmp_path):
+BEIT_CODE = os.environ.get("BEIT_CODE", "")  # the beit/ folder of microsoft/unilm (never shipped here)
+
+
+@pytest.mark.skipif(not BEIT_CODE, reason="set BEIT_CODE (and MAPET_OFFICIAL_TIMM) to BEiT's code")
+def test_beit_parity():
+    """Same weights, images, masks and targets: BEiT's model and our baseline agree to float64 rounding, and
+    our blockwise masks have the distribution of BEiT's MaskingGenerator."""
+    out = bench("beit_parity.py", "--beit", BEIT_CODE, "--beit-pythonpath", OFFICIAL_TIMM, "--masks", "5000")
+    assert out.count("  match") == 2 and "MISMATCH" not in out, out
+    assert number(r"logits ([0-9.e+-]+)", out) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "script,flag,what",
+    [
+        ("official_parity.py", "--official", "the official MaPeT code"),
+        ("beit_parity.py", "--beit", "BEiT's code"),
+    ],
+)
+def test_parity_scripts_name_a_missing_folder(tmp_path, script, flag, what):
     r = subprocess.run(
-        [sys.executable, "bench/official_parity.py", "--official", str(tmp_path / "nowhere")],
+        [sys.executable, f"bench/{script}", flag, str(tmp_path / "nowhere")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode != 0
-    assert "cannot import the official MaPeT code from" in r.stderr and "nowhere" in r.stderr, r.stderr
+    assert f"cannot import {what} from" in r.stderr and "nowhere" in r.stderr, r.stderr
