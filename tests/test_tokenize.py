@@ -16,7 +16,7 @@ from tokenkit.errors import CodebookError, StoreError
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore, verify
 from tokenkit.tokenize import TokenizeConfig, tokenize
-from tokenkit.views import ViewConfig, render_view, to_tensor
+from tokenkit.views import ViewConfig, center_box, render_view, to_tensor
 from tokenkit.wds import iter_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,3 +352,24 @@ def test_webdataset_tar_source_gives_the_folder_store(tmp_path, photos, codebook
     assert tars.image_bytes(3) == folder.image_bytes(3)
     assert [s["ext"] for p in tars.tar_paths() for s in iter_tar(p)] == ["jpg"] * 12
     assert verify(out) == []
+
+
+def test_center_view_renders_the_official_pretraining_input():
+    """The center view is what the official MaPeT pre-training feeds the student: timm's
+    RandomResizedCropAndInterpolation with scale (1, 1) and ratio (1, 1) (its config), i.e. the integer central
+    square cropped, then resized bicubic. Inside a 2-pixel border the pixels are identical; at the border ours
+    also reads the source pixels just outside the box (one PIL resize of the box), a few grey levels."""
+    import skimage.data
+    from PIL import Image
+
+    timm_transforms = pytest.importorskip("timm.data.transforms")
+    rrc = timm_transforms.RandomResizedCropAndInterpolation(
+        224, scale=(1.0, 1.0), ratio=(1.0, 1.0), interpolation="bicubic"
+    )
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):  # square, 451x300, 600x400, 640x427
+        img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        ours = np.asarray(render_view(img, (*center_box(*img.size), 0), 224)).astype(np.int16)
+        ref = np.asarray(rrc(img)).astype(np.int16)
+        diff = np.abs(ours - ref)
+        assert diff[2:-2, 2:-2].max() == 0, name
+        assert diff.max() <= 16 and diff.mean() < 0.01, name
