@@ -111,6 +111,19 @@ def test_official_parity(drop_path):
     assert number(r"logits ([0-9.e+-]+)", out) < 1e-12
 
 
+@pytest.mark.skipif(not OFFICIAL, reason="set MAPET_OFFICIAL to the official code")
+def test_kclip_parity():
+    """The official k-CLIP code (its CLIP port's last-stage features, its faiss search) and tokenkit give the
+    same features and tokens for the same weights and input; square photos tokenize identically end to end."""
+    out = bench("kclip_parity.py", "--official", OFFICIAL)
+    assert (
+        number(r"same input: .*largest relative difference ([0-9.e+-]+)", out) < 1e-6 and "  match" in out
+    ), out
+    assert "assignment of 245 features: 0 differ" in out, out
+    for name in ("astronaut", "coffee", "camera"):
+        assert f"tokens of {name}: 100.0% equal" in out, out
+
+
 BEIT_CODE = os.environ.get("BEIT_CODE", "")  # the beit/ folder of microsoft/unilm (never shipped here)
 
 
@@ -127,6 +140,7 @@ def test_beit_parity():
     "script,flag,what",
     [
         ("official_parity.py", "--official", "the official MaPeT code"),
+        ("kclip_parity.py", "--official", "the official k-CLIP code"),
         ("beit_parity.py", "--beit", "BEiT's code"),
     ],
 )
