@@ -119,7 +119,7 @@ def test_kclip_parity():
     assert (
         number(r"same input: .*largest relative difference ([0-9.e+-]+)", out) < 1e-6 and "  match" in out
     ), out
-    assert "assignment of 245 features: 0 differ" in out, out
+    assert re.search(r"assignment of \d+ features: 0 differ", out), out
     for name in ("astronaut", "coffee", "camera"):
         assert f"tokens of {name}: 100.0% equal" in out, out
 
