@@ -300,6 +300,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per rank and micro-step.")
 @click.option("--accum-steps", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--min-lr", type=float, default=1e-6, show_default=True, help="The cosine schedule's floor.")
 @click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--layer-decay", type=float, default=0.65, show_default=True)

@@ -242,6 +242,20 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     assert main(_ft_args(data, tmp_path / "run", *AUGMENTED, "--resume", "auto", "--lr", "2e-3")) == 2
 
 
+def test_finetune_min_lr_is_the_schedules_floor(tmp_path):
+    """--min-lr reaches the cosine schedule: the last step's lr (head group, no layer decay) lies between it
+    and half the way up to --lr; a floor above --lr is refused naming the flag."""
+    data = separable_folder(tmp_path / "data", n_per_class=8)
+    flat = ("--epochs", "2", "--warmup-epochs", "0", "--batch-size", "4")
+    assert main(_ft_args(data, tmp_path / "ft", *flat, "--min-lr", "5e-4")) == 0
+    ckpt = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
+    assert ckpt["config"]["min_lr"] == 5e-4
+    head_lr = max(g["lr"] for g in ckpt["optimizer"]["param_groups"])  # lr_scale 1: fc_norm and head
+    assert 5e-4 <= head_lr <= 7.5e-4, head_lr  # with the default 1e-6 it would be below 5e-4
+    bad = _ft_args(data, tmp_path / "x", *flat, "--min-lr", "2e-3")
+    assert main(bad) == 2 and not (tmp_path / "x").exists()
+
+
 def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
     """--accum-steps 2 at batch 4 takes the optimizer steps of batch 8 on the same images: same weights."""
     data = separable_folder(tmp_path / "data", n_per_class=8)
