@@ -543,3 +543,30 @@ def test_random_erasing_draws_one_noise_box_per_erased_sample():
     noise = out[erased]
     assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1) < 0.05
     assert len(boxes) > 0.9 * int(hit.sum())  # drawn per sample, not one box for the batch
+
+
+def test_layer_decay_scales_are_beits():
+    """BEiT's layer-wise lr decay: patch embedding, CLS and positions at layer 0, block i at layer i + 1,
+    fc_norm and head at depth + 1; scale decay ** (depth + 1 - layer). No weight decay on norms, biases,
+    CLS and positions."""
+    from pretrain.finetune import Classifier, layer_decay_groups
+    from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
+
+    net = Classifier(VisionTransformer(ViTConfig(**PRESETS["mapet_micro"])), 3)
+    depth, decay = len(net.encoder.blocks), 0.65
+    groups = layer_decay_groups(net, 0.05, decay)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(scale) == sum(1 for _ in net.parameters())  # every parameter in exactly one group
+    for name, p in net.named_parameters():
+        if name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith(("fc_norm", "head")):
+            layer = depth + 1
+        else:
+            layer = 0
+        assert scale[id(p)] == pytest.approx(decay ** (depth + 1 - layer)), name
+        flat = p.ndim == 1 or name.endswith(("cls_token", "pos_embed"))
+        assert wd[id(p)] == (0.0 if flat else 0.05), name
+    assert scale[id(net.encoder.patch_embed.weight)] == pytest.approx(0.65**5)  # micro: depth 4
+    assert scale[id(net.head.weight)] == 1.0
