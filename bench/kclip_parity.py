@@ -22,12 +22,13 @@ import argparse
 import sys
 
 import numpy as np
+import open_clip
 import skimage.data
 import torch
 from PIL import Image
 from reference_code import import_reference, rel
 
-from tokenkit.clip_encoder import _open_clip, load_encoder, resolve_spec
+from tokenkit.clip_encoder import load_encoder, resolve_spec
 from tokenkit.codebook import Codebook
 from tokenkit.kmeans import _faiss, assign
 from tokenkit.tokenizer import Tokenizer
@@ -53,7 +54,7 @@ def main() -> int:
     spec = resolve_spec(args.model, "none", grid=args.grid, seed=args.seed)
     ours = load_encoder(spec)
     torch.manual_seed(args.seed)
-    state = _open_clip().create_model(args.model, pretrained=None).state_dict()
+    state = open_clip.create_model(args.model, pretrained=None).state_dict()
     state.update({f"visual.{k}": v for k, v in ours.visual.state_dict().items()})  # the same visual weights
     # build_model stores the weights in float16 (OpenAI's checkpoints hold float16 weights too): give ours the
     # same rounded values
@@ -72,20 +73,19 @@ def main() -> int:
         f"{args.model} at {spec.image_size} px (grid {spec.grid}), random init, K {args.k}; official vs tokenkit"
     )
 
-    # (1) preprocessing
-    x_theirs = torch.stack([transform(img) for img in images])  # (n, 3, S, S)
-    x_ours = torch.cat(
-        [
-            to_tensor(render_view(img, (*center_box(*img.size), 0), spec.image_size), spec.mean, spec.std)[
-                None
-            ]
-            for img in images
+    # (1) preprocessing: the official CLIP transform against tokenkit's center view
+    def center_view(img):  # (1, 3, S, S), as `tokenkit tokenize --view center` renders it
+        return to_tensor(render_view(img, (*center_box(*img.size), 0), spec.image_size), spec.mean, spec.std)[
+            None
         ]
-    )
+
+    x_theirs = torch.stack([transform(img) for img in images])  # (n, 3, S, S)
+    x_ours = torch.cat([center_view(img) for img in images])
     for name, img, a, b in zip(PHOTOS, images, x_theirs, x_ours, strict=True):
         d = (a - b).abs()
         print(
-            f"  input {name} {img.size[0]}x{img.size[1]}: largest difference {float(d.max()):.3f}, mean {float(d.mean()):.4f} (normalised units)"
+            f"  input {name} {img.size[0]}x{img.size[1]}: largest difference {float(d.max()):.3f}, "
+            f"mean {float(d.mean()):.4f} (normalised units)"
         )
 
     # (2) features of the same input
@@ -105,9 +105,7 @@ def main() -> int:
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
     _, codes_theirs = index.search(np.ascontiguousarray(flat), 1)
-    codes_ours, dist = assign(
-        torch.from_numpy(flat), torch.from_numpy(centroids), "l2", return_distances=True
-    )
+    codes_ours = assign(torch.from_numpy(flat), torch.from_numpy(centroids), "l2")
     codes_theirs = torch.from_numpy(codes_theirs[:, 0])
     differ = (codes_ours != codes_theirs).nonzero()[:, 0]
     d2 = torch.cdist(torch.from_numpy(flat).double(), torch.from_numpy(centroids).double()) ** 2
@@ -118,14 +116,12 @@ def main() -> int:
     # (4) end to end
     cb = Codebook(centroids, spec, {"kmeans": {"metric": "l2"}})
     tok = Tokenizer(cb, ours, precision="fp32")
-    agree = []
     for name, img, x in zip(PHOTOS, images, x_theirs, strict=True):
         with torch.no_grad():
             f = theirs.intermediate_features(x[None]).numpy()[0]
         _, c = index.search(np.ascontiguousarray(f), 1)
         mine = tok.encode_image(img).flatten()
-        agree.append(float((mine == torch.from_numpy(c[:, 0])).float().mean()))
-        print(f"  tokens of {name}: {agree[-1]:.1%} equal")
+        print(f"  tokens of {name}: {float((mine == torch.from_numpy(c[:, 0])).float().mean()):.1%} equal")
 
     bad = f_diff > 1e-4 or real > 0
     print(f"  {'MISMATCH' if bad else 'match'}: features (tolerance 1e-4) and assignment (ties aside)")
