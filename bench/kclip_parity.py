@@ -48,7 +48,7 @@ def main() -> int:
     args = ap.parse_args()
     faiss = _faiss()  # the official search
     (clip,) = import_reference(
-        f"{args.official}/data/kmeans", ["clip"], "the official k-CLIP code", "--official"
+        f"{args.official}/data/kmeans", ["clip"], "the official k-CLIP code", "--official", needs_timm=False
     )
 
     spec = resolve_spec(args.model, "none", grid=args.grid, seed=args.seed)

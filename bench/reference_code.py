@@ -1,6 +1,7 @@
 """Shared by the scripts that run other projects' code beside ours (bench/official_step.py,
-bench/official_parity.py, bench/beit_parity.py): importing that code from a folder the user names, the
-parity scripts' common flags, and the difference measure they report. This project ships none of that code.
+bench/official_parity.py, bench/beit_parity.py, bench/kclip_parity.py): importing that code from a folder the
+user names, the parity scripts' common flags, copying weights between the two models, and the difference
+measure they report. This project ships none of that code.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import sys
 import torch
 
 
-def import_reference(folder: str, modules: list[str], what: str, flag: str) -> list:
+def import_reference(folder: str, modules: list[str], what: str, flag: str, needs_timm: bool = True) -> list:
     """The named modules from `folder` (put first on sys.path), or exit with one line naming the folder and
-    the fix (`flag`: the command-line flag that names the folder)."""
+    the fix (`flag`: the command-line flag that names the folder; `needs_timm`: the code imports timm 0.6,
+    found through FLAG-pythonpath)."""
     sys.path.insert(0, folder)
     try:
         return [importlib.import_module(m) for m in modules]
     except Exception as e:  # noqa: BLE001 - any import failure means the same fix
+        timm = f", and {flag}-pythonpath at a folder holding timm 0.6.x" if needs_timm else ""
         raise SystemExit(
-            f"error: cannot import {what} from {folder} ({type(e).__name__}: {e}); pass it as {flag} and "
-            f"timm 0.6.x as {flag}-pythonpath"
+            f"error: cannot import {what} from {folder} ({type(e).__name__}: {e}); point {flag} at that code{timm}"
         ) from None
 
 
