@@ -2,7 +2,10 @@
 
 They print measured ratios (speed goals live there, not in timed tests); these checks assert only what does
 not depend on the machine's speed: that each script finishes, and its deterministic figures (FLOP and
-saved-memory ratios, the k-means objective).
+saved-memory ratios, the k-means objective). The parity scripts (docs/fidelity.md) run the official MaPeT,
+k-CLIP and BEiT code beside ours: their tests run when MAPET_OFFICIAL / BEIT_CODE / MAPET_OFFICIAL_TIMM name
+that code (never shipped here) and are skipped otherwise; each script's error for a missing folder is tested
+everywhere.
 """
 
 import os
