@@ -3,9 +3,11 @@ official model (aimagelab/MaPeT, its per-sample dense masks) and through ours (g
 mask) give the same logits, loss and gradients.
 
     python bench/official_parity.py --official ~/src/MaPeT --official-pythonpath ~/timm-0.6.13 \
-        [--size tiny] [--batch 2] [--dtype float64]
+        [--size tiny] [--batch 2] [--dtype float64] [--drop-path 0.1]
 
-Both models run in float64 by default (tolerance 1e-9), without drop path (eval mode); the weights are drawn
+Both models run in float64 by default (tolerance 1e-9), without drop path (eval mode) unless --drop-path is
+given: then both train with it, seeded alike, and make the same draws (one per sample and residual branch,
+shared by the two streams, in block order). The weights are drawn
 once and copied from the official model into ours under a name map that covers every parameter on both
 sides (the script fails if one is left over). LayerScale is drawn around 1 rather than left at its init 0.1,
 so every branch moves the output. The official forward takes the permutation as its data loader makes it
