@@ -10,7 +10,11 @@
 # limit and no more. On an H200 (2026-11-26) test_cuda took 97-129 s, mapet_step_b8 92 s, mapet_step_b128
 # 81 s, mapet_step_b8_cudagraphs 205 s, tokenize 63 s, online 48 s, loader_transfer 6 s; on an H100 (same
 # day) test_cuda 113 s (before its two CUDA-graph tests), mapet_step_b8 109 s, mapet_step_b128 111 s,
-# mapet_step_b8_cudagraphs 127-208 s. The limits sum to 55 minutes, so a 10-minute call runs a few steps.
+# mapet_step_b8_cudagraphs 127-208 s; on an H100 that evening test_cuda (16 tests) 99 s with pytest-xdist's
+# -n 6 (used when xdist is installed), mapet_step_b8_cudagraphs_ckpt with the ViT-T half of
+# mapet_step_b8_cudagraphs about 480 s. The limits sum to 55 minutes, so a 10-minute call runs a few steps.
+# Beyond torch, torchvision and timm the project needs open_clip_torch (with ftfy, wcwidth), zarr (with
+# numcodecs, donfig, crc32c, google-crc32c), webdataset, braceexpand; faiss-cpu for one k-means test.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_all.sh OUTDIR [OFFICIAL_REPO TIMM_0_6_DIR]}
 official=()
@@ -32,7 +36,9 @@ step() {  # step NAME LIMIT COMMAND...: run for at most LIMIT s, log to OUTDIR/N
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.log"
-step test_cuda 480 "$py" -m pytest -p no:warnings -q -rs -s tests/test_cuda.py
+xdist=()
+"$py" -c "import xdist" 2>/dev/null && xdist=(-n 6)
+step test_cuda 480 "$py" -m pytest -p no:warnings -v -rs "${xdist[@]}" tests/test_cuda.py
 step mapet_step_b8 150 "$py" bench/mapet_step.py --device cuda --sizes tiny small base --batch 8 --iters 20 \
     --warmup 5 "${official[@]}"
 step mapet_step_b128 150 "$py" bench/mapet_step.py --device cuda --sizes small base --batch 128 --iters 10 \

@@ -167,7 +167,8 @@ def main() -> None:
         "--attn-backend",
         default="auto",
         choices=["auto", "sdpa", "flex"],
-        help="MaPeT's attention (the trainer's --attn-backend; auto: flex on CUDA, sdpa elsewhere)",
+        help="MaPeT's attention (the trainer's --attn-backend; auto: flex on CUDA, sdpa elsewhere and inside "
+        "a compiled step; flex with --compile: traced FlexAttention, which the trainer refuses)",
     )
     ap.add_argument(
         "--grad-checkpointing",
@@ -192,6 +193,7 @@ def main() -> None:
         "each one step of every model in turn"
         + (f"; torch.compile {args.compile} (ours)" if args.compile else "")
         + f"; MaPeT attention {args.attn_backend}"
+        + (" (sdpa inside the compiled step)" if args.compile and args.attn_backend == "auto" else "")
         + ("; gradient checkpointing (ours)" if args.grad_checkpointing else "")
     )
     for size in args.sizes:

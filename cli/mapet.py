@@ -102,7 +102,12 @@ def cli():
 )
 @COMPILE
 @click.option(
-    "--attn-backend", type=click.Choice(["auto", "sdpa", "flex"]), default="auto", show_default=True
+    "--attn-backend",
+    type=click.Choice(["auto", "sdpa", "flex"]),
+    default="auto",
+    show_default=True,
+    help="MaPeT's masked attention. auto: FlexAttention on CUDA, SDPA on the CPU and inside a --compile'd step "
+    "(flex with --compile is refused: docs/benchmarks.md).",
 )
 @GRAD_CHECKPOINTING
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")

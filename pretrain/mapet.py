@@ -117,14 +117,18 @@ class MaPeT(nn.Module):
         self._flex = None  # (device, compiled flex_attention, BlockMasks, flex_attention), built on first use
 
     def attention_args(self, device: torch.device) -> tuple:
-        """(masks, flex): BlockMasks + compiled FlexAttention on CUDA, boolean masks for SDPA elsewhere.
-        Built on the first call and cached: call it once before torch.compile (pretrain.train.compiled), or
-        the BlockMasks' construction is traced into the first graph and the model compiles twice."""
+        """(masks, flex): BlockMasks + compiled FlexAttention on CUDA, boolean masks for SDPA elsewhere and
+        inside a compiled model ("auto"). The BlockMasks are built on the first call and cached.
+
+        Inside a compiled training step (--compile) "auto" is SDPA: FlexAttention traced into the step's graph
+        trained away from eager on an H100 under torch 2.11 (same losses, gradient norm 10% off after 6 steps
+        and 1000x off after 10, in both compile modes; docs/benchmarks.md), while its eager calls match the
+        dense reference. An explicit "flex" is still honoured there (the trainer refuses it with --compile)."""
         if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" name one device: one cache
             device = torch.device("cuda", torch.cuda.current_device())
         backend = self.attn_backend
         if backend == "auto":
-            backend = "flex" if device.type == "cuda" else "sdpa"
+            backend = "flex" if device.type == "cuda" and not torch.compiler.is_compiling() else "sdpa"
         P = self.num_predict
         if backend == "sdpa":
             return (self.mask_b, self.mask_b[P:]), None
@@ -146,7 +150,7 @@ class MaPeT(nn.Module):
                 (block_mask(dense), block_mask(dense[P:].contiguous())),
                 flex_attention,
             )
-        # inside a compiled model (--compile) the plain function: Dynamo traces it into the model's graph. The
+        # inside a compiled model (explicit "flex" only) the plain function: Dynamo traces it into the graph. The
         # compiled wrapper there split the graph at every attention call on CUDA (torch 2.11: 15 graphs for a
         # 4-block model, so CUDA graphs gained nothing); eager calls need the wrapper (uncompiled, FlexAttention
         # materialises the scores)

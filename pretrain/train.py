@@ -111,6 +111,14 @@ class TrainConfig:
             )
         )
         compile_checks(self)
+        if self.compile and self.attn_backend == "flex":
+            raise ConfigError(
+                f"--attn-backend flex with --compile {self.compile}: FlexAttention inside the compiled step trained "
+                "away from eager on an H100 under torch 2.11 (docs/benchmarks.md); use --attn-backend auto (SDPA "
+                "inside the graph) or drop --compile"
+            )
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise ConfigError(f"--attn-backend {self.attn_backend}: choose auto, sdpa or flex")
         n = self.vit().num_patches + 1  # N: CLS + patches
         if self.num_context is not None and self.objective != "mapet":
             raise ConfigError(
@@ -221,10 +229,12 @@ class Objective(nn.Module):
 
 
 def compiled(objective: Objective, device: torch.device, mode: str | None = None) -> nn.Module:
-    """torch.compile of the objective (--compile MODE), MaPeT's attention masks built first, outside the graph.
-    With mode "reduce-overhead" (CUDA graphs) call torch.compiler.cudagraph_mark_step_begin() before each
-    step: the graphs' outputs of the step before are then dead and their memory reused."""
-    if isinstance(objective.net, MaPeT):
+    """torch.compile of the objective (--compile MODE). MaPeT with an explicit FlexAttention backend gets its
+    BlockMasks built first, outside the graph (else their construction is traced into the first graph and the
+    model compiles twice); "auto" runs SDPA inside the graph (MaPeT.attention_args). With mode
+    "reduce-overhead" (CUDA graphs) call torch.compiler.cudagraph_mark_step_begin() before each step: the
+    graphs' outputs of the step before are then dead and their memory reused."""
+    if isinstance(objective.net, MaPeT) and objective.net.attn_backend == "flex":
         objective.net.attention_args(device)
     return torch.compile(objective, mode=mode)
 

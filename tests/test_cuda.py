@@ -135,11 +135,13 @@ def test_torch_kmeans_holds_float16_features_in_float16_on_the_gpu():
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("objective", ["mapet", "beit"])
 def test_compiled_training_is_one_graph_and_follows_eager_training(store_cuda, tmp_path, objective, mode):
-    """--compile MODE on CUDA: the objective (FlexAttention inside) compiles once, as one graph, with no
-    break and no graph left out of CUDA graphs, over every step (BEiT's masks differ in size from step to
-    step), and trains as eager does: the same loss and gradient norm at every step, bf16 rounding apart (no
-    drop path, so no random draw differs). Under torch 2.11 compiled training once ran on zero gradients
-    (token_loss's saved gradients); CUDA graphs overwriting gradients would show here too."""
+    """--compile MODE on CUDA: the objective compiles once, as one graph, with no break and no graph left out
+    of CUDA graphs, over every step (BEiT's masks differ in size from step to step), and trains as eager does:
+    the same loss and gradient norm at every step, bf16 rounding apart (no drop path, so no random draw
+    differs). Eager MaPeT runs FlexAttention, compiled MaPeT SDPA with the boolean masks. Under torch 2.11
+    compiled training once ran on zero gradients (token_loss's saved gradients), and with FlexAttention traced
+    into the graph MaPeT's gradient norm left eager's after six steps (1000x at step 10); CUDA graphs
+    overwriting gradients would show here too."""
     import json
 
     from torch._dynamo.utils import counters

@@ -245,3 +245,20 @@ def test_flex_attention_matches_sdpa_on_cpu():
         model.attn_backend = "flex"
         out, _ = model(images, t, orders)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_backend_runs_sdpa_inside_a_compiled_step_and_an_explicit_flex_is_kept(monkeypatch):
+    """ "auto" inside torch.compile is SDPA's boolean masks, on CUDA too (traced FlexAttention trained away from
+    eager on an H100; eager CUDA calls keep FlexAttention: tests/test_cuda.py), and on the CPU; an explicit
+    "flex" inside a compiled step is the plain flex_attention with BlockMasks, for Dynamo to trace."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    model = make().float()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for device in (torch.device("cuda", 0), torch.device("cpu")):  # nothing is built on the (absent) GPU
+        masks, flex = model.attention_args(device)
+        assert flex is None and masks[0] is model.mask_b
+        assert torch.equal(masks[1], model.mask_b[model.num_predict :])
+    model.attn_backend = "flex"
+    masks, flex = model.attention_args(torch.device("cpu"))
+    assert flex is flex_attention and all(isinstance(m, BlockMask) for m in masks)

@@ -264,6 +264,8 @@ def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, photos
         (dict(objective="beit", num_context=20), "--num-context 20: a MaPeT setting"),
         (dict(compile="reduce-overhead", accum_steps=2), "reduce-overhead with --accum-steps 2: CUDA graphs"),
         (dict(compile="fast"), "--compile fast: choose one of default, reduce-overhead, max-autotune"),
+        (dict(compile="default", attn_backend="flex"), "--attn-backend flex with --compile default: FlexAtt"),
+        (dict(attn_backend="fast"), "--attn-backend fast: choose auto, sdpa or flex"),
         (dict(max_steps=0), "--max-steps 0: must be >= 1"),
         (dict(patch_size=0), "--patch-size 0: must be >= 1"),  # 0 is not "the preset's"
         (dict(image_size=0), "--image-size 0: must be >= 1"),
