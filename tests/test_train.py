@@ -678,10 +678,11 @@ def test_compiled_objective_equals_eager_on_cpu(kind):
 
 
 def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
-    """--compile: MaPeT (FlexAttention, its BlockMasks built before compiling) and BEiT (masks of different
-    sizes from step to step) are each one graph, compiled once: no recompiles, no graph breaks (torch 2.11
-    split MaPeT at every call of the compiled FlexAttention wrapper). Compiled losses equal eager's, and
-    BEiT's gradients too."""
+    """--compile: MaPeT with explicit FlexAttention (its BlockMasks built before compiling), MaPeT with "auto"
+    (SDPA inside the graph, as on CUDA) and BEiT (masks of different sizes from step to step) are each one
+    graph, compiled once: no recompiles, no graph breaks (torch 2.11 split MaPeT at every call of the
+    compiled FlexAttention wrapper). Compiled losses equal eager's, and the gradients too where the CPU has a
+    backward (all but FlexAttention)."""
     from torch._dynamo.testing import CompileCounter
 
     from pretrain.beit import BEiT
@@ -694,6 +695,7 @@ def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
     counts = torch.tensor([[6, 3], [5, 4], [4, 5], [3, 3]])  # masked patches per sample at each step
     for net, aux in [
         (MaPeT(cfg, 40, attn_backend="flex"), lambda i: random_orders(2, 16, g)),
+        (MaPeT(cfg, 40), lambda i: random_orders(2, 16, g)),  # auto: SDPA inside the graph, as on CUDA
         (BEiT(cfg, 40), lambda i: torch.arange(16).expand(2, 16) < counts[i][:, None]),
     ]:
         torch._dynamo.reset()
@@ -706,8 +708,8 @@ def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
         monkeypatch.setattr(torch, "compile", count)
         step = compiled(step_of, images.device)
         for i in range(4):
-            if isinstance(net, MaPeT):  # FlexAttention has no backward on the CPU: forward only
-                a = aux(i)
+            a = aux(i)
+            if getattr(net, "attn_backend", "") == "flex":  # FlexAttention has no backward on the CPU
                 with torch.no_grad():
                     torch.manual_seed(i)  # the same drop-path draws
                     got = step(images, targets, a)
@@ -716,10 +718,10 @@ def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
                 continue
             torch.manual_seed(i)
-            loss, acc = step(images, targets, aux(i))
+            loss, acc = step(images, targets, a)
             got = torch.autograd.grad(loss, list(net.parameters()))
             torch.manual_seed(i)
-            want_loss, want_acc = Objective(net)(images, targets, aux(i))
+            want_loss, want_acc = Objective(net)(images, targets, a)
             want = torch.autograd.grad(want_loss, list(net.parameters()))
             torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
             assert acc == want_acc
