@@ -10,7 +10,7 @@
 # limit and no more. On an H200 (2026-11-26) test_cuda took 97-129 s, mapet_step_b8 92 s, mapet_step_b128
 # 81 s, mapet_step_b8_cudagraphs 205 s, tokenize 63 s, online 48 s, loader_transfer 6 s; on an H100 (same
 # day) test_cuda 113 s (before its two CUDA-graph tests), mapet_step_b8 109 s, mapet_step_b128 111 s,
-# mapet_step_b8_cudagraphs 127-208 s; on an H100 that evening test_cuda (16 tests) 99 s with pytest-xdist's
+# mapet_step_b8_cudagraphs 127-208 s; on an H100 that evening test_cuda (16 tests then) 99 s with pytest-xdist's
 # -n 6 (used when xdist is installed), mapet_step_b8_cudagraphs_ckpt with the ViT-T half of
 # mapet_step_b8_cudagraphs about 480 s. The limits sum to 55 minutes, so a 10-minute call runs a few steps.
 # Beyond torch, torchvision and timm the project needs open_clip_torch (with ftfy, wcwidth), zarr (with

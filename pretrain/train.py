@@ -111,14 +111,14 @@ class TrainConfig:
             )
         )
         compile_checks(self)
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise ConfigError(f"--attn-backend {self.attn_backend}: choose auto, sdpa or flex")
         if self.compile and self.attn_backend == "flex":
             raise ConfigError(
                 f"--attn-backend flex with --compile {self.compile}: FlexAttention inside the compiled step trained "
                 "away from eager on an H100 under torch 2.11 (docs/benchmarks.md); use --attn-backend auto (SDPA "
                 "inside the graph) or drop --compile"
             )
-        if self.attn_backend not in ("auto", "sdpa", "flex"):
-            raise ConfigError(f"--attn-backend {self.attn_backend}: choose auto, sdpa or flex")
         n = self.vit().num_patches + 1  # N: CLS + patches
         if self.num_context is not None and self.objective != "mapet":
             raise ConfigError(
