@@ -140,6 +140,10 @@ CROP_PCT_HELP = (
     "Evaluation crop: Resize(S / crop-pct) + CenterCrop(S) [default: 0.875 below 384 px, 1.0 from 384 px]; "
     "1.0 keeps the whole central square."
 )
+LABELLED_HELP = (
+    "Labelled images: a folder with class sub-folders, tar shards with .cls (one path or a brace pattern), "
+    "or a token store."
+)
 IMAGE_SIZE_HELP = "Input size (default: the checkpoint's; another one resamples its position embeddings)."
 encoder_options = with_options(
     [
@@ -148,12 +152,8 @@ encoder_options = with_options(
             required=True,
             help=CHECKPOINT_HELP,
         ),
-        click.option(
-            "--train", "train_dir", required=True, type=EXISTING, help="Labelled image folder or store."
-        ),
-        click.option(
-            "--val", "val_dir", required=True, type=EXISTING, help="Labelled image folder or store."
-        ),
+        click.option("--train", "train_dir", required=True, help=LABELLED_HELP),
+        click.option("--val", "val_dir", required=True, help=LABELLED_HELP),
         click.option(
             "--model",
             type=click.Choice(list(PRESETS)),
@@ -289,8 +289,8 @@ def linprobe(pool, l2, max_iter, **kw):
 
 @cli.command()
 @click.option("--checkpoint", required=True, help=CHECKPOINT_HELP)
-@click.option("--train", "train_dir", required=True, type=EXISTING)
-@click.option("--val", "val_dir", required=True, type=EXISTING)
+@click.option("--train", "train_dir", required=True, help=LABELLED_HELP)
+@click.option("--val", "val_dir", required=True, help=LABELLED_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Fine-tuning run folder.")
 @click.option(
     "--model",
@@ -350,7 +350,7 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
 
 @cli.command("validate")
 @click.option("--checkpoint", required=True, type=EXISTING, help="OUT/last.pt of 'mapet finetune'.")
-@click.option("--val", "val_dir", required=True, type=EXISTING, help="Labelled image folder or store.")
+@click.option("--val", "val_dir", required=True, help=LABELLED_HELP)
 @click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
@@ -360,7 +360,7 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
     "out_json",
     type=click.Path(path_type=Path),
     default=None,
-    help="Result JSON (default: validate-<val folder name>.json beside the checkpoint).",
+    help="Result JSON (default: validate-<val folder or shard name>.json beside the checkpoint).",
 )
 @click.option("--quiet", is_flag=True)
 def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device, out_json, quiet):
@@ -378,7 +378,8 @@ def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device,
         ckpt, labelled_source(val_dir), crop_pct, batch_size, workers, device, not quiet, str(checkpoint)
     )
     res.update({"eval": "validate", "checkpoint": str(checkpoint), "val": str(val_dir)})
-    out = out_json or Path(checkpoint).parent / f"validate-{Path(val_dir).resolve().name}.json"
+    name = Path(val_dir).resolve().name.split("{")[0].removesuffix(".tar").rstrip("-_.") or "shards"
+    out = out_json or Path(checkpoint).parent / f"validate-{name}.json"
     atomic_write_json(out, res)
     click.echo(
         f"validate top-1: {100 * res['top1']:.2f}%  top-5: {100 * res['top5']:.2f}%  ({res['n_val']} images)"

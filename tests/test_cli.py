@@ -89,6 +89,7 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
             "--device cuda:99: this machine has",
         ),
         (["inspect", "{tmp}"], "no manifest.json"),
+        (["inspect", "{feat}/features"], "features/features: a folder inside the store "),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, photos, features_store, codebook_path, capsys, argv, msg):

@@ -112,6 +112,49 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
         torch.testing.assert_close(ref(x), ours(x), rtol=1e-5, atol=1e-5)
 
 
+def _as_tar_shards(folder, out, shards=2):
+    """folder's class sub-folders written as webdataset tars (key.png + key.cls holding the sorted class
+    index), `shards` of them; returns their brace pattern."""
+    import io
+    import tarfile
+
+    classes = sorted(d.name for d in folder.iterdir())
+    files = [(f, classes.index(d.name)) for d in sorted(folder.iterdir()) for f in sorted(d.iterdir())]
+    for s in range(shards):
+        with tarfile.open(out / f"{folder.name}-{s:03d}.tar", "w") as tf:
+            for f, label in files[s::shards]:
+                tf.add(f, f.name)
+                info = tarfile.TarInfo(f"{f.stem}.cls")
+                info.size = len(str(label))
+                tf.addfile(info, io.BytesIO(str(label).encode()))
+    return str(out / f"{folder.name}-{{000..{shards - 1:03d}}}.tar")
+
+
+def test_knn_linprobe_finetune_and_validate_read_tar_shards_as_they_read_folders(tmp_path, capsys):
+    data = separable_folder(tmp_path / "data")
+    (tmp_path / "wds").mkdir()
+    train, val = (_as_tar_shards(data / split, tmp_path / "wds") for split in ("train", "val"))
+    shards = ["--train", train, "--val", val]  # given last, they replace _eval_args' folders
+    for cmd in ("knn", "linprobe"):
+        assert main([cmd, *_eval_args(data), "--out", str(tmp_path / f"{cmd}-dir.json")]) == 0
+        assert main([cmd, *_eval_args(data), *shards, "--out", str(tmp_path / f"{cmd}-tar.json")]) == 0
+        a, b = (json.loads((tmp_path / f"{cmd}-{k}.json").read_text()) for k in ("dir", "tar"))
+        assert b["n_val"] == a["n_val"] == 24 and b["top1"] == a["top1"] > 0.9, cmd
+    missing = str(tmp_path / "wds" / "nope-{0..1}.tar")
+    assert main(["knn", *_eval_args(data), "--train", missing]) == 2
+    assert "nope-0.tar: tar shard not found" in capsys.readouterr().err
+
+    ft = tmp_path / "ft"  # fine-tuned and validated on the shards; validate's JSON is named after them
+    assert main([*_ft_args(data, ft, "--epochs", "1"), *shards]) == 0
+    res = json.loads((ft / "result.json").read_text())
+    assert res["n_val"] == 24
+    assert (
+        main(["validate", "--checkpoint", str(ft / "last.pt"), "--val", val, "--workers", "0", "--quiet"])
+        == 0
+    )
+    assert json.loads((ft / "validate-val.json").read_text())["top1"] == res["top1"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, photos, codebook_path):
     root = tmp_path_factory.mktemp("evalrun")

@@ -105,6 +105,8 @@ class RowStore:
                 raise StoreError(
                     f"{root}: the job that writes this store has not finished; re-run it with --resume"
                 )
+            if (root.parent / "manifest.json").exists():  # a folder inside a store, e.g. STORE/wds
+                raise StoreError(f"{root}: a folder inside the store {root.parent}; pass the store")
             raise StoreError(f"{root}: no manifest.json; not a tokenkit {cls.kind} store")
         manifest = read_json(mpath)
         check_format_version(root, manifest, cls.kind)
