@@ -261,7 +261,8 @@ def verify(store, sources, source_root, quiet):
 @click.option("--size", type=int, default=224, show_default=True, help="Rendered view size in pixels.")
 @click.option("--source", type=str, default=None, help="Image folder, when it moved since tokenize.")
 def show(store, key, out, size, source):
-    """Write a PNG of image KEY with its token map drawn over each stored view."""
+    """Write a PNG of image KEY with its token map drawn over each stored view. KEY is the stored key
+    (the image's path in the source without its extension, dots as '_'), or that path as it is."""
     require((("--size", size, size >= 1, ">= 1"),))
     path = show_tokens(TokenStore.open(store), key, out, size, source)
     click.echo(f"wrote {path}")

@@ -145,8 +145,12 @@ def test_read_by_key_blocks_and_labels(store_path):
     assert block["keys"] == [keys[7], keys[2], keys[7]] and block["tokens"].dtype == np.int64
     assert set(block["labels"].tolist()) <= {0, 1}
     assert store.stats()["labels"] == {"even": 6, "odd": 6}
-    with pytest.raises(StoreError, match="no stored sample with key"):
+    with pytest.raises(StoreError, match="no stored sample with key 'missing'$"):
         store.index_of("missing")
+    # the source path finds its sample too; a near miss names the closest key
+    assert store.index_of("odd/chelsea.jpg") == store.index_of("odd/chelsea")
+    with pytest.raises(StoreError, match="key 'odd/chelsee' \\(closest: 'odd/chelsea'\\)"):
+        store.index_of("odd/chelsee")
 
 
 def test_read_serves_the_zarr_rows_with_metadata_held_in_memory(store_path):

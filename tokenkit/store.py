@@ -7,6 +7,7 @@ Positions 0..len-1 address the stored (not skipped) rows in source order.
 
 from __future__ import annotations
 
+import difflib
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError, TokenkitError
-from tokenkit.images import decode_image, read_locator
+from tokenkit.images import decode_image, read_locator, sanitize_key
 from tokenkit.rowstore import STATUS_OK, RowStore
 from tokenkit.wds import index_tar, iter_tar, load_index
 
@@ -154,10 +155,15 @@ class TokenStore(RowStore):
             self._need_zarr()
             keys = self.group["keys"].get_orthogonal_selection((self.rows,))
             self._key_index = {str(k): i for i, k in enumerate(keys)}
-        try:
-            return self._key_index[key]
-        except KeyError:
-            raise StoreError(f"{self.root}: no stored sample with key '{key}'") from None
+        # the key as stored, or the source path it came from (dots in a file name are stored as '_')
+        for k in (key, sanitize_key(key), sanitize_key(key.rsplit(".", 1)[0])):
+            if k in self._key_index:
+                return self._key_index[k]
+        near = (
+            difflib.get_close_matches(key, list(self._key_index), n=1) if len(self._key_index) < 10**5 else []
+        )
+        hint = f" (closest: '{near[0]}')" if near else ""
+        raise StoreError(f"{self.root}: no stored sample with key '{key}'{hint}")
 
     def image_bytes(self, position: int, source_root: str | None = None) -> bytes:
         """The original image bytes, read from the source the store records (or `source_root`), checked
