@@ -205,6 +205,15 @@ def tokenize(images, codebook_path, out, views, view_mode, scale, ratio, flip, s
         )
 
 
+def _weights(weights_id: str) -> str:
+    """The encoder's weights as inspect prints them: a random init says so (its tokens mean nothing)."""
+    if weights_id.startswith("none:seed="):
+        return f"random-init weights (seed {weights_id.removeprefix('none:seed=')})"
+    if weights_id.startswith("sha256:"):
+        return f"weights {weights_id[: len('sha256:') + 16]}"
+    return f"{weights_id} weights"
+
+
 @cli.command()
 @click.argument("store", type=EXISTING)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -219,7 +228,7 @@ def inspect(store, as_json):
     click.echo(f"images      {st['images']} stored, {st['skipped']} skipped of {st['source_images']}")
     click.echo(
         f"tokens      {st['views']} views x {st['grid']}x{st['grid']} {st['token_dtype']}, "
-        f"K={st['k']} ({st['encoder']}, codebook {st['codebook_sha256'][:16]})"
+        f"K={st['k']} ({st['encoder']}, {_weights(st['weights'])}, codebook {st['codebook_sha256'][:16]})"
     )
     click.echo(
         f"usage       {u['used_codes']}/{st['k']} codes used, perplexity {u['perplexity']:.1f}, "

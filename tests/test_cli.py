@@ -33,6 +33,7 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
     assert 1 <= st["codebook_usage"]["used_codes"] <= 8 and st["codebook_usage"]["perplexity"] >= 1
     rc, out, _ = run(["inspect", tok], capsys)
     assert "perplexity" in out and "12 stored, 0 skipped" in out
+    assert "random-init weights (seed 0)" in out and st["weights"] == "none:seed=0"  # its tokens mean nothing
     assert run(["verify", tok], capsys)[0] == 0
     rc, out, _ = run(["show", tok, "even/astronaut", "--out", tmp_path / "t.png", "--size", "96"], capsys)
     assert rc == 0 and Image.open(tmp_path / "t.png").size == (2 * 96 + 12, 2 * (96 + 6) + 6)

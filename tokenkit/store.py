@@ -241,6 +241,7 @@ class TokenStore(RowStore):
             "token_dtype": self.manifest["token_dtype"],
             "codebook_sha256": self.codebook_sha256,
             "encoder": self.manifest["job"]["encoder"]["model"],
+            "weights": self.manifest["job"]["encoder"]["weights_id"],  # tag, sha256:<hex> or none:seed=<s>
             "codebook_usage": {
                 "used_codes": int((counts > 0).sum()),
                 "perplexity": float(np.exp(-(p * np.log(p)).sum())),
