@@ -283,7 +283,8 @@ def pretrain(
     batches_per_epoch = (len(store) // (cfg.batch_size * world)) // cfg.accum_steps * cfg.accum_steps
     if batches_per_epoch == 0:
         raise ConfigError(
-            f"{cfg.tokens}: {len(store)} images cannot fill one step of {per_step}; lower --batch-size"
+            f"{cfg.tokens}: {len(store)} images cannot fill one step of {per_step} "
+            f"(--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps} x {world} ranks); lower them"
         )
     if ckpt is not None:
         was, now = _math_fields(ckpt["train"]), _math_fields(asdict(cfg))

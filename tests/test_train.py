@@ -252,7 +252,10 @@ def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, photos
     with pytest.raises(ConfigError, match="holds only webdataset shards; pass --data wds"):
         pretrain(tiny(wds, tmp_path / "run", data="zarr"), progress=False)
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ConfigError, match="images cannot fill one step of 100000; lower --batch-size"):
+    with pytest.raises(
+        ConfigError,
+        match="images cannot fill one step of 100000 \\(--batch-size 100000 x --accum-steps 1 x 1 ranks\\)",
+    ):
         pretrain(tiny(wds, tmp_path / "run", batch_size=100000), progress=False)
     assert not (tmp_path / "run").exists()
     for bad, message in (
