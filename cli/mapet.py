@@ -107,7 +107,7 @@ def cli():
     default="auto",
     show_default=True,
     help="MaPeT's masked attention. auto: FlexAttention on CUDA, SDPA on the CPU and inside a --compile'd step "
-    "(flex with --compile is refused: docs/benchmarks.md).",
+    "(flex with --compile is refused: docs/benchmarks.md). May change on resume.",
 )
 @GRAD_CHECKPOINTING
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")

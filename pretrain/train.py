@@ -492,6 +492,7 @@ RESUME_FREE = {
     "keep",
     "log_every",
     "compile",
+    "attn_backend",  # the same attention by another kernel: a GPU run (FlexAttention) may go on on the CPU
     "grad_checkpointing",
     "source_root",
 }

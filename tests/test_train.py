@@ -777,11 +777,12 @@ def test_grad_checkpointing_keeps_loss_and_gradients_and_keeps_far_less(kind):
 
 def test_grad_checkpointing_trains_the_same_run_and_may_change_on_resume(store, tmp_path):
     """A run with --grad-checkpointing logs the losses of the run without it, and a run may resume with the
-    flag switched (it changes memory, not the computation)."""
+    flag switched (it changes memory, not the computation); so may --attn-backend (another kernel)."""
     ref = tmp_path / "ref"
     pretrain(tiny(store, ref, epochs=2, ckpt_every=2), progress=False)
     run = tmp_path / "run"
-    pretrain(tiny(store, run, epochs=2, ckpt_every=2, grad_checkpointing=True, max_steps=4), progress=False)
+    first = dict(grad_checkpointing=True, attn_backend="sdpa", max_steps=4)
+    pretrain(tiny(store, run, epochs=2, ckpt_every=2, **first), progress=False)
     pretrain(tiny(store, run, epochs=2, ckpt_every=2), resume=True, progress=False)
     got, want = metrics(run), metrics(ref)
     assert [m["step"] for m in got] == [m["step"] for m in want] and len(got) > 4
