@@ -79,6 +79,10 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
             "--image-size 70 with --grid 4",
         ),
         (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--views", "0"], "--views 0: must be >= 1"),
+        (
+            ["tokenize", "{photos}", "{cb}", "{tmp}/t", "--views", "2", "--view", "center"],
+            "--views 2 with --view center: every view would be the same",
+        ),
         (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--workers", "-1"], "--workers -1: must be >= 0"),
         (["encode", "{cb}", "{photos}/even/astronaut.jpg", "--size", "0"], "--size 0: must be >= 1"),
         (["features", "{photos}", "{tmp}/f", "--shard-size", "0"], "--shard-size 0: must be >= 1"),

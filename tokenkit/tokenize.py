@@ -48,6 +48,11 @@ class TokenizeConfig:
             raise ConfigError(f"--views {v.views}: must be >= 1")
         if v.mode not in ("center", "random"):
             raise ConfigError(f"--view {v.mode}: choose center or random")
+        if v.mode == "center" and v.views > 1:
+            raise ConfigError(
+                f"--views {v.views} with --view center: every view would be the same central square; pass "
+                "--views 1 or --view random"
+            )
         if (
             not (0 < v.scale[0] <= v.scale[1] <= 1)
             or not (0 < v.ratio[0] <= v.ratio[1])
