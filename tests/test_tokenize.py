@@ -151,6 +151,10 @@ def test_read_by_key_blocks_and_labels(store_path):
     assert store.index_of("odd/chelsea.jpg") == store.index_of("odd/chelsea")
     with pytest.raises(StoreError, match="key 'odd/chelsee' \\(closest: 'odd/chelsea'\\)"):
         store.index_of("odd/chelsee")
+    store._key_index = {"a/x": 0, "a/x_jpg": 1, "a/y_z": 2}  # keys of a/x.jpg, a/x.jpg.png and a/y.z.png
+    assert store.index_of("a/y.z") == store.index_of("a/y.z.png") == 2 and store.index_of("a/x") == 0
+    with pytest.raises(StoreError, match="'a/x.jpg' may be key 'a/x' or 'a/x_jpg'; pass one"):
+        store.index_of("a/x.jpg")
 
 
 def test_read_serves_the_zarr_rows_with_metadata_held_in_memory(store_path):

@@ -155,10 +155,16 @@ class TokenStore(RowStore):
             self._need_zarr()
             keys = self.group["keys"].get_orthogonal_selection((self.rows,))
             self._key_index = {str(k): i for i, k in enumerate(keys)}
-        # the key as stored, or the source path it came from (dots in a file name are stored as '_')
-        for k in (key, sanitize_key(key), sanitize_key(key.rsplit(".", 1)[0])):
-            if k in self._key_index:
-                return self._key_index[k]
+        if key in self._key_index:
+            return self._key_index[key]
+        # the source path it came from: extension dropped, dots in the file name stored as '_'
+        found = {k for k in (sanitize_key(key), sanitize_key(key.rsplit(".", 1)[0])) if k in self._key_index}
+        if len(found) == 1:
+            return self._key_index[found.pop()]
+        if found:
+            raise StoreError(
+                f"{self.root}: '{key}' may be key '{sorted(found)[0]}' or '{sorted(found)[1]}'; pass one"
+            )
         near = (
             difflib.get_close_matches(key, list(self._key_index), n=1) if len(self._key_index) < 10**5 else []
         )
