@@ -14,6 +14,7 @@ from pretrain.checkpoint import load_checkpoint
 from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_encoder
 from pretrain.export import export
 from pretrain.train import TrainConfig, pretrain
+from tests.tars import make_tar
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.tokenize import TokenizeConfig, tokenize
 
@@ -115,18 +116,15 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
 def _as_tar_shards(folder, out, shards=2):
     """folder's class sub-folders written as webdataset tars (key.png + key.cls holding the sorted class
     index), `shards` of them; returns their brace pattern."""
-    import io
-    import tarfile
-
     classes = sorted(d.name for d in folder.iterdir())
     files = [(f, classes.index(d.name)) for d in sorted(folder.iterdir()) for f in sorted(d.iterdir())]
     for s in range(shards):
-        with tarfile.open(out / f"{folder.name}-{s:03d}.tar", "w") as tf:
-            for f, label in files[s::shards]:
-                tf.add(f, f.name)
-                info = tarfile.TarInfo(f"{f.stem}.cls")
-                info.size = len(str(label))
-                tf.addfile(info, io.BytesIO(str(label).encode()))
+        members = [
+            member
+            for f, label in files[s::shards]
+            for member in ((f.name, f.read_bytes()), (f"{f.stem}.cls", str(label).encode()))
+        ]
+        make_tar(out / f"{folder.name}-{s:03d}.tar", members)
     return str(out / f"{folder.name}-{{000..{shards - 1:03d}}}.tar")
 
 

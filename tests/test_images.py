@@ -1,12 +1,12 @@
 """Bad and unusual images: each is converted correctly or refused with a one-line ImageError."""
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.tars import make_tar
 from tokenkit.errors import ImageError, SourceError
 from tokenkit.images import decode_image, list_folder, list_tars, sanitize_key
 
@@ -100,14 +100,6 @@ def test_folder_listing_follows_linked_class_folders_and_skips_hidden_and_broken
     idx = list_folder(data)
     assert idx.locators == ("cats/B.PNG", "cats/a.jpg", "dogs/d.jpg")
     assert idx.labels.tolist() == [0, 0, 1] and idx.classes == ("cats", "dogs")
-
-
-def make_tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def test_tar_source_reads_images_labels_and_refuses_hostile_members(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 from cli.tokenkit import main
 from tests.preempt import run_preempted
+from tests.tars import make_tar
 from tokenkit.clip_encoder import load_encoder
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError
@@ -333,22 +334,18 @@ def test_features_of_skipped_and_stored_rows(features_store):
 
 def test_webdataset_tar_source_gives_the_folder_store(tmp_path, photos, codebook_path, store_path):
     """The same images as webdataset shards (key = folder key, .cls = folder label) tokenize identically."""
-    import io
-    import tarfile
-
     folder = TokenStore.open(store_path)
     keys = folder.read(np.arange(len(folder)))["keys"]
     for shard, chunk in enumerate((keys[:7], keys[7:])):
-        with tarfile.open(tmp_path / f"src-{shard}.tar", "w") as tf:
-            for key in chunk:
-                label = b"0" if key.startswith("even/") else b"1"
-                for name, data in (
-                    (f"{key}.jpg", (photos / f"{key}.jpg").read_bytes()),
-                    (f"{key}.cls", label),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
+        members = [
+            (name, data)
+            for key in chunk
+            for name, data in (
+                (f"{key}.jpg", (photos / f"{key}.jpg").read_bytes()),
+                (f"{key}.cls", b"0" if key.startswith("even/") else b"1"),
+            )
+        ]
+        make_tar(tmp_path / f"src-{shard}.tar", members)
     out = tokenize(
         str(tmp_path / "src-{0..1}.tar"), codebook_path, tmp_path / "from-tars", CFG, progress=False
     )
