@@ -326,7 +326,10 @@ def linprobe(pool, l2, max_iter, **kw):
 @resume_option("OUT")
 @click.option("--quiet", is_flag=True)
 def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):
-    """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay); torchrun for DDP."""
+    """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay); torchrun for DDP.
+
+    On SIGTERM (preemption) it trains on to the next optimizer step (under torchrun: the next multiple of 10,
+    where the ranks agree), checkpoints it and exits 143."""
     dist = init_distributed()
     kw["device"] = dist.device(kw["device"])
     cfg = FinetuneConfig(**kw)

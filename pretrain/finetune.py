@@ -6,7 +6,11 @@ cosine, bicubic RandomResizedCrop + flip; RandAugment (timm's rand-m9-mstd0.5), 
 cutmix are optional (BEiT's ImageNet recipe turns all on: reprob 0.25, mixup 0.8, cutmix 1.0). Validation:
 Resize(S / crop_pct) + CenterCrop(S) at the encoder's input size S, as pretrain.evaluate. Writes
 OUT/metrics.jsonl, OUT/result.json and OUT/last.pt (weights-only loadable), checkpointed after every epoch
-(`--resume auto` continues it); runs under torchrun as DDP; bf16 autocast on CUDA.
+and on SIGTERM (preemption: at the next optimizer step, mid-epoch); `--resume auto` continues it to the
+uninterrupted run's result. Every random draw is keyed: a training image's augmentation by (seed, epoch,
+image), mixup / cutmix, random erasing and drop path by (seed, step, micro-step, rank), so a resumed run
+draws what the uninterrupted one did, for any loader worker count. Runs under torchrun as DDP; bf16
+autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,18 +26,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
-from pretrain.data import IMAGENET_MEAN, to_input
+from pretrain.data import IMAGENET_MEAN, EpochSampler, to_input
 from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
 from pretrain.train import adamw, compile_checks, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
+from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm
 from tokenkit.views import keyed_rng
 
 
@@ -145,7 +151,7 @@ class RandAugment:
 def random_erase(x: torch.Tensor, prob: float) -> torch.Tensor:
     """timm's RandomErasing(prob, mode="pixel") on a normalised batch x (B, 3, S, S), in place: each sample,
     with probability `prob`, gets one box of 2%-33% of its area (aspect 0.3-3.3, 10 tries) filled with N(0, 1)
-    noise. Boxes are drawn per sample from torch's CPU generator (seeded per epoch)."""
+    noise. Boxes are drawn per sample from torch's CPU generator (seeded per micro-step)."""
     B, _, S, W = x.shape
     log_ratio = (math.log(0.3), math.log(1 / 0.3))
     for i in range(B):
@@ -163,8 +169,11 @@ def random_erase(x: torch.Tensor, prob: float) -> torch.Tensor:
 
 
 class TrainDataset(Dataset):
-    def __init__(self, source: SampleIndex, size: int, randaug: bool):
-        self.source = source
+    """Training images, each augmented (bicubic RandomResizedCrop, flip, RandAugment) by draws keyed by
+    (seed, epoch, image): the same pixels whichever loader worker, rank or batch reads it."""
+
+    def __init__(self, source: SampleIndex, size: int, randaug: bool, seed: int = 0):
+        self.source, self.seed, self.epoch = source, seed, 0
         aug = [
             v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip(),
@@ -178,8 +187,16 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, i: int):
         """(S, S, 3) uint8 pixels (normalised on the device, as every loader here) and the label."""
-        x = self.tf(decode_image(self.source.read_bytes(i), self.source.where(i)))
+        img = decode_image(self.source.read_bytes(i), self.source.where(i))
+        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was (workers 0)
+            torch.default_generator.manual_seed(
+                int(keyed_rng("augment", self.seed, self.epoch, i).integers(2**62))
+            )
+            x = self.tf(img)
         return x.permute(1, 2, 0), int(self.source.labels[i])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 @torch.no_grad()
@@ -256,6 +273,7 @@ def validate(
 
 
 RESUME_FREE = ("workers", "device", "grad_checkpointing", "compile")  # settings that may change on resume
+STOP_EVERY = 10  # optimizer steps between the ranks' checks for a SIGTERM under torchrun (one all-reduce)
 
 
 def finetune(
@@ -271,9 +289,11 @@ def finetune(
 ) -> dict:
     """Fine-tune on `train`, validate on `val` each epoch; checkpoint OUT/last.pt after every epoch.
 
-    resume: continue OUT/last.pt (same settings); every random draw of an epoch is keyed by (seed, epoch,
-    rank), so a resumed run repeats the uninterrupted one. Under torchrun (world > 1) the model is wrapped in
-    DDP, each rank trains on its split of every epoch's permutation and validates its share of `val`.
+    resume: continue OUT/last.pt (same settings), mid-epoch if a SIGTERM stopped it there; every random draw
+    is keyed (module docstring), so a resumed run repeats the uninterrupted one. On SIGTERM it trains on to
+    the next optimizer step (under torchrun: the next multiple of STOP_EVERY, where the ranks agree),
+    checkpoints it and raises Stopped. Under torchrun (world > 1) the model is wrapped in DDP, each rank trains
+    on its split of every epoch's permutation and validates its share of `val`.
     """
     cfg.validate()
     compile_checks(cfg, world)
@@ -292,7 +312,7 @@ def finetune(
     encoder.grad_checkpointing = cfg.grad_checkpointing
     net = Classifier(encoder, num_classes).to(device)
     opt = adamw(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
-    history, start = [], 0
+    history, start, in_epoch = [], 0, {"steps": 0, "loss_sum": 0.0}
     if resume and (out / "last.pt").exists():
         ckpt = load_checkpoint(out / "last.pt", kind=FINETUNE_KIND)
         was = {k: v for k, v in ckpt["config"].items() if k not in RESUME_FREE}
@@ -307,6 +327,7 @@ def finetune(
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         history, start = ckpt["history"], ckpt["epoch"] + 1
+        in_epoch = ckpt.get("in_epoch", in_epoch)  # stopped mid-epoch: the steps of epoch `start` it took
     step_net = torch.compile(net, mode=cfg.compile) if cfg.compile else net  # validation runs `net`, eager
     model = (
         nn.parallel.DistributedDataParallel(
@@ -317,22 +338,20 @@ def finetune(
     )
     autocast = bf16_on_cuda(device)
     size = encoder.cfg.image_size
-    train_ds = TrainDataset(train, size, cfg.randaug)
-    sampler = DistributedSampler(
-        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        drop_last=len(sampler) > cfg.batch_size,
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-    )
+    train_ds = TrainDataset(train, size, cfg.randaug, cfg.seed)
+    steps = len(train_ds) // (cfg.batch_size * world) // cfg.accum_steps  # optimizer steps per epoch
+    if steps == 0:
+        raise ConfigError(
+            f"{train.root or train.tars[0]}: {len(train_ds)} images cannot fill one step of "
+            f"{cfg.batch_size * cfg.accum_steps * world} (--batch-size {cfg.batch_size} x --accum-steps "
+            f"{cfg.accum_steps} x {world} ranks); lower them"
+        )
+    sampler = EpochSampler(len(train_ds), cfg.batch_size, rank, world, cfg.seed)
     val_loader = DataLoader(
         Subset(CenterCropDataset(val, size, cfg.crop_pct), range(rank, len(val), world)),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
+        worker_init_fn=ignore_sigterm,
     )
     mix = []
     if cfg.mixup > 0:
@@ -340,70 +359,112 @@ def finetune(
     if cfg.cutmix > 0:
         mix.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
     mixer = v2.RandomChoice(mix) if mix else None
-    steps = len(train_loader) // cfg.accum_steps  # optimizer steps per epoch
-    if steps == 0:
-        raise ConfigError(
-            f"{train.root or train.tars[0]}: {len(sampler)} images per rank fill {len(train_loader)} batches of "
-            f"{cfg.batch_size}, fewer than --accum-steps {cfg.accum_steps}; lower --batch-size or --accum-steps"
-        )
     total, warmup = cfg.epochs * steps, round(cfg.warmup_epochs * steps)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        # augmentation, mixup / cutmix and drop path of this epoch: keyed, so a resumed run draws the same
-        torch.manual_seed(int(keyed_rng("finetune", cfg.seed, epoch, rank).integers(2**62)))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        batches = iter(
-            tqdm(
-                train_loader,
-                total=steps * cfg.accum_steps,
-                desc=f"finetune {epoch}",
-                disable=not progress or rank > 0,
-                leave=False,
+    with StopSignal() as stop:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            skip = (
+                in_epoch["steps"] if epoch == start else 0
+            )  # steps of this epoch a SIGTERM checkpoint holds
+            train_ds.set_epoch(epoch)
+            sampler.set_epoch(epoch, skip * cfg.accum_steps)  # the batches already trained on are not read
+            loader = DataLoader(
+                train_ds,
+                batch_size=cfg.batch_size,
+                sampler=sampler,
+                drop_last=True,
+                num_workers=cfg.workers,
+                pin_memory=device.type == "cuda",
+                worker_init_fn=ignore_sigterm,
             )
-        )
-        for step in range(epoch * steps, (epoch + 1) * steps):
-            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            for micro in range(cfg.accum_steps):
-                x, y = next(batches)
-                x, y = to_input(x, device), y.to(device, non_blocking=True)
-                if cfg.reprob > 0:
-                    x = random_erase(x, cfg.reprob)  # per sample, before mixup (as timm's loader does)
-                last = world == 1 or micro == cfg.accum_steps - 1
-                if cfg.compile == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
-                with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
-                    with autocast:
-                        if mixer is not None:
-                            x, soft = mixer(x, y)  # soft (B, classes)
-                            soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-                            loss = torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
-                        else:
-                            loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
-                    (loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach()  # read back once per epoch: no host sync per step
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        del batches
-        if world > 1:  # every rank's mean: the logged loss, and the same NaN verdict on every rank
-            torch.distributed.all_reduce(loss_sum)
-        top1, top5, n_val = accuracy(net, val_loader, device, autocast, world)  # eager: no recompiles
-        rec = {
-            "epoch": epoch,
-            "loss": float(loss_sum) / (steps * cfg.accum_steps * world),
-            "val_top1": top1,
-            "val_top5": top5,
-            "n_val": n_val,
-        }
-        if not math.isfinite(rec["loss"]):
-            raise FloatingPointError(f"epoch {epoch}: loss is {rec['loss']}; lower --lr")
-        history.append(rec)
-        if rank == 0:  # the metrics first, then the checkpoint that makes the epoch count as done
-            atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-            _save(out / "last.pt", encoder, net, opt, cfg, train.classes, epoch, history)
+            # on the device, read back once per epoch; a resumed epoch goes on from the sum its checkpoint holds
+            loss_sum = torch.tensor(
+                in_epoch["loss_sum"] if skip and rank == 0 else 0.0, dtype=torch.float64, device=device
+            )
+            batches = iter(
+                tqdm(
+                    loader,
+                    total=(steps - skip) * cfg.accum_steps,
+                    desc=f"finetune {epoch}",
+                    disable=not progress or rank > 0,
+                    leave=False,
+                )
+            )
+            step, end = epoch * steps + skip, (epoch + 1) * steps
+            while step < end:
+                lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                for micro in range(cfg.accum_steps):
+                    x, y = next(batches)
+                    x, y = to_input(x, device), y.to(device, non_blocking=True)
+                    # erasing, mixup / cutmix and drop path: keyed, so a resumed run draws the same
+                    torch.manual_seed(int(keyed_rng("finetune", cfg.seed, step, micro, rank).integers(2**62)))
+                    if cfg.reprob > 0:
+                        x = random_erase(x, cfg.reprob)  # per sample, before mixup (as timm's loader does)
+                    last = world == 1 or micro == cfg.accum_steps - 1
+                    if cfg.compile == "reduce-overhead":
+                        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
+                    with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
+                        with autocast:
+                            if mixer is not None:
+                                x, soft = mixer(x, y)  # soft (B, classes)
+                                soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+                                loss = torch.sum(
+                                    -soft * F.log_softmax(model(x).float(), dim=-1), dim=-1
+                                ).mean()
+                            else:
+                                loss = F.cross_entropy(
+                                    model(x).float(), y, label_smoothing=cfg.label_smoothing
+                                )
+                        (loss / cfg.accum_steps).backward()
+                    loss_sum += loss.detach()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if step < end and _agreed_stop(stop, step, world, device):
+                    break
+            del batches, loader
+            sums = torch.stack(
+                [loss_sum, torch.tensor(float(stop.signum is not None), device=device).double()]
+            )
+            if world > 1:  # every rank's sum and signal: the same NaN and stop verdicts on every rank
+                torch.distributed.all_reduce(sums)
+            loss_total, stopping = sums.tolist()
+            if step < end:  # stopped by a signal mid-epoch: checkpoint the steps it took (and their loss)
+                if rank == 0:
+                    taken = {"steps": step - epoch * steps, "loss_sum": loss_total}
+                    _save(
+                        out / "last.pt",
+                        encoder,
+                        net,
+                        opt,
+                        cfg,
+                        train.classes,
+                        epoch - 1,
+                        history,
+                        in_epoch=taken,
+                    )
+                _stopped(stop, f"in epoch {epoch} at step {step - epoch * steps} of {steps}", out, world)
+            top1, top5, n_val = accuracy(net, val_loader, device, autocast, world)  # eager: no recompiles
+            rec = {
+                "epoch": epoch,
+                "loss": loss_total / (steps * cfg.accum_steps * world),
+                "val_top1": top1,
+                "val_top5": top5,
+                "n_val": n_val,
+            }
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(f"epoch {epoch}: loss is {rec['loss']}; lower --lr")
+            history.append(rec)
+            if rank == 0:  # the metrics first, then the checkpoint that makes the epoch count as done
+                atomic_write_bytes(
+                    out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
+                )
+                _save(out / "last.pt", encoder, net, opt, cfg, train.classes, epoch, history)
+            if stopping and epoch < cfg.epochs - 1:
+                _stopped(stop, f"after epoch {epoch}", out, world)
     result = {
         "top1": history[-1]["val_top1"],
         "top5": history[-1].get("val_top5"),  # None: a run finished before top-5 was recorded
@@ -419,7 +480,28 @@ def finetune(
     return result
 
 
-def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None) -> None:
+def _agreed_stop(stop: StopSignal, steps_done: int, world: int, device) -> bool:
+    """Whether to stop after `steps_done` optimizer steps: this process's SIGTERM flag; under torchrun only
+    every STOP_EVERY steps, all-reduced so that every rank stops after the same step."""
+    if world == 1:
+        return stop.signum is not None
+    if steps_done % STOP_EVERY:
+        return False
+    flag = torch.tensor(float(stop.signum is not None), device=device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag > 0)
+
+
+def _stopped(stop: StopSignal, where: str, out: Path, world: int) -> None:
+    """After a checkpoint made on a SIGTERM: every rank waits for it, then raises Stopped."""
+    if world > 1:
+        torch.distributed.barrier()
+    raise Stopped(
+        stop.signum or signal.SIGTERM, f"{where}: {out / 'last.pt'} holds it; run again with --resume auto"
+    )
+
+
+def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None, in_epoch=None) -> None:
     buf = io.BytesIO()
     ckpt = {
         "kind": FINETUNE_KIND,
@@ -435,5 +517,7 @@ def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None) ->
     }
     if result is not None:
         ckpt["result"] = result
+    if in_epoch is not None:  # stopped in epoch + 1: its steps taken and their loss sum (all ranks)
+        ckpt["in_epoch"] = in_epoch
     torch.save(ckpt, buf)
     atomic_write_bytes(path, buf.getvalue())

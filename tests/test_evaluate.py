@@ -14,6 +14,7 @@ from pretrain.checkpoint import load_checkpoint
 from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_encoder
 from pretrain.export import export
 from pretrain.train import TrainConfig, pretrain
+from tests.preempt import ROOT, preempt_script, run_preempted
 from tests.tars import make_tar
 from tokenkit.errors import ConfigError, StoreError
 from tokenkit.tokenize import TokenizeConfig, tokenize
@@ -283,6 +284,58 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     assert main(_ft_args(data, tmp_path / "run", *AUGMENTED, "--resume", "auto", "--lr", "2e-3")) == 2
 
 
+def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_to_the_uninterrupted_run(tmp_path):
+    """A SIGTERM to the whole job (loader workers too) during epoch 1's first step (2 steps per epoch):
+    `mapet finetune` finishes that step, checkpoints it mid-epoch and exits 143 naming the checkpoint; the
+    resumed run, with another loader worker count, ends with the weights, history and metrics of an
+    uninterrupted run, every augmentation on (each draw keyed by image or by step, not by worker)."""
+    data = separable_folder(tmp_path / "data", n_per_class=8)
+    assert main(_ft_args(data, tmp_path / "ref", *AUGMENTED)) == 0  # --workers 0
+    run = tmp_path / "run"
+    args = [*_ft_args(data, run, *AUGMENTED), "--workers", "2"]  # the last --workers counts
+    # random erasing runs once per micro-step: its 3rd call is epoch 1's first step
+    rc, err = run_preempted("cli.mapet", "pretrain.finetune:random_erase", 3, args)
+    assert rc == 143, err[-2000:]
+    assert f"stopped by SIGTERM in epoch 1 at step 1 of 2: {run / 'last.pt'} holds it" in err
+    assert "Traceback" not in err
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["in_epoch"]["steps"] == 1 and len(ckpt["history"]) == 1
+    assert main(_ft_args(data, run, *AUGMENTED, "--resume", "auto")) == 0
+    ref, got = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "ref", run))
+    assert got["history"] == ref["history"] and len(got["history"]) == 3
+    for k in ref["model"]:
+        torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=0, atol=0)
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+
+
+def test_a_finetune_sigterm_on_one_rank_stops_both_ranks_at_the_same_step(tmp_path):
+    """Under torchrun the ranks agree on a SIGTERM every 10 optimizer steps: only rank 1 is signalled (in
+    step 1); both train on to step 10 (of 12 in the epoch), rank 0 checkpoints it, both exit 143."""
+    import os
+    import subprocess
+    import sys
+
+    data = separable_folder(tmp_path / "data", n_per_class=12)  # 24 images: 12 steps of 1 per rank
+    script = tmp_path / "job.py"
+    script.write_text(
+        preempt_script("cli.mapet", "pretrain.finetune:random_erase", 2, ranks=("1",), whole_group=False)
+    )
+    out = tmp_path / "ddp"
+    args = _ft_args(data, out, "--epochs", "1", "--batch-size", "1", "--reprob", "0.25")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+           str(script), *args]  # fmt: skip
+    r = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600
+    )
+    err = r.stderr.decode()
+    assert (
+        r.returncode != 0 and f"stopped by SIGTERM in epoch 0 at step 10 of 12: {out / 'last.pt'}" in err
+    ), err[-3000:]
+    assert "exitcode  : 143" in err and "Traceback" not in err.split("exitcode")[0]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == -1 and ckpt["in_epoch"]["steps"] == 10 and ckpt["history"] == []
+
+
 def test_finetune_min_lr_is_the_schedules_floor(tmp_path):
     """--min-lr reaches the cosine schedule: the last step's lr (head group, no layer decay) lies between it
     and half the way up to --lr; a floor above --lr is refused naming the flag."""
@@ -495,7 +548,7 @@ def test_a_bad_training_image_in_a_loader_worker_is_one_line_naming_the_file(tmp
     data = separable_folder(tmp_path / "data", n_per_class=3)
     bad = data / "train" / "cool" / "cool_1.png"
     bad.write_bytes(b"not a png")
-    assert main(_ft_args(data, tmp_path / "ft", "--epochs", "1", "--workers", "2")) == 2
+    assert main(_ft_args(data, tmp_path / "ft", "--epochs", "1", "--workers", "2", "--batch-size", "2")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mapet: error: {bad}: not a usable image") and len(err.splitlines()) == 1
 
