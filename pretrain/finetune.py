@@ -379,19 +379,18 @@ def finetune(
                 worker_init_fn=ignore_sigterm,
             )
             # on the device, read back once per epoch; a resumed epoch goes on from the sum its checkpoint holds
-            loss_sum = torch.tensor(
-                in_epoch["loss_sum"] if skip and rank == 0 else 0.0, dtype=torch.float64, device=device
+            loss_start = in_epoch["loss_sum"] if skip and rank == 0 else 0.0
+            loss_sum = torch.tensor(loss_start, dtype=torch.float64, device=device)
+            bar = tqdm(
+                loader,
+                total=(steps - skip) * cfg.accum_steps,
+                desc=f"finetune {epoch}",
+                unit="batch",
+                disable=not progress or rank > 0,
+                leave=False,
             )
-            batches = iter(
-                tqdm(
-                    loader,
-                    total=(steps - skip) * cfg.accum_steps,
-                    desc=f"finetune {epoch}",
-                    disable=not progress or rank > 0,
-                    leave=False,
-                )
-            )
-            step, end = epoch * steps + skip, (epoch + 1) * steps
+            batches = iter(bar)
+            first, step, end = epoch * steps + skip, epoch * steps + skip, (epoch + 1) * steps
             while step < end:
                 lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
                 for group in opt.param_groups:
@@ -423,9 +422,12 @@ def finetune(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+                if not bar.disable and step % STOP_EVERY == 0:  # one host sync per 10 steps, for the bar only
+                    mean = (float(loss_sum) - loss_start) / ((step - first) * cfg.accum_steps)
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
                 if step < end and _agreed_stop(stop, step, world, device):
                     break
-            del batches, loader
+            del batches, bar, loader
             sums = torch.stack(
                 [loss_sum, torch.tensor(float(stop.signum is not None), device=device).double()]
             )
