@@ -364,9 +364,8 @@ def finetune(
     with StopSignal() as stop:
         for epoch in range(start, cfg.epochs):
             model.train()
-            skip = (
-                in_epoch["steps"] if epoch == start else 0
-            )  # steps of this epoch a SIGTERM checkpoint holds
+            # the steps of this epoch that a checkpoint made on a SIGTERM holds
+            skip = in_epoch["steps"] if epoch == start else 0
             train_ds.set_epoch(epoch)
             sampler.set_epoch(epoch, skip * cfg.accum_steps)  # the batches already trained on are not read
             loader = DataLoader(
@@ -390,7 +389,8 @@ def finetune(
                 leave=False,
             )
             batches = iter(bar)
-            first, step, end = epoch * steps + skip, epoch * steps + skip, (epoch + 1) * steps
+            step = first = epoch * steps + skip
+            end = (epoch + 1) * steps
             while step < end:
                 lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
                 for group in opt.param_groups:
