@@ -38,7 +38,7 @@ from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
-from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm
+from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm, worker_batches
 from tokenkit.views import keyed_rng
 
 
@@ -380,54 +380,48 @@ def finetune(
             # on the device, read back once per epoch; a resumed epoch goes on from the sum its checkpoint holds
             loss_start = in_epoch["loss_sum"] if skip and rank == 0 else 0.0
             loss_sum = torch.tensor(loss_start, dtype=torch.float64, device=device)
-            bar = tqdm(
-                loader,
-                total=(steps - skip) * cfg.accum_steps,
-                desc=f"finetune {epoch}",
-                unit="batch",
-                disable=not progress or rank > 0,
-                leave=False,
-            )
-            batches = iter(bar)
-            step = first = epoch * steps + skip
-            end = (epoch + 1) * steps
-            while step < end:
-                lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                for micro in range(cfg.accum_steps):
-                    x, y = next(batches)
-                    x, y = to_input(x, device), y.to(device, non_blocking=True)
-                    # erasing, mixup / cutmix and drop path: keyed, so a resumed run draws the same
-                    torch.manual_seed(int(keyed_rng("finetune", cfg.seed, step, micro, rank).integers(2**62)))
-                    if cfg.reprob > 0:
-                        x = random_erase(x, cfg.reprob)  # per sample, before mixup (as timm's loader does)
-                    last = world == 1 or micro == cfg.accum_steps - 1
-                    if cfg.compile == "reduce-overhead":
-                        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
-                    with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
-                        with autocast:
-                            if mixer is not None:
-                                x, soft = mixer(x, y)  # soft (B, classes)
-                                soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-                                loss = torch.sum(
-                                    -soft * F.log_softmax(model(x).float(), dim=-1), dim=-1
-                                ).mean()
-                            else:
-                                loss = F.cross_entropy(
-                                    model(x).float(), y, label_smoothing=cfg.label_smoothing
-                                )
-                        (loss / cfg.accum_steps).backward()
-                    loss_sum += loss.detach()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                if not bar.disable and step % STOP_EVERY == 0:  # one host sync per 10 steps, for the bar only
-                    mean = (float(loss_sum) - loss_start) / ((step - first) * cfg.accum_steps)
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if step < end and _agreed_stop(stop, step, world, device):
-                    break
-            del batches, bar, loader
+            with worker_batches(loader) as it:  # its workers end with the block, also on an error
+                bar = tqdm(
+                    it,
+                    total=(steps - skip) * cfg.accum_steps,
+                    desc=f"finetune {epoch}",
+                    unit="batch",
+                    disable=not progress or rank > 0,
+                    leave=False,
+                )
+                batches = iter(bar)
+                step = first = epoch * steps + skip
+                end = (epoch + 1) * steps
+                while step < end:
+                    lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+                    for group in opt.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
+                    for micro in range(cfg.accum_steps):
+                        x, y = next(batches)
+                        x, y = to_input(x, device), y.to(device, non_blocking=True)
+                        # erasing, mixup / cutmix and drop path: keyed, so a resumed run draws the same
+                        torch.manual_seed(
+                            int(keyed_rng("finetune", cfg.seed, step, micro, rank).integers(2**62))
+                        )
+                        if cfg.reprob > 0:  # per sample, before mixup (as timm's loader does)
+                            x = random_erase(x, cfg.reprob)
+                        last = world == 1 or micro == cfg.accum_steps - 1
+                        if cfg.compile == "reduce-overhead":
+                            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
+                        with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
+                            with autocast:
+                                loss = _loss(model, x, y, mixer, cfg.label_smoothing, num_classes)
+                            (loss / cfg.accum_steps).backward()
+                        loss_sum += loss.detach()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    if not bar.disable and step % STOP_EVERY == 0:  # a host sync per 10 steps, for the bar
+                        mean = (float(loss_sum) - loss_start) / ((step - first) * cfg.accum_steps)
+                        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    if step < end and _agreed_stop(stop, step, world, device):
+                        break
+                bar.close()
             sums = torch.stack(
                 [loss_sum, torch.tensor(float(stop.signum is not None), device=device).double()]
             )
@@ -480,6 +474,16 @@ def finetune(
         _save(out / "last.pt", encoder, net, opt, cfg, train.classes, cfg.epochs - 1, history, result)
         atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def _loss(model, x, y, mixer, label_smoothing: float, num_classes: int) -> torch.Tensor:
+    """One micro-batch's loss: cross-entropy with soft targets after mixup / cutmix (label smoothing folded
+    into them, as timm's Mixup does), label-smoothed cross-entropy otherwise."""
+    if mixer is None:
+        return F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+    x, soft = mixer(x, y)  # soft (B, classes)
+    soft = soft * (1 - label_smoothing) + label_smoothing / num_classes
+    return torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
 
 
 def _agreed_stop(stop: StopSignal, steps_done: int, world: int, device) -> bool:

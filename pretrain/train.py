@@ -33,7 +33,7 @@ from pretrain.mapet import MaPeT, random_orders
 from pretrain.vit import PRESETS, ViTConfig
 from tokenkit.errors import ConfigError, StoreError, require
 from tokenkit.journal import atomic_write_bytes
-from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm
+from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm, worker_batches
 from tokenkit.store import TokenStore, verify
 from tokenkit.views import keyed_rng
 
@@ -381,102 +381,107 @@ def pretrain(
                 worker_init_fn=ignore_sigterm,
                 **loader_kw,
             )
-            it = iter(loader)
-            while step < last and step // steps_per_epoch == epoch:
-                lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
-                acc_sum = torch.zeros((), device=device)
-                for micro in range(cfg.accum_steps):
-                    t_wait = time.perf_counter()
-                    pixels, targets, draws = next(it)  # (B, S, S, 3) uint8, (B, G*G), (B, 3, 2)
-                    waited += time.perf_counter() - t_wait
-                    images = to_input(pixels, device, draws)  # colour jitter on the device
-                    targets = targets.to(device, non_blocking=True)
-                    aux = step_aux(cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank).to(
-                        device
-                    )
-                    torch.manual_seed(int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62)))
-                    sync = nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
-                    if cfg.compile == "reduce-overhead":
-                        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
-                    with sync:
-                        with autocast:
-                            loss, acc = model(images, targets, aux)
-                        scaler.scale(loss / cfg.accum_steps).backward()
-                    loss_sum += loss.detach().float()
-                    acc_sum += acc.detach().float()
-                scaler.unscale_(opt)
-                grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                seen += per_step
-                bar.update(1)
-                end_of_epoch = step % steps_per_epoch == 0
-                save = end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-                log = step % cfg.log_every == 0 or step == last or step == 1
-                if not (log or save):
-                    continue  # no host-device sync on this step: the GPU runs ahead
-                signalled = torch.tensor(float(stop.signum is not None), device=device)
-                sums = torch.stack([loss_sum, acc_sum, signalled])
-                if world > 1:  # every rank's mean and signal: the same NaN and stop verdicts on every rank
-                    torch.distributed.all_reduce(sums)
-                loss_v, acc_v, stopping = sums.tolist()
-                loss_v, acc_v = loss_v / (cfg.accum_steps * world), acc_v / (cfg.accum_steps * world)
-                save = save or stopping > 0  # a signal: checkpoint this step, then stop
-                if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
-                    raise FloatingPointError(
-                        f"step {step}: loss is {loss_v}; lower --lr or check the store (checked every "
-                        f"--log-every steps and before each checkpoint)"
-                    )
-                if log and rank == 0:
-                    now = time.perf_counter()
-                    ips = seen / (now - t0)
-                    data_wait = waited / (now - t_log)  # > ~0.1: the loader is the bottleneck (--workers)
-                    waited, t_log = 0.0, now
-                    rec = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_v,
-                        "token_acc": acc_v,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "img_per_s": ips,
-                        "data_wait": data_wait,
-                    }
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(
-                        loss=f"{loss_v:.4f}",
-                        acc=f"{acc_v:.3f}",
-                        ips=f"{ips:.1f}",
-                        wait=f"{100 * data_wait:.0f}%",
-                    )
-                if save and rank == 0:
-                    save_checkpoint(
-                        run,
-                        {
-                            **meta,
+            with worker_batches(loader) as it:  # its workers end with the block, also on an error
+                while step < last and step // steps_per_epoch == epoch:
+                    lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
+                    acc_sum = torch.zeros((), device=device)
+                    for micro in range(cfg.accum_steps):
+                        t_wait = time.perf_counter()
+                        pixels, targets, draws = next(it)  # (B, S, S, 3) uint8, (B, G*G), (B, 3, 2)
+                        waited += time.perf_counter() - t_wait
+                        images = to_input(pixels, device, draws)  # colour jitter on the device
+                        targets = targets.to(device, non_blocking=True)
+                        aux = step_aux(
+                            cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank
+                        ).to(device)
+                        torch.manual_seed(
+                            int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62))
+                        )
+                        sync = (
+                            nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
+                        )
+                        if cfg.compile == "reduce-overhead":
+                            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
+                        with sync:
+                            with autocast:
+                                loss, acc = model(images, targets, aux)
+                            scaler.scale(loss / cfg.accum_steps).backward()
+                        loss_sum += loss.detach().float()
+                        acc_sum += acc.detach().float()
+                    scaler.unscale_(opt)
+                    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    seen += per_step
+                    bar.update(1)
+                    end_of_epoch = step % steps_per_epoch == 0
+                    save = end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                    log = step % cfg.log_every == 0 or step == last or step == 1
+                    if not (log or save):
+                        continue  # no host-device sync on this step: the GPU runs ahead
+                    signalled = torch.tensor(float(stop.signum is not None), device=device)
+                    sums = torch.stack([loss_sum, acc_sum, signalled])
+                    if (
+                        world > 1
+                    ):  # every rank's mean and signal: the same NaN and stop verdicts on every rank
+                        torch.distributed.all_reduce(sums)
+                    loss_v, acc_v, stopping = sums.tolist()
+                    loss_v, acc_v = loss_v / (cfg.accum_steps * world), acc_v / (cfg.accum_steps * world)
+                    save = save or stopping > 0  # a signal: checkpoint this step, then stop
+                    if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
+                        raise FloatingPointError(
+                            f"step {step}: loss is {loss_v}; lower --lr or check the store (checked every "
+                            f"--log-every steps and before each checkpoint)"
+                        )
+                    if log and rank == 0:
+                        now = time.perf_counter()
+                        ips = seen / (now - t0)
+                        data_wait = waited / (now - t_log)  # > ~0.1: the loader is the bottleneck (--workers)
+                        waited, t_log = 0.0, now
+                        rec = {
                             "step": step,
-                            "epoch": step // steps_per_epoch,
-                            "model": net.state_dict(),
-                            "optimizer": opt.state_dict(),
-                            "scaler": scaler.state_dict(),
-                        },
-                        cfg.keep,
-                    )
-                if end_of_epoch or step == last or stopping:
-                    barrier()
-                if stopping and step < last:
-                    bar.close()
-                    raise Stopped(
-                        stop.signum or signal.SIGTERM,
-                        f"at step {step}: {run / 'last.pt'} holds it; run again with --resume auto",
-                    )
-            del it, loader
+                            "epoch": epoch,
+                            "loss": loss_v,
+                            "token_acc": acc_v,
+                            "lr": lr,
+                            "grad_norm": float(grad_norm),
+                            "img_per_s": ips,
+                            "data_wait": data_wait,
+                        }
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        bar.set_postfix(
+                            loss=f"{loss_v:.4f}",
+                            acc=f"{acc_v:.3f}",
+                            ips=f"{ips:.1f}",
+                            wait=f"{100 * data_wait:.0f}%",
+                        )
+                    if save and rank == 0:
+                        save_checkpoint(
+                            run,
+                            {
+                                **meta,
+                                "step": step,
+                                "epoch": step // steps_per_epoch,
+                                "model": net.state_dict(),
+                                "optimizer": opt.state_dict(),
+                                "scaler": scaler.state_dict(),
+                            },
+                            cfg.keep,
+                        )
+                    if end_of_epoch or step == last or stopping:
+                        barrier()
+                    if stopping and step < last:
+                        bar.close()
+                        raise Stopped(
+                            stop.signum or signal.SIGTERM,
+                            f"at step {step}: {run / 'last.pt'} holds it; run again with --resume auto",
+                        )
     bar.close()
     return run / "last.pt"
 

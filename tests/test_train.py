@@ -360,6 +360,27 @@ def test_source_images_changed_since_tokenize_are_refused(tmp_path, photos, code
     assert tokenkit_main(["verify", str(tokens)]) == 0  # the store's own files are intact
 
 
+def test_an_error_in_a_loader_worker_ends_the_process(tmp_path, photos, codebook_path):
+    """A source image changed since tokenizing, met by a loader worker mid-epoch: `mapet pretrain` prints the
+    one-line error and the process ends with exit 2. Its workers ignore SIGTERM (preemption), so a worker
+    left to interpreter exit (kept alive by the error's traceback) would keep it waiting forever."""
+    import shutil
+
+    from PIL import Image
+
+    src = shutil.copytree(photos, tmp_path / "photos")
+    tokens = tokenize(src, codebook_path, tmp_path / "tokens", TokenizeConfig(workers=0), progress=False)
+    store = TokenStore.open(tokens)
+    last = store.read([len(store) - 1])["locators"][0]  # not the first image: a worker meets it
+    Image.open(src / last).save(src / last, "JPEG", quality=50)
+    args = ["pretrain", "--tokens", str(tokens), "--out", str(tmp_path / "run"), "--model", "mapet_micro",
+            "--image-size", "64", "--batch-size", "2", "--epochs", "1", "--workers", "2", "--quiet"]  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "cli.mapet", *args], capture_output=True, timeout=120)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and f"'{last}' changed since it was tokenized" in err, err[-2000:]
+    assert err.startswith("mapet: error: ") and len(err.splitlines()) == 1
+
+
 def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
     from tokenkit.store import TokenStore
     from tokenkit.views import render_view

@@ -4,13 +4,16 @@ A job records the signal instead of dying on it (`StopSignal`), finishes the uni
 shard; a training step up to the next logged one), makes it durable (commit, checkpoint) and raises `Stopped`;
 the CLIs print its one line and exit 128 + the signal number, as a process ended by the signal would. Its
 DataLoader workers ignore the signal (`ignore_sigterm`), so a signal sent to every process of the job (what
-SLURM does) does not break the unit of work in flight.
+SLURM does) does not break the unit of work in flight; such workers are iterated inside `worker_batches`,
+which ends them however the block ends.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Stopped(Exception):
@@ -46,3 +49,18 @@ def ignore_sigterm(worker_id: int) -> None:
     """DataLoader worker_init_fn: leave a SIGTERM sent to the whole job to the main process, which makes its
     work durable first; the workers end with it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextmanager
+def worker_batches(loader) -> Iterator[Iterator]:
+    """iter(loader), its worker processes shut down when the block ends, also when it raises. Workers that
+    ignore SIGTERM (`ignore_sigterm`) outlive the terminate() multiprocessing sends them at interpreter exit:
+    an iterator kept alive past the job (by the traceback of an error raised in a worker) would leave the
+    process waiting for its workers forever after printing the error."""
+    it = iter(loader)
+    try:
+        yield it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator; idempotent
+        if shutdown is not None:
+            shutdown()
