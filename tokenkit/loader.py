@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tokenkit.errors import ConfigError, ImageError
 from tokenkit.images import SampleIndex, decode_image
-from tokenkit.stopsignal import ignore_sigterm
+from tokenkit.stopsignal import ignore_sigterm, worker_batches
 from tokenkit.views import ViewConfig, draw_views, render_view, to_uint8
 
 
@@ -88,8 +88,9 @@ def iter_shard_batches(
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=ignore_sigterm,
     )
-    for (sid, _, last), (items, pixels) in zip(plan, loader, strict=True):
-        yield sid, items, pixels, last
+    with worker_batches(loader) as batches:  # its workers end with the job, also on an error
+        for (sid, _, last), (items, pixels) in zip(plan, batches, strict=True):
+            yield sid, items, pixels, last
 
 
 def pick_device(device: str) -> torch.device:
