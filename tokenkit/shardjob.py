@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Protocol
 
@@ -76,8 +77,12 @@ def run_shards(
         journal.commit(sid, {**write(), **meta})
 
     # a SIGTERM stops the job after the shard in flight is committed; leaving the pool waits for its commit
-    with StopSignal() as stop, ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
-        batches = iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers, pin)
+    # closing: the loader's workers end with the job however it ends (an error raised here, a signal)
+    with (
+        StopSignal() as stop,
+        ThreadPoolExecutor(1, thread_name_prefix="commit") as pool,
+        closing(iter_shard_batches(dataset, todo, cfg.batch_size, cfg.workers, pin)) as batches,
+    ):
         for sid, items, pixels, last in batches:
             if sid != current:
                 current, skipped = sid, []
@@ -99,7 +104,6 @@ def run_shards(
                 if stop.signum is not None:
                     inflight.result()
                     bar.close()
-                    batches.close()  # the loader's workers end now
                     raise Stopped(stop.signum, f"after work shard {sid}: {out} resumes with --resume")
         if inflight is not None:
             inflight.result()
