@@ -426,9 +426,8 @@ def pretrain(
                         continue  # no host-device sync on this step: the GPU runs ahead
                     signalled = torch.tensor(float(stop.signum is not None), device=device)
                     sums = torch.stack([loss_sum, acc_sum, signalled])
-                    if (
-                        world > 1
-                    ):  # every rank's mean and signal: the same NaN and stop verdicts on every rank
+                    # every rank's mean and signal: the same NaN and stop verdicts on every rank
+                    if world > 1:
                         torch.distributed.all_reduce(sums)
                     loss_v, acc_v, stopping = sums.tolist()
                     loss_v, acc_v = loss_v / (cfg.accum_steps * world), acc_v / (cfg.accum_steps * world)
