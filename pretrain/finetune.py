@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
-from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm, worker_batches
+from tokenkit.stopsignal import StopSignal, ignore_sigterm, worker_batches
 from tokenkit.views import keyed_rng
 
 
@@ -502,9 +501,7 @@ def _stopped(stop: StopSignal, where: str, out: Path, world: int) -> None:
     """After a checkpoint made on a SIGTERM: every rank waits for it, then raises Stopped."""
     if world > 1:
         torch.distributed.barrier()
-    raise Stopped(
-        stop.signum or signal.SIGTERM, f"{where}: {out / 'last.pt'} holds it; run again with --resume auto"
-    )
+    raise stop.checkpointed(where, out / "last.pt")
 
 
 def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None, in_epoch=None) -> None:

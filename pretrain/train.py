@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,7 +32,7 @@ from pretrain.mapet import MaPeT, random_orders
 from pretrain.vit import PRESETS, ViTConfig
 from tokenkit.errors import ConfigError, StoreError, require
 from tokenkit.journal import atomic_write_bytes
-from tokenkit.stopsignal import Stopped, StopSignal, ignore_sigterm, worker_batches
+from tokenkit.stopsignal import StopSignal, ignore_sigterm, worker_batches
 from tokenkit.store import TokenStore, verify
 from tokenkit.views import keyed_rng
 
@@ -477,10 +476,7 @@ def pretrain(
                         barrier()
                     if stopping and step < last:
                         bar.close()
-                        raise Stopped(
-                            stop.signum or signal.SIGTERM,
-                            f"at step {step}: {run / 'last.pt'} holds it; run again with --resume auto",
-                        )
+                        raise stop.checkpointed(f"at step {step}", run / "last.pt")
     bar.close()
     return run / "last.pt"
 

@@ -44,6 +44,12 @@ class StopSignal:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
+    def checkpointed(self, where: str, checkpoint) -> Stopped:
+        """The Stopped to raise once `checkpoint` holds the training up to `where` (e.g. "at step 40")."""
+        return Stopped(
+            self.signum or signal.SIGTERM, f"{where}: {checkpoint} holds it; run again with --resume auto"
+        )
+
 
 def ignore_sigterm(worker_id: int) -> None:
     """DataLoader worker_init_fn: leave a SIGTERM sent to the whole job to the main process, which makes its
