@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, EpochSampler, to_input
 from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
-from pretrain.train import adamw, compile_checks, loop_checks, lr_at
+from pretrain.train import adamw, check_split, compile_checks, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
@@ -271,7 +271,8 @@ def validate(
     }
 
 
-RESUME_FREE = ("workers", "device", "grad_checkpointing", "compile")  # settings that may change on resume
+# settings that may change on resume; batch_size and accum_steps with the ranks keep their product (check_split)
+RESUME_FREE = ("workers", "device", "grad_checkpointing", "compile", "batch_size", "accum_steps")
 STOP_EVERY = 10  # optimizer steps between the ranks' checks for a SIGTERM under torchrun (one all-reduce)
 
 
@@ -311,7 +312,7 @@ def finetune(
     encoder.grad_checkpointing = cfg.grad_checkpointing
     net = Classifier(encoder, num_classes).to(device)
     opt = adamw(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
-    history, start, in_epoch = [], 0, {"steps": 0, "loss_sum": 0.0}
+    history, start, in_epoch = [], 0, {"steps": 0, "step_loss_sum": 0.0}
     if resume and (out / "last.pt").exists():
         ckpt = load_checkpoint(out / "last.pt", kind=FINETUNE_KIND)
         was = {k: v for k, v in ckpt["config"].items() if k not in RESUME_FREE}
@@ -323,6 +324,7 @@ def finetune(
             raise ConfigError(
                 f"{out}/last.pt: fine-tuned with other settings ({diff or 'classes'}); resume with the same flags"
             )
+        check_split(f"{out}/last.pt", ckpt["config"], ckpt.get("world", world), cfg, world)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         history, start = ckpt["history"], ckpt["epoch"] + 1
@@ -376,8 +378,13 @@ def finetune(
                 pin_memory=device.type == "cuda",
                 worker_init_fn=ignore_sigterm,
             )
-            # on the device, read back once per epoch; a resumed epoch goes on from the sum its checkpoint holds
-            loss_start = in_epoch["loss_sum"] if skip and rank == 0 else 0.0
+            # the sum of the epoch's step losses (each the mean of its micro-batches on all ranks: the same for
+            # any split of the global batch), on the device, read back once per epoch; a resumed epoch goes on
+            # from the sum its checkpoint holds (checkpoints before 2026-11-27 summed micro-batch losses)
+            share = cfg.accum_steps * world  # micro-batch losses in one step
+            loss_start = 0.0
+            if skip and rank == 0:
+                loss_start = in_epoch.get("step_loss_sum", in_epoch.get("loss_sum", 0.0) / share)
             loss_sum = torch.tensor(loss_start, dtype=torch.float64, device=device)
             with worker_batches(loader) as it:  # its workers end with the block, also on an error
                 bar = tqdm(
@@ -411,12 +418,12 @@ def finetune(
                             with autocast:
                                 loss = _loss(model, x, y, mixer, cfg.label_smoothing, num_classes)
                             (loss / cfg.accum_steps).backward()
-                        loss_sum += loss.detach()
+                        loss_sum += loss.detach() / share
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     step += 1
                     if not bar.disable and step % STOP_EVERY == 0:  # a host sync per 10 steps, for the bar
-                        mean = (float(loss_sum) - loss_start) / ((step - first) * cfg.accum_steps)
+                        mean = (float(loss_sum) - loss_start) * world / (step - first)  # this rank's
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
                     if step < end and _agreed_stop(stop, step, world, device):
                         break
@@ -429,13 +436,14 @@ def finetune(
             loss_total, stopping = sums.tolist()
             if step < end:  # stopped by a signal mid-epoch: checkpoint the steps it took (and their loss)
                 if rank == 0:
-                    taken = {"steps": step - epoch * steps, "loss_sum": loss_total}
+                    taken = {"steps": step - epoch * steps, "step_loss_sum": loss_total}
                     _save(
                         out / "last.pt",
                         encoder,
                         net,
                         opt,
                         cfg,
+                        world,
                         train.classes,
                         epoch - 1,
                         history,
@@ -445,7 +453,7 @@ def finetune(
             top1, top5, n_val = accuracy(net, val_loader, device, autocast, world)  # eager: no recompiles
             rec = {
                 "epoch": epoch,
-                "loss": loss_total / (steps * cfg.accum_steps * world),
+                "loss": loss_total / steps,
                 "val_top1": top1,
                 "val_top5": top5,
                 "n_val": n_val,
@@ -457,7 +465,7 @@ def finetune(
                 atomic_write_bytes(
                     out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
                 )
-                _save(out / "last.pt", encoder, net, opt, cfg, train.classes, epoch, history)
+                _save(out / "last.pt", encoder, net, opt, cfg, world, train.classes, epoch, history)
             if stopping and epoch < cfg.epochs - 1:
                 _stopped(stop, f"after epoch {epoch}", out, world)
     result = {
@@ -470,7 +478,7 @@ def finetune(
         "num_classes": num_classes,
     }
     if rank == 0:
-        _save(out / "last.pt", encoder, net, opt, cfg, train.classes, cfg.epochs - 1, history, result)
+        _save(out / "last.pt", encoder, net, opt, cfg, world, train.classes, cfg.epochs - 1, history, result)
         atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
 
@@ -504,7 +512,7 @@ def _stopped(stop: StopSignal, where: str, out: Path, world: int) -> None:
     raise stop.checkpointed(where, out / "last.pt")
 
 
-def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None, in_epoch=None) -> None:
+def _save(path, encoder, net, opt, cfg, world, classes, epoch, history, result=None, in_epoch=None) -> None:
     buf = io.BytesIO()
     ckpt = {
         "kind": FINETUNE_KIND,
@@ -513,6 +521,7 @@ def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None, in
         "num_classes": net.head.out_features,
         "classes": list(classes),  # the class names behind the head's outputs (empty: integer labels)
         "config": asdict(cfg),
+        "world": world,  # ranks: a resume may split the global batch another way (check_split)
         "epoch": epoch,
         "history": history,
         "model": net.state_dict(),
@@ -520,7 +529,7 @@ def _save(path, encoder, net, opt, cfg, classes, epoch, history, result=None, in
     }
     if result is not None:
         ckpt["result"] = result
-    if in_epoch is not None:  # stopped in epoch + 1: its steps taken and their loss sum (all ranks)
+    if in_epoch is not None:  # stopped in epoch + 1: its steps taken and the sum of their losses
         ckpt["in_epoch"] = in_epoch
     torch.save(ckpt, buf)
     atomic_write_bytes(path, buf.getvalue())

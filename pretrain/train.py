@@ -4,7 +4,8 @@ AdamW without decay on norms, biases, LayerScale, position embeddings, CLS and m
 cosine schedule with linear warmup; gradient clipping; gradient accumulation; bf16 autocast on CUDA;
 optional torch.compile; DDP under torchrun. Every random draw of step s (factorisation orders or BEiT
 masks, DropPath) is seeded by (seed, s), and the data order by (seed, epoch), so `--resume auto` replays the
-uninterrupted run exactly on CPU. Metrics go to RUN/metrics.jsonl, one JSON object per logged step.
+uninterrupted run exactly on CPU; resumed on another number of ranks, the same global batch (check_split)
+keeps the schedule and each step's images. Metrics go to RUN/metrics.jsonl, one JSON object per logged step.
 SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a job) makes the run checkpoint at its
 next logged step and raise `Stopped` (tokenkit.stopsignal), so a preempted run loses no finished step.
 """
@@ -146,6 +147,23 @@ def compile_checks(cfg, world: int = 1) -> None:
             "--compile reduce-overhead under torchrun: CUDA graphs with DDP's gradient hooks are not tested "
             "here; use --compile (default mode), whose launch savings matter less at training batch sizes"
         )
+
+
+def check_split(where: str, was: dict, was_world: int, cfg, world: int) -> None:
+    """A resume may split the run's global batch (--batch-size x --accum-steps x ranks) another way: more GPUs,
+    or fewer with more accumulation. It may not change it: the schedule counts optimizer steps, and an epoch's
+    permutation gives each step the same images under any split of the same global batch (EpochSampler).
+    `was`: the checkpoint's config; was_world: its ranks. A one-line ConfigError naming both and the fix."""
+    old, new = was["batch_size"] * was["accum_steps"] * was_world, cfg.batch_size * cfg.accum_steps * world
+    if old == new:
+        return
+    per = cfg.batch_size * world  # one micro-step of this launch
+    fix = f"--accum-steps {old // per}" if old % per == 0 else f"--batch-size x --accum-steps x ranks = {old}"
+    raise ConfigError(
+        f"{where}: the run's global batch is {old} (--batch-size {was['batch_size']} x --accum-steps "
+        f"{was['accum_steps']} x {was_world} ranks), this launch's {new} ({cfg.batch_size} x {cfg.accum_steps} "
+        f"x {world}); keep it: {fix}"
+    )
 
 
 def size_checks(image_size: int | None, patch_size: int | None) -> tuple:
@@ -292,6 +310,7 @@ def pretrain(
             raise ConfigError(
                 f"{run}/last.pt: the run was trained with other settings ({diff}); resume with the same flags"
             )
+        check_split(f"{run}/last.pt", ckpt["train"], ckpt.get("world", world), cfg, world)
         if ckpt["store"]["codebook_sha256"] != store.codebook_sha256:
             raise StoreError(
                 f"{cfg.tokens}: codebook sha256 {store.codebook_sha256} != the run's "
@@ -353,6 +372,7 @@ def pretrain(
         "objective": cfg.objective,
         "vit": asdict(vit),
         "train": asdict(cfg),
+        "world": world,  # ranks: a resume may split the global batch another way (check_split)
         "store_files": store_files,  # what was verified: a resume re-hashes only if these changed
         "store": {
             "codebook_sha256": store.codebook_sha256,
@@ -487,6 +507,8 @@ RESUME_FREE = {
     "out",
     "workers",
     "device",
+    "batch_size",  # with accum_steps and the ranks: only their product counts (check_split)
+    "accum_steps",
     "max_steps",
     "ckpt_every",
     "keep",

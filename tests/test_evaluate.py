@@ -365,6 +365,35 @@ def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
     assert main(two_batches) == 2 and not (tmp_path / "x").exists()  # 2 batches cannot fill a step of 3
 
 
+def test_finetune_resumes_mid_epoch_on_another_split_of_the_same_global_batch(tmp_path, capsys):
+    """Stopped by SIGTERM in epoch 1's first step at batch 8, resumed at batch 4 x 2 micro-steps (as on half the
+    GPUs): with no draws per micro-step (drop path, mixup, erasing off) the same computation, so the
+    uninterrupted run's weights and epoch losses (each the mean of its steps' losses, whatever their split);
+    batch 4 alone is refused, naming the fix."""
+    data = separable_folder(tmp_path / "data", n_per_class=8)  # 16 images: 2 steps of 8 per epoch
+    plain = ("--epochs", "2", "--drop-path", "0")
+    assert main(_ft_args(data, tmp_path / "ref", *plain)) == 0
+    run = tmp_path / "run"
+    rc, err = run_preempted("cli.mapet", "pretrain.finetune:_loss", 3, _ft_args(data, run, *plain))
+    assert rc == 143 and "stopped by SIGTERM in epoch 1 at step 1 of 2" in err, err[-2000:]
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["in_epoch"]["steps"] == 1 and ckpt["world"] == 1
+    capsys.readouterr()
+    assert main(_ft_args(data, run, *plain, "--batch-size", "4", "--resume", "auto")) == 2
+    assert (
+        "global batch is 8 (--batch-size 8 x --accum-steps 1 x 1 ranks), this launch's 4 (4 x 1 x 1); "
+        "keep it: --accum-steps 2" in capsys.readouterr().err
+    )
+    assert (
+        main(_ft_args(data, run, *plain, "--batch-size", "4", "--accum-steps", "2", "--resume", "auto")) == 0
+    )
+    ref, got = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "ref", run))
+    for k in ref["model"]:
+        torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=1e-4, atol=1e-6)
+    assert [r["loss"] for r in got["history"]] == pytest.approx([r["loss"] for r in ref["history"]], rel=1e-5)
+    assert [r["val_top1"] for r in got["history"]] == [r["val_top1"] for r in ref["history"]]
+
+
 def test_compiled_finetune_trains_as_eager_does(tmp_path, monkeypatch):
     """--compile: the training step runs compiled (here through AOTAutograd's traced forward and backward,
     without inductor's code generation, to keep the test fast) and reaches eager's weights and losses;
@@ -394,13 +423,15 @@ def test_compiled_finetune_trains_as_eager_does(tmp_path, monkeypatch):
     assert main(bad) == 2 and not (tmp_path / "x").exists()
 
 
-def test_two_rank_finetune_validates_every_sample_once(tmp_path):
-    """torchrun, gloo: both ranks train as one DDP model (two micro-batches per step: the first without an
-    all-reduce) and the reported top-1 is that model's on all of val."""
+def test_two_rank_finetune_resumes_a_one_process_run_and_validates_every_sample_once(tmp_path, monkeypatch):
+    """A one-process run at batch 8, killed after epoch 0, resumed under torchrun (gloo) at 2 ranks x batch 2
+    x 2 micro-steps (the same global batch): both ranks train epoch 1 as one DDP model (the first micro-batch
+    without an all-reduce) and the reported top-1 is that model's on all of val."""
     import os
     import subprocess
     import sys
 
+    import pretrain.finetune as ft
     from pretrain.data import to_input
     from pretrain.evaluate import CenterCropDataset
     from pretrain.finetune import classifier_of
@@ -408,12 +439,26 @@ def test_two_rank_finetune_validates_every_sample_once(tmp_path):
 
     data = separable_folder(tmp_path / "data", n_per_class=7)  # 14 val images: odd per rank split is 7 / 7
     out = tmp_path / "ddp"
-    args = _ft_args(data, out, "--epochs", "2", "--batch-size", "2", "--accum-steps", "2")
+    real, calls = ft.accuracy, []
+
+    def dies_in_epoch_1(*a, **k):  # killed after epoch 0's checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "accuracy", dies_in_epoch_1)
+    assert main(_ft_args(data, out, "--epochs", "2")) != 0
+    first = torch.load(out / "last.pt", weights_only=True)
+    assert first["epoch"] == 0 and first["world"] == 1
+    args = _ft_args(data, out, "--epochs", "2", "--batch-size", "2", "--accum-steps", "2", "--resume", "auto")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            "-m", "cli.mapet", *args]  # fmt: skip
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
-    model = classifier_of(torch.load(out / "last.pt", weights_only=True))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["world"] == 2 and ckpt["history"][0] == first["history"][0] and len(ckpt["history"]) == 2
+    model = classifier_of(ckpt)
     val = CenterCropDataset(list_folder(data / "val"), 64)
     x, y = zip(*(val[i] for i in range(len(val))), strict=True)
     with torch.no_grad():

@@ -442,6 +442,49 @@ def test_sampler_splits_ranks_disjointly_and_resumes_mid_epoch():
     assert list(a) != ia
 
 
+def test_every_split_of_the_global_batch_takes_the_same_images_per_step():
+    """(batch, accumulation, ranks) with one product: each optimizer step's images, over its micro-steps and
+    ranks, are the same set, also from a mid-epoch start, so a run resumed on other GPUs keeps its data order."""
+
+    def steps(batch, accum, world, start=0):
+        ranks = []
+        for r in range(world):
+            s = EpochSampler(50, batch, r, world, seed=2)
+            s.set_epoch(1, start * accum)
+            ranks.append(list(s))
+        per = batch * accum
+        return [
+            sorted(i for ids in ranks for i in ids[k * per : (k + 1) * per])
+            for k in range(len(ranks[0]) // per)
+        ]
+
+    want = steps(8, 1, 1)
+    assert len(want) == 6 and len({i for s in want for i in s}) == 48
+    for split in [(4, 2, 1), (2, 2, 2), (1, 2, 4), (4, 1, 2), (1, 8, 1)]:
+        assert steps(*split) == want, split
+    assert steps(2, 1, 4, start=2) == want[2:]
+
+
+def test_a_resume_may_split_the_global_batch_another_way_but_not_change_it(store, tmp_path):
+    """A batch-4 run resumed at --batch-size 2 --accum-steps 2 (as on half the GPUs) keeps its schedule: the
+    uninterrupted run's steps, epochs and learning rates; a resume that changes the global batch is refused,
+    naming both splits and the fix."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    pretrain(tiny(store, ref, epochs=2), progress=False)
+    pretrain(tiny(store, run, epochs=2, max_steps=2), progress=False)
+    with pytest.raises(ConfigError) as e:
+        pretrain(tiny(store, run, epochs=2, batch_size=2), resume=True, progress=False)
+    assert str(e.value) == (
+        f"{run}/last.pt: the run's global batch is 4 (--batch-size 4 x --accum-steps 1 x 1 ranks), this "
+        "launch's 2 (2 x 1 x 1); keep it: --accum-steps 2"
+    )
+    pretrain(tiny(store, run, epochs=2, batch_size=2, accum_steps=2), resume=True, progress=False)
+    got, want = metrics(run), metrics(ref)
+    assert [(m["step"], m["epoch"], m["lr"]) for m in got] == [(m["step"], m["epoch"], m["lr"]) for m in want]
+    assert [m["loss"] for m in got[:2]] == [m["loss"] for m in want[:2]]  # before the resume: the same run
+    assert all(math.isfinite(m["loss"]) for m in got) and load_checkpoint(run / "last.pt")["world"] == 1
+
+
 def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
