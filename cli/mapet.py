@@ -197,11 +197,28 @@ def _setup(kw, *checks):
     return enc, *labelled_pair(kw["train_dir"], kw["val_dir"]), device
 
 
-def _result_path(kw, name: str) -> Path:
-    if kw["out_json"]:
-        return kw["out_json"]
-    base = Path(".") if kw["checkpoint"] == "random" else Path(kw["checkpoint"]).parent
-    return base / f"{name}-{Path(kw['train_dir']).resolve().parent.name}.json"
+def _write_result(kw, name: str, enc, pool: str, ty, vy, scores: dict) -> dict:
+    """The evaluation's JSON (docs/formats.md): its scores and what they were measured on, written to --out
+    or beside the checkpoint as NAME-FOLDER.json."""
+    res = {
+        "eval": name,
+        **scores,
+        "pool": pool,
+        "image_size": enc.cfg.image_size,
+        "crop_pct": kw["crop_pct"],
+        "majority_baseline": majority_baseline(ty, vy),
+        "checkpoint": str(kw["checkpoint"]),
+        "train": str(kw["train_dir"]),
+        "val": str(kw["val_dir"]),
+        "n_train": len(ty),
+        "n_val": len(vy),
+    }
+    path = kw["out_json"]
+    if not path:
+        base = Path(".") if kw["checkpoint"] == "random" else Path(kw["checkpoint"]).parent
+        path = base / f"{name}-{Path(kw['train_dir']).resolve().parent.name}.json"
+    atomic_write_json(path, res)
+    return res
 
 
 def _features(enc, src, pool, kw, device):
@@ -222,22 +239,7 @@ def knn(k, temperature, pool, **kw):
     vf, vy = _features(enc, val, pool, kw, device)
     k = min(k, len(ty))  # every training sample votes when there are fewer than k
     acc = top1(knn_classify(tf, ty, vf, k, temperature, int(max(ty.max(), vy.max())) + 1, device=device), vy)
-    res = {
-        "eval": "knn",
-        "top1": acc,
-        "k": k,
-        "temperature": temperature,
-        "pool": pool,
-        "image_size": enc.cfg.image_size,
-        "crop_pct": kw["crop_pct"],
-        "majority_baseline": majority_baseline(ty, vy),
-        "checkpoint": str(kw["checkpoint"]),
-        "train": str(kw["train_dir"]),
-        "val": str(kw["val_dir"]),
-        "n_train": len(ty),
-        "n_val": len(vy),
-    }
-    atomic_write_json(_result_path(kw, "knn"), res)
+    res = _write_result(kw, "knn", enc, pool, ty, vy, {"top1": acc, "k": k, "temperature": temperature})
     click.echo(
         f"knn top-1: {100 * acc:.2f}%  (k={k}, T={temperature}, majority {100 * res['majority_baseline']:.2f}%)"
     )
@@ -266,22 +268,8 @@ def linprobe(pool, l2, max_iter, **kw):
     )
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
-    res = linear_probe(tf, ty, vf, vy, ProbeConfig(l2=l2, max_iter=max_iter, seed=kw["seed"]), device)
-    res.update(
-        {
-            "eval": "linprobe",
-            "pool": pool,
-            "image_size": enc.cfg.image_size,
-            "crop_pct": kw["crop_pct"],
-            "checkpoint": str(kw["checkpoint"]),
-            "majority_baseline": majority_baseline(ty, vy),
-            "train": str(kw["train_dir"]),
-            "val": str(kw["val_dir"]),
-            "n_train": len(ty),
-            "n_val": len(vy),
-        }
-    )
-    atomic_write_json(_result_path(kw, "linprobe"), res)
+    scores = linear_probe(tf, ty, vf, vy, ProbeConfig(l2=l2, max_iter=max_iter, seed=kw["seed"]), device)
+    res = _write_result(kw, "linprobe", enc, pool, ty, vy, scores)
     click.echo(
         f"linprobe top-1: {100 * res['top1']:.2f}%  (train {100 * res['train_top1']:.2f}%, l2 {res['l2']:g})"
     )
