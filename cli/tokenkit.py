@@ -136,9 +136,14 @@ def features(ctx, images, out, preset, **kw):
 @click.option("--max-points-per-centroid", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the unfinished fit kept in OUT.progress.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def codebook(ctx, features_store, out, preset, **kw):
-    """Fit the k-CLIP codebook OUT (.safetensors) on a features store."""
+def codebook(ctx, features_store, out, preset, resume, quiet, **kw):
+    """Fit the k-CLIP codebook OUT (.safetensors) on a features store.
+
+    Its progress is kept in OUT.progress until OUT is written; on SIGTERM (preemption) it stops at the end of
+    the iteration in flight (faiss: restart) and exits 143; --resume continues to the uninterrupted result."""
     kw = apply_preset(ctx, PRESETS, preset, kw)
     cfg = KMeansConfig(
         k=kw["k"],
@@ -149,7 +154,7 @@ def codebook(ctx, features_store, out, preset, **kw):
         seed=kw["seed"],
         backend=kw["backend"],
     )
-    cb = build_codebook(features_store, out, cfg)
+    cb = build_codebook(features_store, out, cfg, progress=not quiet, resume=resume)
     usage = sum(1 for s in cb.meta["sizes"] if s > 0)
     click.echo(
         f"codebook: {out}  K={cb.k} C={cb.dim} objective={cb.meta['objective']:.6g} "

@@ -38,7 +38,7 @@ stage export "$ELPV/split.json" python scripts/export_elpv.py "$ELPV" ${LIMIT:+-
 stage features "$RUN/features/manifest.json" tokenkit features "$ELPV/type/train" "$RUN/features" "${ENC[@]}" \
   --max-patches 100000 --workers 2 --resume --quiet
 stage codebook "$RUN/codebook.safetensors" tokenkit codebook "$RUN/features" "$RUN/codebook.safetensors" \
-  --k $K --niter 20 --nredo 2
+  --k $K --niter 20 --nredo 2 --resume
 stage tokenize "$RUN/tokens/manifest.json" tokenkit tokenize "$ELPV/type/train" "$RUN/codebook.safetensors" \
   "$RUN/tokens" --views $VIEWS --format both --workers 2 --resume --quiet
 tokenkit verify "$RUN/tokens"

@@ -186,3 +186,31 @@ def test_the_paper_preset_fills_what_the_command_line_leaves_out(tmp_path, photo
     assert rc == 2 and "no-such-weights.pt: checkpoint not found" in err, err
     rc, _, err = run([*features, "--image-size", "224"], capsys)
     assert rc == 2 and "RN50x64 has stride 32, so the grid needs --image-size 448" in err, err
+
+
+def test_a_preempted_codebook_fit_resumes_to_the_uninterrupted_codebook(tmp_path, features_store, capsys):
+    """SIGTERM during restart 1's third iteration: `tokenkit codebook` finishes that iteration, keeps its
+    progress in OUT.progress and exits 143 naming it; re-run without --resume it refuses to start over, with
+    --resume it ends with the uninterrupted run's codebook (same sha256) and removes the progress file; re-run
+    again with --resume it finds the codebook done."""
+    from tests.preempt import run_preempted
+    from tokenkit.codebook import Codebook
+
+    opts = ["--k", "8", "--niter", "5", "--nredo", "2", "--backend", "torch", "--quiet"]
+    ref, cb = tmp_path / "ref.safetensors", tmp_path / "cb.safetensors"
+    assert run(["codebook", features_store, ref, *opts], capsys)[0] == 0
+    argv = ["codebook", str(features_store), str(cb), *opts]
+    rc, err = run_preempted("cli.tokenkit", "tokenkit.kmeans:_split_empty", 3, argv)
+    progress = tmp_path / "cb.safetensors.progress"
+    assert rc == 143 and err.strip().splitlines()[-1] == (
+        f"tokenkit: stopped by SIGTERM in k-means restart 1 of 2 after iteration 3: {progress} holds it; "
+        "run again with --resume"
+    ), err[-2000:]
+    assert progress.exists() and not cb.exists()
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and "an unfinished k-means for" in err and "pass --resume to continue it" in err, err
+    rc, out, err = run([*argv, "--resume"], capsys)
+    assert rc == 0 and not progress.exists(), err
+    assert Codebook.load(cb).sha256 == Codebook.load(ref).sha256
+    before = cb.stat().st_mtime_ns
+    assert run([*argv, "--resume"], capsys)[0] == 0 and cb.stat().st_mtime_ns == before

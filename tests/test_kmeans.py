@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,60 @@ def test_faiss_gets_its_gpus_only_when_it_has_some(monkeypatch, gpus):
     r = km.fit(blobs(n=500), KMeansConfig(k=8, niter=3, nredo=1, backend="faiss"))
     assert seen["gpu"] == (gpus if gpus else False)
     assert r.backend == ("faiss-gpu:2" if gpus else "faiss-cpu")
+
+
+def test_faiss_restarts_run_one_per_call_as_faiss_runs_them():
+    """The faiss backend runs each restart as its own faiss call (so a journal can keep the best so far):
+    the centroids faiss's own nredo keeps, bit for bit."""
+    import faiss
+
+    x = blobs(n=3000, d=16, centers=40, seed=6)
+    r = fit(x, KMeansConfig(k=32, niter=6, nredo=4, seed=7, backend="faiss"))
+    km = faiss.Kmeans(16, 32, niter=6, nredo=4, seed=7, max_points_per_centroid=512)
+    km.train(x)
+    assert np.array_equal(r.centroids, km.centroids)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_a_killed_fit_resumes_from_its_journal_to_the_uninterrupted_centroids(tmp_path, monkeypatch, backend):
+    """Killed in its second restart (torch: in an iteration, its state saved after each one; faiss: saved
+    after each restart), a journaled fit resumes to the uninterrupted fit's centroids; the journal of
+    another fit is refused, naming what differs."""
+    import faiss
+
+    import tokenkit.kmeans as km
+
+    x = blobs(n=3000, d=8, centers=12, seed=8)
+    cfg = KMeansConfig(k=12, niter=5, nredo=3, seed=1, backend=backend)
+    want = fit(x, cfg)
+    journal = lambda c: km.FitJournal(tmp_path / "cb.progress", {"k": c.k, "seed": c.seed}, every=0)  # noqa: E731
+    calls = []
+
+    def dies(real):
+        def call(*a, **k):
+            calls.append(1)
+            if len(calls) == (
+                2 if backend == "faiss" else 8
+            ):  # faiss: restart 2; torch: restart 2, iteration 3
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        return call
+
+    if backend == "faiss":
+        monkeypatch.setattr(faiss.Kmeans, "train", dies(faiss.Kmeans.train))
+    else:
+        monkeypatch.setattr(km, "_split_empty", dies(km._split_empty))
+    with pytest.raises(KeyboardInterrupt):
+        fit(x, cfg, journal=journal(cfg))
+    monkeypatch.undo()
+    saved = journal(cfg).load()
+    assert (saved["redo"], saved.get("iter", 0)) == ((1, 0) if backend == "faiss" else (1, 2))
+    got = fit(x, cfg, journal=journal(cfg))
+    assert np.array_equal(got.centroids, want.centroids) and got.objective == want.objective
+    with pytest.raises(ConfigError, match=r"cb.progress: the progress of another k-means \(k 12 -> 10\)"):
+        fit(
+            x,
+            KMeansConfig(k=10, niter=5, nredo=3, seed=1, backend=backend),
+            journal=journal(replace(cfg, k=10)),
+        )

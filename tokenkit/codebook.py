@@ -18,10 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from tokenkit.clip_encoder import EncoderSpec
-from tokenkit.errors import CodebookError
+from tokenkit.errors import CodebookError, ConfigError
 from tokenkit.features import FeatureStore
 from tokenkit.journal import FORMAT_VERSION, atomic_write_bytes
-from tokenkit.kmeans import KMeansConfig, fit, resolve_backend
+from tokenkit.kmeans import FitJournal, KMeansConfig, fit, resolve_backend
+from tokenkit.stopsignal import StopSignal
 
 
 def centroids_sha256(centroids: np.ndarray) -> str:
@@ -108,31 +109,65 @@ class Codebook:
         return cls(centroids, EncoderSpec.from_dict(header["encoder"]), meta)
 
 
+def progress_path(out: Path) -> Path:
+    """Where `build_codebook` keeps the k-means progress for the codebook `out` until it is written."""
+    return Path(out).with_name(Path(out).name + ".progress")
+
+
 def build_codebook(
-    features: Path, out: Path, cfg: KMeansConfig, device: str | None = None, progress: bool = True
+    features: Path,
+    out: Path,
+    cfg: KMeansConfig,
+    device: str | None = None,
+    progress: bool = True,
+    resume: bool = False,
 ) -> Codebook:
     """`tokenkit codebook`: k-means over a sample of a features store, saved as a codebook file.
 
     Reads at most k * max_points_per_centroid vectors, so memory is bounded by the k-means sample, not by the
-    store: float16 as stored for the torch backend, float32 for faiss (which takes nothing else).
+    store: float16 as stored for the torch backend, float32 for faiss (which takes nothing else). The fit's
+    progress is kept in OUT.progress (tokenkit.kmeans.FitJournal) until OUT is written: on SIGTERM it stops
+    at the end of its iteration (faiss: restart), and `resume` continues it to the uninterrupted result.
     """
     cfg.validate()
+    out, journal_path = Path(out), progress_path(out)
+    if journal_path.exists() and not resume:
+        raise ConfigError(
+            f"{journal_path}: an unfinished k-means for {out}; pass --resume to continue it or delete it"
+        )
+    for tmp in out.parent.glob(f".{out.name}*.tmp-*"):  # torn writes of a killed fit; never valid
+        tmp.unlink()
     store = FeatureStore.open(features)
-    dtype = np.float32 if resolve_backend(cfg.backend) == "faiss" else np.float16
+    backend = resolve_backend(cfg.backend)
+    fitted_on = {"path": str(Path(features).resolve()), "job": store.manifest["job"]["source"]}
+    if resume and out.exists() and not journal_path.exists():
+        done = Codebook.load(out)  # finished before: the same fit is not run again
+        if done.meta.get("kmeans") == asdict(cfg) and done.meta.get("fitted_on") == fitted_on:
+            return done
+    dtype = np.float32 if backend == "faiss" else np.float16
     x = store.sample(cfg.k * cfg.max_points_per_centroid, seed=cfg.seed, dtype=dtype)  # (M, C)
     if progress:
         print(
             f"k-means: {x.shape[0]} x {x.shape[1]} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts"
         )
-    result = fit(x, cfg, device=device, progress=progress)
+    fingerprint = {
+        **asdict(cfg),
+        "backend": backend,
+        "n": int(x.shape[0]),
+        "dim": int(x.shape[1]),
+        **fitted_on,
+    }
+    with StopSignal() as stop:
+        result = fit(x, cfg, device, progress, FitJournal(journal_path, fingerprint, stop))
     meta = {
         "kmeans": asdict(cfg),
         "backend": result.backend,
         "objective": result.objective,
         "n_train": int(x.shape[0]),
         "sizes": result.sizes.tolist(),
-        "fitted_on": {"path": str(Path(features).resolve()), "job": store.manifest["job"]["source"]},
+        "fitted_on": fitted_on,
     }
     cb = Codebook(result.centroids, store.encoder, meta)
-    cb.save(Path(out))
+    cb.save(out)
+    journal_path.unlink(missing_ok=True)  # after the codebook: a kill in between leaves the fit resumable
     return cb
