@@ -389,7 +389,7 @@ def export(checkpoint, out):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(cli, "mapet", argv)
+    return run_cli(cli, "mapet", argv, resume="--resume auto")
 
 
 if __name__ == "__main__":

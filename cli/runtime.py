@@ -56,8 +56,9 @@ def init_distributed() -> Dist:
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
 
 
-def run_cli(group: click.Group, prog: str, argv: list[str] | None) -> int:
-    """Run a click group; library errors become `prog: error: ...` on stderr and exit status 2."""
+def run_cli(group: click.Group, prog: str, argv: list[str] | None, resume: str = "--resume") -> int:
+    """Run a click group; library errors become `prog: error: ...` on stderr and exit status 2. resume: the
+    flag that continues this CLI's jobs, named when a full disk stops one."""
     try:
         rv = group.main(args=argv, prog_name=prog, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -81,7 +82,7 @@ def run_cli(group: click.Group, prog: str, argv: list[str] | None) -> int:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             click.echo(
-                f"{prog}: error: {e.filename or ''}: disk full; free space and re-run with --resume", err=True
+                f"{prog}: error: {e.filename or ''}: disk full; free space and re-run with {resume}", err=True
             )
             return 1
         if e.filename:  # a path the user gave or an output that cannot be written

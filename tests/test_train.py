@@ -236,6 +236,42 @@ def test_a_sigterm_on_one_rank_stops_every_rank_at_the_same_step(store, tmp_path
     assert load_checkpoint(run / "last.pt")["step"] == 4
 
 
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_resumes(
+    store, tmp_path, monkeypatch, capsys
+):
+    """ENOSPC while writing the second checkpoint: `mapet pretrain` prints one line naming the file and the
+    flag that continues (exit 1); last.pt still holds the first checkpoint, and the resumed run logs the
+    uninterrupted run's losses."""
+    import errno
+
+    from pretrain import checkpoint
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    pretrain(tiny(store, ref, epochs=2, ckpt_every=2), progress=False)
+    args = ["pretrain", "--tokens", str(store), "--out", str(run), "--model", "mapet_micro", "--image-size", "64",
+            "--patch-size", "16", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3",
+            "--log-every", "1", "--ckpt-every", "2", "--workers", "0", "--seed", "0", "--quiet"]  # fmt: skip
+    real, calls = checkpoint.atomic_write_bytes, []
+
+    def full(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full)
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"mapet: error: {calls[1]}: disk full; free space and re-run with --resume auto", (
+        err
+    )
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+    monkeypatch.undo()
+    assert main([*args, "--resume", "auto"]) == 0
+    assert [(m["step"], m["loss"]) for m in metrics(run)] == [(m["step"], m["loss"]) for m in metrics(ref)]
+
+
 def test_resume_refuses_other_settings_and_other_codebooks(store, tmp_path):
     run = tmp_path / "run"
     pretrain(tiny(store, run, max_steps=2), progress=False)
