@@ -41,9 +41,8 @@ from tokenkit.stopsignal import Stopped, StopSignal
 
 METRICS = ("l2", "cosine")
 BACKENDS = ("auto", "faiss", "torch")
-FAISS_REDO_SEED = (
-    15486557  # faiss seeds restart r with seed + 1 + r * this: one restart per call, the same draws
-)
+# faiss seeds restart r with seed + 1 + r * this: one restart per call with seed + r * this draws the same
+FAISS_REDO_SEED = 15486557
 SAVE_EVERY_S = 120.0  # seconds between a journaled fit's saves within a restart (torch backend)
 
 
@@ -189,11 +188,11 @@ def fit(
     cosine = cfg.metric == "cosine"
     xt = torch.from_numpy(np.ascontiguousarray(x))  # (M, C) in x's dtype, x's memory when contiguous
     if resolve_backend(cfg.backend) == "faiss":
-        x32 = np.ascontiguousarray(
-            _subsample(xt, cfg)[0].numpy(), dtype=np.float32
-        )  # no copy if float32 already
+        # x itself when small enough (faiss then subsamples no further); no copy when float32 already
+        sample = _subsample(xt, cfg)[0].numpy()
+        x32 = np.ascontiguousarray(sample, dtype=np.float32)
         centroids, ran = _fit_faiss(normalize(x32) if cosine else x32, cfg, progress, journal)
-        del x32
+        del sample, x32
     else:
         centroids, ran = _fit_torch(xt, cfg, dev, progress, journal).cpu().numpy(), f"torch-{dev.type}"
     labels, d2 = _nearest(xt, torch.from_numpy(centroids).to(dev), normalize=cosine)
