@@ -137,6 +137,34 @@ def test_torch_kmeans_on_cuda_is_within_one_percent_of_faiss_and_assigns_exactly
     assert np.array_equal(on_gpu, assign(x, t.centroids))
 
 
+def test_a_journaled_kmeans_on_cuda_resumes_to_the_uninterrupted_fit(tmp_path, monkeypatch):
+    """The torch backend on the GPU, killed in its second restart and resumed from its journal (centroids
+    moved to and from the device), runs only the iterations left and reaches the uninterrupted fit's objective
+    within 1% (bf16 distances and atomic cluster sums on the GPU: equal to rounding, not bit for bit)."""
+    import tokenkit.kmeans as km
+
+    x = (np.random.default_rng(3).normal(size=(20000, 16)) * np.linspace(0.5, 2, 16)).astype(np.float32)
+    cfg = KMeansConfig(k=64, niter=6, nredo=2, seed=0, backend="torch")
+    want = fit(x, cfg, device="cuda")
+    journal = km.FitJournal(tmp_path / "cb.progress", {"k": 64}, every=0)
+    real, calls = km._split_empty, []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 9:  # restart 2, iteration 3
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(km, "_split_empty", dies)
+    with pytest.raises(KeyboardInterrupt):
+        fit(x, cfg, device="cuda", journal=journal)
+    calls.clear()
+    monkeypatch.setattr(km, "_split_empty", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = fit(x, cfg, device="cuda", journal=journal)
+    assert len(calls) == 4  # the iterations left: restart 2's third to sixth
+    assert got.backend == "torch-cuda" and got.objective == pytest.approx(want.objective, rel=1e-2)
+
+
 def test_torch_kmeans_holds_float16_features_in_float16_on_the_gpu():
     """The paper's 4.2M x 4096 sample is 32 GiB in float16 (as stored), 64 GiB in float32: the torch backend
     must not up-cast it on the device (blocks of rows are converted one at a time)."""
