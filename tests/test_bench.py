@@ -77,6 +77,14 @@ def test_loader_benches_run_with_and_without_workers():
     assert number(r"one worker \(sample \+ its tokens\): (\d+) img/s", out) > 0
 
 
+def test_worker_memory_bench_shows_strarrays_stay_shared():
+    """Memory, not time: forked workers reading a listing copy its Python strings, never a StrArray's buffer."""
+    out = bench("worker_memory.py", "--images", "200000", "--workers", "2", "--epoch-share", "0.5")
+    tuples = number(r"tuple of str +private memory gained per worker: +(\d+\.\d)", out)
+    packed = number(r"StrArray +private memory gained per worker: +(\d+\.\d)", out)
+    assert tuples > 10 and packed < tuples / 5, out
+
+
 def test_train_loader_bench_refuses_a_store_smaller_than_a_shard():
     r = subprocess.run(
         [sys.executable, "bench/train_loader.py", "--store-rows", "64"],

@@ -102,6 +102,23 @@ def test_folder_listing_follows_linked_class_folders_and_skips_hidden_and_broken
     assert idx.labels.tolist() == [0, 0, 1] and idx.classes == ("cats", "dogs")
 
 
+def test_str_array_is_the_sequence_of_its_strings():
+    """keys and locators are StrArrays (one buffer, shared by forked workers): indexing, negative indices,
+    slices, iteration, index(), equality with tuples and non-ASCII names as a tuple of str gives them."""
+    from tokenkit.images import StrArray
+
+    items = ("a/b", "", "chat/é🙂.jpg", "z" * 300, "a/b")
+    arr = StrArray(items)
+    assert len(arr) == 5 and list(arr) == list(items) and arr == items and arr == StrArray(items)
+    assert [arr[i] for i in range(-5, 5)] == [*items, *items]
+    assert arr[1:4] == list(items[1:4]) and arr[::-2] == list(items[::-2])
+    assert arr.index("chat/é🙂.jpg") == 2 and arr.count("a/b") == 2 and "" in arr
+    assert arr != StrArray(items[:4]) and arr != ("a/b",) and len(StrArray([])) == 0
+    for bad in (5, -6):
+        with pytest.raises(IndexError):
+            arr[bad]
+
+
 def test_tar_source_reads_images_labels_and_refuses_hostile_members(tmp_path):
     jpg = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "JPEG")
     make_tar(tmp_path / "s-0.tar", [("k1.jpg", jpg), ("k1.cls", b"3"), ("k2.png", jpg)])

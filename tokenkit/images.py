@@ -15,6 +15,7 @@ import io
 import os
 import tarfile
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -29,16 +30,54 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
+class StrArray(Sequence[str]):
+    """A read-only sequence of strings packed in one UTF-8 buffer with offsets (two numpy arrays), which
+    forked DataLoader workers share. In a list or tuple, every str is an object whose reference count changes
+    when it is read, so each worker copies the pages it reads: measured for ImageNet's 1.28M keys and paths,
+    212 MiB per worker after an eighth of an epoch (11 MiB for the same strings in numpy arrays)."""
+
+    def __init__(self, items: Iterable[str]):
+        data = [s.encode() for s in items]
+        self._offsets = np.zeros(len(data) + 1, np.int64)
+        np.cumsum([len(b) for b in data], out=self._offsets[1:])
+        self._buf = np.frombuffer(b"".join(data), np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} strings")
+        i %= n
+        return self._buf[self._offsets[i] : self._offsets[i + 1]].tobytes().decode()
+
+    def __iter__(self) -> Iterator[str]:
+        raw, off = self._buf.tobytes(), self._offsets.tolist()
+        return (raw[a:b].decode() for a, b in zip(off[:-1], off[1:], strict=True))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, StrArray):
+            return np.array_equal(self._offsets, other._offsets) and np.array_equal(self._buf, other._buf)
+        return isinstance(other, (list, tuple)) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"StrArray({len(self)} strings)"
+
+
 @dataclass(frozen=True)
 class SampleIndex:
-    """The listed samples of a source. `root` is the folder, or `tars` the shard paths (absolute)."""
+    """The listed samples of a source. `root` is the folder, or `tars` the shard paths (absolute). Keys and
+    locators are StrArrays: shared, not copied, by forked loader workers."""
 
     kind: str  # "folder" | "tars"
     root: str
     tars: tuple[str, ...]
-    keys: tuple[str, ...]
+    keys: StrArray
     labels: np.ndarray  # (N,) int64, -1 = unlabelled
-    locators: tuple[str, ...]
+    locators: StrArray
     classes: tuple[str, ...] = field(default=())
 
     def __len__(self) -> int:
@@ -146,7 +185,7 @@ def list_folder(root: Path) -> SampleIndex:
         keys.append(key)
         labels.append(cls_idx[f.split("/", 1)[0]] if labelled else -1)
     return SampleIndex(
-        "folder", str(root), (), tuple(keys), np.asarray(labels, dtype=np.int64), tuple(files), classes
+        "folder", str(root), (), StrArray(keys), np.asarray(labels, dtype=np.int64), StrArray(files), classes
     )
 
 
@@ -214,9 +253,9 @@ def list_tars(spec: str) -> SampleIndex:
         "tars",
         "",
         tuple(tars),
-        tuple(keys),
+        StrArray(keys),
         np.asarray(labels, dtype=np.int64),
-        tuple(locators),
+        StrArray(locators),
         tuple(str(i) for i in range(n_cls)),
     )
 
@@ -234,9 +273,9 @@ def source_from_manifest(desc: dict, keys, labels, locators) -> SampleIndex:
         desc["kind"],
         desc["root"],
         tuple(desc["tars"]),
-        tuple(keys),
+        StrArray(keys),
         np.asarray(labels),
-        tuple(locators),
+        StrArray(locators),
         tuple(desc.get("classes", ())),
     )
 
