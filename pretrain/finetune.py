@@ -361,6 +361,19 @@ def finetune(
         mix.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
     mixer = v2.RandomChoice(mix) if mix else None
     total, warmup = cfg.epochs * steps, round(cfg.warmup_epochs * steps)
+    if progress and rank == 0:
+        params = sum(p.numel() for p in net.parameters())
+        print(
+            f"finetune: {params / 1e6:.1f}M parameters, {len(train_ds)} train / {len(val)} val images, "
+            f"{num_classes} classes; global batch {cfg.batch_size * cfg.accum_steps * world} ({cfg.batch_size} "
+            f"x {cfg.accum_steps} x {world} ranks), {steps} steps per epoch, {cfg.epochs} epochs, lr {cfg.lr:g}, "
+            f"layer decay {cfg.layer_decay:g} on {device}"
+            + (
+                f"; resuming at epoch {start} step {in_epoch['steps']}"
+                if history or in_epoch["steps"]
+                else ""
+            )
+        )
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     with StopSignal() as stop:
         for epoch in range(start, cfg.epochs):

@@ -352,6 +352,14 @@ def pretrain(
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     last = total if cfg.max_steps is None else min(total, cfg.max_steps)
     step = ckpt["step"] if ckpt is not None else 0
+    if progress and rank == 0:
+        params = sum(p.numel() for p in net.parameters())
+        print(
+            f"{cfg.objective} {cfg.model}: {params / 1e6:.1f}M parameters, K {store.k}, {len(store)} images x "
+            f"{store.num_views} views ({part}); global batch {per_step} ({cfg.batch_size} x {cfg.accum_steps} "
+            f"x {world} ranks), {steps_per_epoch} steps per epoch, {total} steps, warmup {warmup}, "
+            f"lr {cfg.lr:g}, {precision} on {device}" + (f"; resuming at step {step}" if step else "")
+        )
 
     if use_wds:
         dataset = StreamDataset(

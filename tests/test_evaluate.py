@@ -384,9 +384,14 @@ def test_finetune_resumes_mid_epoch_on_another_split_of_the_same_global_batch(tm
         "global batch is 8 (--batch-size 8 x --accum-steps 1 x 1 ranks), this launch's 4 (4 x 1 x 1); "
         "keep it: --accum-steps 2" in capsys.readouterr().err
     )
+    resumed = [
+        a for a in _ft_args(data, run, *plain, "--batch-size", "4", "--accum-steps", "2") if a != "--quiet"
+    ]
+    assert main([*resumed, "--resume", "auto"]) == 0
     assert (
-        main(_ft_args(data, run, *plain, "--batch-size", "4", "--accum-steps", "2", "--resume", "auto")) == 0
-    )
+        "classes; global batch 8 (4 x 2 x 1 ranks), 2 steps per epoch, 2 epochs, lr 0.001, layer decay 0.65 on "
+        "cpu; resuming at epoch 1 step 1\n"
+    ) in capsys.readouterr().out
     ref, got = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "ref", run))
     for k in ref["model"]:
         torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=1e-4, atol=1e-6)

@@ -272,6 +272,21 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_resumes(
     assert [(m["step"], m["loss"]) for m in metrics(run)] == [(m["step"], m["loss"]) for m in metrics(ref)]
 
 
+def test_pretrain_says_what_it_will_run(store, tmp_path, capsys):
+    """One line before step 0 (with progress on): model, size, data, batch split, schedule; and where a
+    resumed run goes on."""
+    run, n = tmp_path / "run", len(TokenStore.open(store))
+    pretrain(tiny(store, run, epochs=2, max_steps=2), progress=True)
+    params = sum(p.numel() for p in load_checkpoint(run / "last.pt")["model"].values()) / 1e6
+    line = (
+        f"mapet mapet_micro: {params:.1f}M parameters, K 16, {n} images x 2 views (zarr); global batch 4 "
+        f"(4 x 1 x 1 ranks), {n // 4} steps per epoch, {2 * (n // 4)} steps, warmup {n // 4}, lr 0.001, fp32 on cpu"
+    )
+    assert line + "\n" in capsys.readouterr().out
+    pretrain(tiny(store, run, epochs=2), resume=True, progress=True)
+    assert line + "; resuming at step 2\n" in capsys.readouterr().out
+
+
 def test_resume_refuses_other_settings_and_other_codebooks(store, tmp_path):
     run = tmp_path / "run"
     pretrain(tiny(store, run, max_steps=2), progress=False)
