@@ -59,6 +59,15 @@ GRAD_CHECKPOINTING = click.option(
     "same losses. May be switched on or off on resume.",
 )
 
+ACCUM_STEPS = click.option(
+    "--accum-steps",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Micro-steps per optimizer step. With --batch-size and the ranks it may change on resume if the "
+    "global batch (their product) stays.",
+)
+
 COMPILE = click.option(
     "--compile",
     type=click.Choice(COMPILE_MODES),
@@ -82,7 +91,7 @@ def cli():
 @click.option("--objective", type=click.Choice(["mapet", "beit"]), default="mapet", show_default=True)
 @click.option("--epochs", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Per rank and micro-step.")
-@click.option("--accum-steps", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
+@ACCUM_STEPS
 @click.option("--lr", type=float, default=1.5e-3, show_default=True)
 @click.option("--min-lr", type=float, default=1e-5, show_default=True)
 @click.option("--warmup-epochs", type=float, default=10.0, show_default=True)
@@ -291,7 +300,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--patch-size", type=int, default=None, help=RANDOM_PATCH_HELP)
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per rank and micro-step.")
-@click.option("--accum-steps", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
+@ACCUM_STEPS
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--min-lr", type=float, default=1e-6, show_default=True, help="The cosine schedule's floor.")
 @click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
