@@ -234,6 +234,8 @@ def _fit_faiss(
         km.train(x)
         if km.obj[-1] < best_obj:  # faiss's rule: the last iteration's objective
             best, best_obj = np.ascontiguousarray(km.centroids, dtype=np.float32), float(km.obj[-1])
+        if progress:
+            print(f"k-means restart {r + 1} of {cfg.nredo}: objective {km.obj[-1]:.6g} (best {best_obj:.6g})")
         if journal:
             journal.save(redo=r + 1, best=torch.from_numpy(best), best_obj=best_obj)
             if journal.stopping and r + 1 < cfg.nredo:
