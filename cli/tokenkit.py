@@ -18,7 +18,7 @@ import numpy as np
 
 from cli.runtime import apply_preset, init_distributed, run_cli, with_options
 from tokenkit.clip_encoder import resolve_spec
-from tokenkit.codebook import build_codebook
+from tokenkit.codebook import Codebook, build_codebook
 from tokenkit.errors import require
 from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.images import decode_image
@@ -220,15 +220,32 @@ def _weights(weights_id: str) -> str:
 
 
 @cli.command()
-@click.argument("store", type=EXISTING)
+@click.argument("store", metavar="STORE_OR_CODEBOOK", type=EXISTING)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(store, as_json):
-    """Summarise a token store: images, views, K, codebook usage, labels, shards."""
-    st = TokenStore.open(store).stats()
+    """Summarise a token store (images, views, K, codebook usage, labels, shards) or a codebook file (K,
+    encoder, k-means settings, objective, code usage on its training sample)."""
+    st = Codebook.load(store).stats() if store.is_file() else TokenStore.open(store).stats()
     if as_json:
         click.echo(json.dumps(st, indent=1))
         return
     u = st["codebook_usage"]
+    if store.is_file():
+        km = st["kmeans"]
+        click.echo(f"codebook    {store} (sha256 {st['sha256'][:16]})")
+        click.echo(
+            f"centroids   K={st['k']} x {st['dim']} from {st['encoder']} ({_weights(st['weights'])}, layer "
+            f"{st['layer']}, {st['image_size']} px, grid {st['grid']}x{st['grid']})"
+        )
+        click.echo(
+            f"k-means     {km['metric']}, {km['niter']} iterations x {km['nredo']} restarts on {st['n_train']} "
+            f"features of {st['fitted_on']} ({st['backend']}), objective {st['objective']:.6g}"
+        )
+        click.echo(
+            f"usage       {u['used_codes']}/{st['k']} codes used by the training sample, perplexity "
+            f"{u['perplexity']:.1f}, largest cluster {100 * u['largest_cluster_share']:.2f}%"
+        )
+        return
     click.echo(f"store       {st['path']} (format v{st['format_version']}, {'+'.join(st['formats'])})")
     click.echo(f"images      {st['images']} stored, {st['skipped']} skipped of {st['source_images']}")
     click.echo(

@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from cli.tokenkit import main
+from tokenkit.codebook import Codebook
 
 
 def run(argv, capsys):
@@ -23,6 +25,14 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
         ["codebook", feat, cb, "--k", "8", "--niter", "5", "--nredo", "2", "--backend", "torch"], capsys
     )
     assert rc == 0 and "K=8 C=256" in out, err
+    rc, out, _ = run(["inspect", cb, "--json"], capsys)  # a codebook file: its size, settings and code usage
+    st, sizes = json.loads(out), np.asarray(Codebook.load(cb).meta["sizes"], np.float64)
+    p = sizes[sizes > 0] / sizes.sum()
+    assert rc == 0 and (st["k"], st["dim"], st["grid"], st["n_train"]) == (8, 256, 3, sizes.sum())
+    assert st["kmeans"]["nredo"] == 2 and st["backend"] == "torch-cpu"
+    assert st["codebook_usage"]["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    rc, out, _ = run(["inspect", cb], capsys)
+    assert rc == 0 and "K=8 x 256 from tokenkit-tiny-rn (random-init weights (seed 0)" in out
     rc, out, err = run(
         ["tokenize", photos, cb, tok, "--views", "2", "--format", "both", "--workers", "1", "--quiet"], capsys
     )
@@ -170,7 +180,6 @@ def test_the_paper_preset_fills_what_the_command_line_leaves_out(tmp_path, photo
     """--preset mapet-kclip gives the paper's value of every option the command line leaves out and an
     explicit flag wins; the input size follows the grid, so --grid 7 with the preset's RN50x64 is 224 px
     (not a clash with the paper's 448)."""
-    from tokenkit.codebook import Codebook
 
     cb = tmp_path / "cb.safetensors"
     argv = ["codebook", features_store, cb, "--preset", "mapet-kclip", "--k", "8", "--niter", "3"]
@@ -194,7 +203,6 @@ def test_a_preempted_codebook_fit_resumes_to_the_uninterrupted_codebook(tmp_path
     --resume it ends with the uninterrupted run's codebook (same sha256) and removes the progress file; re-run
     again with --resume it finds the codebook done."""
     from tests.preempt import run_preempted
-    from tokenkit.codebook import Codebook
 
     opts = ["--k", "8", "--niter", "5", "--nredo", "2", "--backend", "torch", "--quiet"]
     ref, cb = tmp_path / "ref.safetensors", tmp_path / "cb.safetensors"

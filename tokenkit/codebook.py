@@ -25,6 +25,19 @@ from tokenkit.kmeans import FitJournal, KMeansConfig, fit, resolve_backend
 from tokenkit.stopsignal import StopSignal
 
 
+def code_usage(counts) -> dict:
+    """How evenly K codes are used, from per-code counts: codes used, perplexity of the usage (K when even,
+    1 when one code takes everything) and the largest code's share."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    p = counts[counts > 0] / max(total, 1)
+    return {
+        "used_codes": int((counts > 0).sum()),
+        "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+        "largest_cluster_share": float(counts.max() / max(total, 1)),
+    }
+
+
 def centroids_sha256(centroids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(centroids, dtype="<f4").tobytes()).hexdigest()
 
@@ -64,6 +77,26 @@ class Codebook:
             "dim": self.dim,
             "sha256": self.sha256,
             **self.meta,
+        }
+
+    def stats(self) -> dict:
+        """What `tokenkit inspect CODEBOOK` prints: size, encoder, k-means settings and result, and how evenly
+        the training sample used the codes."""
+        return {
+            "k": self.k,
+            "dim": self.dim,
+            "sha256": self.sha256,
+            "encoder": self.encoder.model,
+            "weights": self.encoder.weights_id,
+            "layer": self.encoder.layer,
+            "image_size": self.encoder.image_size,
+            "grid": self.encoder.grid,
+            "kmeans": self.meta["kmeans"],
+            "backend": self.meta["backend"],
+            "objective": self.meta["objective"],
+            "n_train": self.meta["n_train"],
+            "fitted_on": self.meta["fitted_on"]["path"],
+            "codebook_usage": code_usage(self.meta["sizes"]),
         }
 
     def save(self, path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tokenkit.codebook import Codebook
+from tokenkit.codebook import Codebook, code_usage
 from tokenkit.errors import CodebookError, StoreError, TokenkitError
 from tokenkit.images import decode_image, read_locator, sanitize_key
 from tokenkit.rowstore import STATUS_OK, RowStore
@@ -227,9 +227,6 @@ class TokenStore(RowStore):
 
     def stats(self) -> dict:
         """What `tokenkit inspect` prints: counts, codebook usage, labels, shards."""
-        counts = np.asarray(self.manifest["code_counts"], dtype=np.float64)
-        total = counts.sum()
-        p = counts[counts > 0] / max(total, 1)
         label_counts = self.manifest["label_counts"]
         labels = {"unlabelled": label_counts[0]} if label_counts[0] else {}
         names = self.classes or [str(i) for i in range(len(label_counts) - 1)]
@@ -248,11 +245,7 @@ class TokenStore(RowStore):
             "codebook_sha256": self.codebook_sha256,
             "encoder": self.manifest["job"]["encoder"]["model"],
             "weights": self.manifest["job"]["encoder"]["weights_id"],  # tag, sha256:<hex> or none:seed=<s>
-            "codebook_usage": {
-                "used_codes": int((counts > 0).sum()),
-                "perplexity": float(np.exp(-(p * np.log(p)).sum())),
-                "largest_cluster_share": float(counts.max() / max(total, 1)),
-            },
+            "codebook_usage": code_usage(self.manifest["code_counts"]),
             "labels": labels,
             "shards": len(self.manifest["shards"]),
         }
