@@ -143,7 +143,8 @@ def codebook(ctx, features_store, out, preset, resume, quiet, **kw):
     """Fit the k-CLIP codebook OUT (.safetensors) on a features store.
 
     Its progress is kept in OUT.progress until OUT is written; on SIGTERM (preemption) it stops at the end of
-    the iteration in flight (faiss: restart) and exits 143; --resume continues to the uninterrupted result."""
+    the iteration in flight (faiss: restart) and exits 143; --resume continues to the uninterrupted result.
+    Under torchrun (--backend torch) each GPU holds and assigns 1/N of the sample."""
     kw = apply_preset(ctx, PRESETS, preset, kw)
     cfg = KMeansConfig(
         k=kw["k"],
@@ -154,7 +155,12 @@ def codebook(ctx, features_store, out, preset, resume, quiet, **kw):
         seed=kw["seed"],
         backend=kw["backend"],
     )
-    cb = build_codebook(features_store, out, cfg, progress=not quiet, resume=resume)
+    dist = init_distributed()
+    cb = build_codebook(
+        features_store, out, cfg, None, not quiet, resume, dist.rank, dist.world, dist.barrier
+    )
+    if dist.rank > 0:
+        return
     usage = sum(1 for s in cb.meta["sizes"] if s > 0)
     click.echo(
         f"codebook: {out}  K={cb.k} C={cb.dim} objective={cb.meta['objective']:.6g} "

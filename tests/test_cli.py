@@ -222,3 +222,31 @@ def test_a_preempted_codebook_fit_resumes_to_the_uninterrupted_codebook(tmp_path
     assert Codebook.load(cb).sha256 == Codebook.load(ref).sha256
     before = cb.stat().st_mtime_ns
     assert run([*argv, "--resume"], capsys)[0] == 0 and cb.stat().st_mtime_ns == before
+
+
+def test_a_codebook_fit_preempted_on_one_process_resumes_on_two_ranks(tmp_path, features_store, capsys):
+    """The progress of a fit is the same on every rank (centroids, draws), so a fit preempted as one process
+    goes on under torchrun (2 ranks, gloo, each holding half the sample): rank 0 writes the codebook of the
+    uninterrupted one-process fit (centroids up to the order of float sums, the same cluster sizes)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.preempt import ROOT, run_preempted
+
+    opts = ["--k", "8", "--niter", "5", "--nredo", "2", "--backend", "torch", "--quiet"]
+    ref, cb = tmp_path / "ref.safetensors", tmp_path / "cb.safetensors"
+    assert run(["codebook", features_store, ref, *opts], capsys)[0] == 0
+    argv = ["codebook", str(features_store), str(cb), *opts]
+    rc, err = run_preempted("cli.tokenkit", "tokenkit.kmeans:_split_empty", 3, argv)
+    assert rc == 143, err[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29553",
+           "-m", "cli.tokenkit", *argv, "--resume"]  # fmt: skip
+    r = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    got, want = Codebook.load(cb), Codebook.load(ref)
+    np.testing.assert_allclose(got.centroids, want.centroids, rtol=1e-4, atol=1e-5)
+    assert got.meta["sizes"] == want.meta["sizes"] and got.meta["backend"] == "torch-cpu:2"
+    assert got.meta["n_train"] == want.meta["n_train"] and not (tmp_path / "cb.safetensors.progress").exists()

@@ -198,3 +198,45 @@ def test_a_killed_fit_resumes_from_its_journal_to_the_uninterrupted_centroids(tm
             KMeansConfig(k=10, niter=5, nredo=3, seed=1, backend=backend),
             journal=journal(replace(cfg, k=10)),
         )
+
+
+TWO_RANK_FIT = """
+import sys
+import numpy as np
+import torch.distributed as dist
+from tests.test_kmeans import blobs
+from tokenkit.kmeans import KMeansConfig, fit
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+x = blobs(n=3001, d=8, centers=12, seed=9)  # an odd count: the ranks hold 1501 and 1500 rows
+r = fit(x[rank::world], KMeansConfig(k=12, niter=6, nredo=2, seed=3, backend="torch"), "cpu", rank=rank, world=world)
+np.savez(sys.argv[1] + f"-{rank}.npz", centroids=r.centroids, sizes=r.sizes, objective=r.objective)
+dist.destroy_process_group()
+"""
+
+
+def test_a_two_rank_torch_fit_equals_the_one_process_fit(tmp_path):
+    """torchrun, gloo: each rank holds every other row of the sample; the centroids (up to the order of float
+    sums), cluster sizes and objective are the one-process fit's, on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "fit.py"
+    script.write_text(TWO_RANK_FIT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+           str(script), str(tmp_path / "r")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    want = fit(
+        blobs(n=3001, d=8, centers=12, seed=9), KMeansConfig(k=12, niter=6, nredo=2, seed=3, backend="torch")
+    )
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"r-{rank}.npz")
+        np.testing.assert_allclose(got["centroids"], want.centroids, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(got["sizes"], want.sizes) and got["sizes"].sum() == 3001
+        assert float(got["objective"]) == pytest.approx(want.objective, rel=1e-6)

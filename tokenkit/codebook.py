@@ -154,6 +154,9 @@ def build_codebook(
     device: str | None = None,
     progress: bool = True,
     resume: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    barrier=lambda: None,
 ) -> Codebook:
     """`tokenkit codebook`: k-means over a sample of a features store, saved as a codebook file.
 
@@ -161,6 +164,7 @@ def build_codebook(
     store: float16 as stored for the torch backend, float32 for faiss (which takes nothing else). The fit's
     progress is kept in OUT.progress (tokenkit.kmeans.FitJournal) until OUT is written: on SIGTERM it stops
     at the end of its iteration (faiss: restart), and `resume` continues it to the uninterrupted result.
+    Under torchrun (torch backend) each rank reads and holds 1/world of the sample on its GPU; rank 0 writes.
     """
     cfg.validate()
     out, journal_path = Path(out), progress_path(out)
@@ -168,39 +172,41 @@ def build_codebook(
         raise ConfigError(
             f"{journal_path}: an unfinished k-means for {out}; pass --resume to continue it or delete it"
         )
-    for tmp in out.parent.glob(f".{out.name}*.tmp-*"):  # torn writes of a killed fit; never valid
-        tmp.unlink()
+    if rank == 0:
+        for tmp in out.parent.glob(f".{out.name}*.tmp-*"):  # torn writes of a killed fit; never valid
+            tmp.unlink()
     store = FeatureStore.open(features)
-    backend = resolve_backend(cfg.backend)
+    backend = resolve_backend(cfg.backend, world)
     fitted_on = {"path": str(Path(features).resolve()), "job": store.manifest["job"]["source"]}
     if resume and out.exists() and not journal_path.exists():
         done = Codebook.load(out)  # finished before: the same fit is not run again
         if done.meta.get("kmeans") == asdict(cfg) and done.meta.get("fitted_on") == fitted_on:
             return done
     dtype = np.float32 if backend == "faiss" else np.float16
-    x = store.sample(cfg.k * cfg.max_points_per_centroid, seed=cfg.seed, dtype=dtype)  # (M, C)
+    cap = cfg.k * cfg.max_points_per_centroid
+    x = store.sample(cap, seed=cfg.seed, dtype=dtype, rank=rank, world=world)  # (M / world, C)
+    n = min(cap, store.num_vectors())  # the whole sample's
+    progress = progress and rank == 0
     if progress:
+        ranks = f" over {world} ranks" if world > 1 else ""
         print(
-            f"k-means: {x.shape[0]} x {x.shape[1]} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts"
+            f"k-means: {n} x {x.shape[1]}{ranks} -> K={cfg.k}, {cfg.niter} iterations x {cfg.nredo} restarts"
         )
-    fingerprint = {
-        **asdict(cfg),
-        "backend": backend,
-        "n": int(x.shape[0]),
-        "dim": int(x.shape[1]),
-        **fitted_on,
-    }
+    fingerprint = {**asdict(cfg), "backend": backend, "n": n, "dim": int(x.shape[1]), **fitted_on}
     with StopSignal() as stop:
-        result = fit(x, cfg, device, progress, FitJournal(journal_path, fingerprint, stop))
+        journal = FitJournal(journal_path, fingerprint, stop, write=rank == 0)
+        result = fit(x, cfg, device, progress, journal, rank, world)
     meta = {
         "kmeans": asdict(cfg),
         "backend": result.backend,
         "objective": result.objective,
-        "n_train": int(x.shape[0]),
+        "n_train": n,
         "sizes": result.sizes.tolist(),
         "fitted_on": fitted_on,
     }
     cb = Codebook(result.centroids, store.encoder, meta)
-    cb.save(out)
-    journal_path.unlink(missing_ok=True)  # after the codebook: a kill in between leaves the fit resumable
+    if rank == 0:
+        cb.save(out)
+        journal_path.unlink(missing_ok=True)  # after the codebook: a kill in between leaves the fit resumable
+    barrier()
     return cb

@@ -66,18 +66,25 @@ class FeatureStore(RowStore):
     def dim(self) -> int:
         return self.manifest["dim"]
 
-    def sample(self, max_points: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    def num_vectors(self) -> int:
+        """Stored feature vectors: patches per image x images extracted without error."""
+        return int((self.status() == STATUS_OK).sum()) * self.group["features"].shape[1]
+
+    def sample(
+        self, max_points: int, seed: int = 0, dtype=np.float32, rank: int = 0, world: int = 1
+    ) -> np.ndarray:
         """Up to max_points stored feature vectors (M, C) in dtype (float16: as stored, half the memory),
-        read shard by shard."""
-        status = self.status()
+        read shard by shard; with world > 1 only rank's share of them: rows rank, rank + world, ... (what a
+        torchrun k-means fit holds per rank, tokenkit.kmeans.fit)."""
         feats = self.group["features"]
         P = feats.shape[1]
-        ok_rows = np.flatnonzero(status == STATUS_OK)
-        total = len(ok_rows) * P
+        ok_rows = np.flatnonzero(self.status() == STATUS_OK)
+        total = self.num_vectors()
         rng = np.random.default_rng(seed)
         take = (
             np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)
         )
+        take = take[rank::world]
         rows, cols = ok_rows[take // P], take % P
         out = np.empty((len(take), feats.shape[2]), dtype=dtype)
         S = feats.shards[0]

@@ -4,7 +4,8 @@ Two backends with one meaning:
   faiss  faiss.Kmeans, on its GPUs when faiss-gpu sees any (guarded: `Kmeans(gpu=True)` silently runs on
          the CPU when none is found), CPU faiss otherwise;
   torch  batched matmul + argmin + index_add Lloyd iterations, bf16 distances on CUDA; the GPU path when
-         faiss-gpu is not installed.
+         faiss-gpu is not installed; under torchrun each rank holds and assigns a share of the sample and
+         the cluster sums and counts are all-reduced (fit).
 Both initialise from k distinct random sample points, subsample to k * max_points_per_centroid points,
 keep the best of `nredo` runs, and split the largest cluster into empty ones. `metric="cosine"` is
 spherical k-means: inputs and centroids are L2-normalised here, so callers never normalise.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +82,9 @@ class KMeansResult:
     centroids: np.ndarray  # (K, C) float32
     objective: float  # mean squared distance of the training points to their nearest centroid
     sizes: np.ndarray  # (K,) int64 training points per cluster
-    backend: str  # what actually ran, e.g. "faiss-cpu", "faiss-gpu:2", "torch-cuda"
+    backend: (
+        str  # what actually ran, e.g. "faiss-cpu", "faiss-gpu:2" (GPUs), "torch-cuda", "torch-cuda:8" (ranks)
+    )
 
 
 class FitJournal:
@@ -93,9 +97,14 @@ class FitJournal:
     KEY = "tokenkit-kmeans"
 
     def __init__(
-        self, path: Path, fingerprint: dict, stop: StopSignal | None = None, every: float = SAVE_EVERY_S
+        self,
+        path: Path,
+        fingerprint: dict,
+        stop: StopSignal | None = None,
+        every: float = SAVE_EVERY_S,
+        write: bool = True,
     ):
-        self.path, self.stop, self.every = Path(path), stop, every
+        self.path, self.stop, self.every, self.write = Path(path), stop, every, write
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back
         self.saved_at = time.monotonic()
 
@@ -131,15 +140,22 @@ class FitJournal:
         return {**meta, **tensors}
 
     def save(self, **state) -> None:
-        """state: tensors (saved from the CPU) and JSON numbers."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-        header = json.dumps({"fingerprint": self.fingerprint, **meta})
-        atomic_write_bytes(self.path, save(tensors, metadata={self.KEY: header}))
+        """state: tensors (saved from the CPU) and JSON numbers. Under torchrun only rank 0's journal writes
+        (`write`): every rank holds the same state."""
+        if self.write:
+            tensors = {
+                k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)
+            }
+            meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+            header = json.dumps({"fingerprint": self.fingerprint, **meta})
+            atomic_write_bytes(self.path, save(tensors, metadata={self.KEY: header}))
         self.saved_at = time.monotonic()
 
     def stopped(self, where: str) -> Stopped:
-        return Stopped(self.stop.signum, f"{where}: {self.path} holds it; run again with --resume")
+        signum = (
+            self.stop.signum if self.stop and self.stop.signum else signal.SIGTERM
+        )  # another rank's signal
+        return Stopped(signum, f"{where}: {self.path} holds it; run again with --resume")
 
 
 def _faiss():
@@ -158,10 +174,11 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def resolve_backend(backend: str) -> str:
-    """The backend `auto` stands for: faiss when it is installed, else the torch backend."""
-    if backend != "auto":
-        return backend
+def resolve_backend(backend: str, world: int = 1) -> str:
+    """The backend `auto` stands for: faiss when it is installed (and the fit runs in one process: faiss uses
+    a node's GPUs itself), else the torch backend."""
+    if backend != "auto" or world > 1:
+        return "torch" if backend == "auto" else backend
     try:
         _faiss()
         return "faiss"
@@ -175,29 +192,57 @@ def fit(
     device: str | None = None,
     progress: bool = False,
     journal: FitJournal | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> KMeansResult:
     """Cluster x (M, C) float16 or float32 into cfg.k centroids. Returns float32 centroids (K, C), and the
     objective and cluster sizes on x. device: where the torch backend fits and the final assignment runs
-    (default: the GPU when torch sees one). journal: where the fit keeps its progress and resumes from."""
+    (default: the GPU when torch sees one). journal: where the fit keeps its progress and resumes from.
+
+    Under torchrun (world > 1, torch backend): x is this rank's share of the sample, its rows rank, rank +
+    world, ... (FeatureStore.sample); each rank assigns its rows and the cluster sums, counts and objectives
+    are all-reduced, so every rank holds the same centroids, sizes and objective (those of the whole sample,
+    up to the order of float sums)."""
     cfg.validate()
-    if x.shape[0] < cfg.k:
-        raise ConfigError(
-            f"--k {cfg.k}: only {x.shape[0]} feature vectors; extract more patches or lower --k"
-        )
+    n = _all_sum(torch.tensor(x.shape[0]), world).item()  # the whole sample's rows
+    if n < cfg.k:
+        raise ConfigError(f"--k {cfg.k}: only {n} feature vectors; extract more patches or lower --k")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cosine = cfg.metric == "cosine"
     xt = torch.from_numpy(np.ascontiguousarray(x))  # (M, C) in x's dtype, x's memory when contiguous
-    if resolve_backend(cfg.backend) == "faiss":
+    backend = resolve_backend(cfg.backend, world)
+    if world > 1 and backend != "torch":
+        raise ConfigError(
+            "--backend faiss under torchrun: faiss uses every GPU of one process itself; run it without "
+            "torchrun, or pass --backend torch (or auto)"
+        )
+    if world > 1 and n > cfg.k * cfg.max_points_per_centroid:
+        raise ConfigError(
+            f"{n} vectors over {world} ranks: more than k x max_points_per_centroid; pass a sample that fits"
+        )
+    if backend == "faiss":
         # x itself when small enough (faiss then subsamples no further); no copy when float32 already
         sample = _subsample(xt, cfg)[0].numpy()
         x32 = np.ascontiguousarray(sample, dtype=np.float32)
         centroids, ran = _fit_faiss(normalize(x32) if cosine else x32, cfg, progress, journal)
         del sample, x32
     else:
-        centroids, ran = _fit_torch(xt, cfg, dev, progress, journal).cpu().numpy(), f"torch-{dev.type}"
+        c = _fit_torch(xt, cfg, dev, progress, journal, rank, world)
+        centroids, ran = c.cpu().numpy(), f"torch-{dev.type}" + (f":{world}" if world > 1 else "")
     labels, d2 = _nearest(xt, torch.from_numpy(centroids).to(dev), normalize=cosine)
-    sizes = torch.bincount(labels, minlength=cfg.k).cpu().numpy().astype(np.int64)
-    return KMeansResult(centroids, float(d2.double().mean()), sizes, ran)
+    sizes = _all_sum(torch.bincount(labels, minlength=cfg.k), world).cpu().numpy().astype(np.int64)
+    return KMeansResult(centroids, float(_all_sum(d2.double().sum(), world)) / n, sizes, ran)
+
+
+def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """t summed over the ranks of a torchrun job (in place), the same on every rank; t itself for one rank.
+    Moved to the current GPU for NCCL, and back."""
+    if world == 1:
+        return t
+    dev = t.device
+    on = t.cuda() if torch.distributed.get_backend() == "nccl" and not t.is_cuda else t
+    torch.distributed.all_reduce(on)
+    return on.to(dev)
 
 
 def _subsample(x: torch.Tensor, cfg: KMeansConfig) -> tuple[torch.Tensor, torch.Generator]:
@@ -276,13 +321,20 @@ def _nearest(
 
 
 def _fit_torch(
-    x: torch.Tensor, cfg: KMeansConfig, device: torch.device, progress: bool, journal: FitJournal | None
+    x: torch.Tensor,
+    cfg: KMeansConfig,
+    device: torch.device,
+    progress: bool,
+    journal: FitJournal | None,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.Tensor:
     """Lloyd's iterations on device; x (M, C) float16 or float32 on the CPU is moved there in its own dtype.
     With a journal, the restart and iteration, centroids, best restart and generator state are saved (see
-    FitJournal) and a saved state is continued."""
+    FitJournal) and a saved state is continued. Under torchrun x is this rank's share (see fit): the draws
+    are the same on every rank, the sums and counts all-reduced."""
     x, gen = _subsample(x, cfg)
-    n = x.shape[0]
+    n = int(_all_sum(torch.tensor(x.shape[0]), world).item())  # the whole sample's rows
     x = x.to(device)
     low, cosine = x.is_cuda, cfg.metric == "cosine"
     state = journal.load() if journal else None
@@ -300,38 +352,51 @@ def _fit_torch(
         disable=not progress,
     )
     while r < cfg.nredo:
-        if i == 0:
-            pick = torch.randperm(n, generator=gen)[: cfg.k].to(device)
-            c = x[pick].float()  # (K, C) distinct points
+        if i == 0:  # k distinct points of the whole sample; row g is row g // world of rank g % world
+            pick = torch.randperm(n, generator=gen)[: cfg.k]
+            mine = pick % world == rank
+            c = torch.zeros(cfg.k, x.shape[1], device=device)  # (K, C)
+            c[mine.to(device)] = x[(pick[mine] // world).to(device)].float()
+            c = _all_sum(c, world)
             if cosine:
                 c = F.normalize(c, dim=1)
         while i < cfg.niter:
             sums = torch.zeros_like(c)  # (K, C)
             a, _ = _nearest(x, c, low=low, normalize=cosine, sums=sums)
-            counts = torch.bincount(a, minlength=cfg.k)  # (K,)
+            sums, counts = _all_sum(sums, world), _all_sum(torch.bincount(a, minlength=cfg.k), world)  # (K,)
             c = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None].to(c.dtype), c)
             c = _split_empty(c, counts, gen)
             if cosine:
                 c = F.normalize(c, dim=1)
             i += 1
             bar.update(1)
-            if journal and i < cfg.niter and journal.due():
+            due, stopping = _agree(journal, world) if i < cfg.niter else (False, False)
+            if due:
                 extra = {} if best is None else {"best": best}
                 journal.save(redo=r, iter=i, c=c, generator=gen.get_state(), best_obj=best_obj, **extra)
-                if journal.stopping:
+                if stopping:
                     raise journal.stopped(f"in k-means restart {r + 1} of {cfg.nredo} after iteration {i}")
         _, dist = _nearest(x, c, normalize=cosine)
-        obj = float(dist.double().sum())
+        obj = float(_all_sum(dist.double().sum(), world))
         bar.set_postfix(objective=f"{obj / n:.5g}")
         if obj < best_obj:
             best, best_obj = c, obj
         r, i = r + 1, 0
         if journal and r < cfg.nredo:
             journal.save(redo=r, iter=0, generator=gen.get_state(), best=best, best_obj=best_obj)
-            if journal.stopping:
+            if _agree(journal, world)[1]:
                 raise journal.stopped(f"after k-means restart {r} of {cfg.nredo}")
     bar.close()
     return best
+
+
+def _agree(journal: FitJournal | None, world: int) -> tuple[bool, bool]:
+    """(save now, stop after saving), the same on every rank: saved when any rank's journal is due (its
+    clock) or signalled, stopped when any rank was signalled."""
+    if journal is None:
+        return False, False
+    flags = _all_sum(torch.tensor([float(journal.due()), float(journal.stopping)]), world)
+    return bool(flags[0] > 0 or flags[1] > 0), bool(flags[1] > 0)
 
 
 def _split_empty(
