@@ -240,3 +240,19 @@ def test_a_two_rank_torch_fit_equals_the_one_process_fit(tmp_path):
         np.testing.assert_allclose(got["centroids"], want.centroids, rtol=1e-5, atol=1e-5)
         assert np.array_equal(got["sizes"], want.sizes) and got["sizes"].sum() == 3001
         assert float(got["objective"]) == pytest.approx(want.objective, rel=1e-6)
+
+
+def test_a_damaged_progress_file_is_refused_in_one_line(tmp_path):
+    """A progress file cut short (or not one of ours) is named with the fix, never half-read."""
+    from tokenkit.errors import CodebookError
+    from tokenkit.kmeans import FitJournal
+
+    x = blobs(n=500, d=4, centers=4)
+    cfg = KMeansConfig(k=4, niter=3, nredo=2, backend="torch")
+    path = tmp_path / "cb.progress"
+    fit(x, cfg, journal=FitJournal(path, {"k": 4}, every=0))  # leaves its state after restart 1 behind
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(
+        CodebookError, match=r"cb.progress: unreadable k-means progress .*; delete it to start over"
+    ):
+        fit(x, cfg, journal=FitJournal(path, {"k": 4}))
