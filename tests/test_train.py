@@ -516,20 +516,21 @@ def test_every_split_of_the_global_batch_takes_the_same_images_per_step():
     assert steps(2, 1, 4, start=2) == want[2:]
 
 
-def test_a_resume_may_split_the_global_batch_another_way_but_not_change_it(store, tmp_path):
+@pytest.mark.parametrize("data", ["zarr", "wds"])
+def test_a_resume_may_split_the_global_batch_another_way_but_not_change_it(store, tmp_path, data):
     """A batch-4 run resumed at --batch-size 2 --accum-steps 2 (as on half the GPUs) keeps its schedule: the
-    uninterrupted run's steps, epochs and learning rates; a resume that changes the global batch is refused,
-    naming both splits and the fix."""
+    uninterrupted run's steps, epochs and learning rates, from a zarr store or streamed shards; a resume that
+    changes the global batch is refused, naming both splits and the fix."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    pretrain(tiny(store, ref, epochs=2), progress=False)
-    pretrain(tiny(store, run, epochs=2, max_steps=2), progress=False)
+    pretrain(tiny(store, ref, epochs=2, data=data), progress=False)
+    pretrain(tiny(store, run, epochs=2, max_steps=2, data=data), progress=False)
     with pytest.raises(ConfigError) as e:
-        pretrain(tiny(store, run, epochs=2, batch_size=2), resume=True, progress=False)
+        pretrain(tiny(store, run, epochs=2, batch_size=2, data=data), resume=True, progress=False)
     assert str(e.value) == (
         f"{run}/last.pt: the run's global batch is 4 (--batch-size 4 x --accum-steps 1 x 1 ranks), this "
         "launch's 2 (2 x 1 x 1); keep it: --accum-steps 2"
     )
-    pretrain(tiny(store, run, epochs=2, batch_size=2, accum_steps=2), resume=True, progress=False)
+    pretrain(tiny(store, run, epochs=2, batch_size=2, accum_steps=2, data=data), resume=True, progress=False)
     got, want = metrics(run), metrics(ref)
     assert [(m["step"], m["epoch"], m["lr"]) for m in got] == [(m["step"], m["epoch"], m["lr"]) for m in want]
     assert [m["loss"] for m in got[:2]] == [m["loss"] for m in want[:2]]  # before the resume: the same run
