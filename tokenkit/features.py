@@ -79,7 +79,7 @@ class FeatureStore(RowStore):
         feats = self.group["features"]
         P = feats.shape[1]
         ok_rows = np.flatnonzero(self.status() == STATUS_OK)
-        total = self.num_vectors()
+        total = len(ok_rows) * P
         rng = np.random.default_rng(seed)
         take = (
             np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)

@@ -33,8 +33,8 @@ MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 class StrArray(Sequence[str]):
     """A read-only sequence of strings packed in one UTF-8 buffer with offsets (two numpy arrays), which
     forked DataLoader workers share. In a list or tuple, every str is an object whose reference count changes
-    when it is read, so each worker copies the pages it reads: measured for ImageNet's 1.28M keys and paths,
-    212 MiB per worker after an eighth of an epoch (11 MiB for the same strings in numpy arrays)."""
+    when it is read, so each worker copies the pages it reads: for ImageNet's 1.28M keys and paths, 200.9 MiB
+    per worker over an epoch, 0.5 MiB as a StrArray (bench/worker_memory.py, docs/benchmarks.md)."""
 
     def __init__(self, items: Iterable[str]):
         data = [s.encode() for s in items]
