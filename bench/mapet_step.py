@@ -49,8 +49,8 @@ class PlainViT(torch.nn.Module):
         self.encoder, self.tokens = VisionTransformer(cfg), tokens
         self.head = torch.nn.Linear(cfg.dim, k if tokens else 1000)
 
-    def loss(self, images, targets, _aux):
-        x = self.encoder.forward_features(images)  # (B, N, D)
+    def loss(self, images, targets, _aux, drop):
+        x = self.encoder.forward_features(images, drop)  # (B, N, D)
         if self.tokens:
             logits = self.head(x[:, 1 : 1 + self.tokens])  # (B, M, K)
             return F.cross_entropy(logits.flatten(0, 1), targets[:, : self.tokens].flatten()), None
@@ -59,8 +59,8 @@ class PlainViT(torch.nn.Module):
 
 def train_step(model, make_aux, batch: int, device: torch.device, compile: str = "") -> TrainStep:
     """The trainer's step (pretrain.train.Objective, its AdamW groups) on a fixed random batch; make_aux()
-    gives the per-step randomness the data loader would (orders, masks). compile: "" (eager) or a
-    torch.compile mode ("default", "reduce-overhead": CUDA graphs)."""
+    gives the per-step randomness the data loader would (orders or masks, and drop-path uniforms). compile:
+    "" (eager) or a torch.compile mode ("default", "reduce-overhead": CUDA graphs)."""
     cfg = model.encoder.cfg
     opt = adamw(param_groups(model, 0.05), lr=1e-4)
     step = compiled(Objective(model), device, compile) if compile else Objective(model)
@@ -68,10 +68,11 @@ def train_step(model, make_aux, batch: int, device: torch.device, compile: str =
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     targets = torch.randint(0, 8192, (batch, cfg.num_patches), generator=g).to(device)
 
-    def step_loss(aux):
+    def step_loss(draws):
         if compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs' previous outputs are dead
-        return step(images, targets, aux.to(device))[0]
+        aux, drop = draws
+        return step(images, targets, aux.to(device), drop.to(device))[0]
 
     return TrainStep(step_loss, list(model.parameters()), opt, make_aux, device)
 
@@ -92,13 +93,16 @@ def our_steps(
     P = 1 + G * G - default_context(G * G)
     gen, rng, nm = torch.Generator().manual_seed(1), np.random.default_rng(0), default_num_masked(G * G)
 
+    def drop():  # (B, depth, 2) drop-path uniforms, as pretrain.data.SampleDraws gives them
+        return torch.rand(batch, cfg.depth, 2, generator=gen)
+
     def orders():
-        return random_orders(batch, G * G, gen)
+        return random_orders(batch, G * G, gen), drop()
 
     def masks():
-        return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(batch)]))
+        return torch.from_numpy(np.stack([block_mask(rng, G, nm).reshape(-1) for _ in range(batch)])), drop()
 
-    zero = lambda: torch.zeros(1)  # noqa: E731
+    zero = lambda: (torch.zeros(1), drop())  # noqa: E731
     models = {
         "mapet": (lambda: MaPeT(cfg, 8192, attn_backend=attn_backend), orders),
         "beit": (lambda: BEiT(cfg, 8192), masks),

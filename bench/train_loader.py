@@ -4,7 +4,9 @@
 
 The trainer's per-sample work (pretrain.data.make_sample): decode the JPEG, render the stored view (crop box
 + flip, one bicubic resize to the student's size), to uint8, draw the colour jitter (applied to the whole
-batch on the trainer's device since 2026-11-26; its cost per sample on the CPU is printed too). Images: scikit-image's colour
+batch on the trainer's device since 2026-11-26; its cost per sample on the CPU is printed too) and the
+objective's draws (a MaPeT order or a BEiT mask, and drop path: in the worker since 2026-11-27; the whole
+sample is MaPeT's). Images: scikit-image's colour
 photos resized to an ImageNet-like long side (500 px, JPEG quality 90, in memory), each with 8 stored
 random-resized views as `tokenkit tokenize --views 8` draws them. Prints ms per sample for each part and
 for the whole, and images/s per worker; with --step-img-s (one GPU's training images/s, e.g. MaPeT-S at
@@ -31,11 +33,15 @@ import skimage.data
 import torch
 from PIL import Image
 
-from pretrain.data import apply_jitter, jitter_draws, make_sample
+from pretrain.data import SampleDraws, apply_jitter, jitter_draws, make_sample
 from tokenkit.images import decode_image
 from tokenkit.views import ViewConfig, draw_views, keyed_rng, render_view, to_uint8, to_unit
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+DRAWS = SampleDraws(
+    "mapet", depth=12
+)  # MaPeT-S's: an order of the 196 patches, 2 drop-path uniforms per block
+BEIT_DRAWS = SampleDraws("beit", depth=12, num_masked=75)
 
 
 def jpegs(long_side: int) -> list[tuple[str, bytes, np.ndarray]]:
@@ -157,8 +163,10 @@ def main() -> None:
         "render view": lambda it, i: render_view(decoded[i % len(items)], it[2][i % 8], args.size),
         "to uint8": lambda it, i: to_uint8(rendered[i % len(items)]),
         "jitter draws": lambda it, i: jitter_draws(keyed_rng(i), args.jitter),
+        "mapet draws": lambda it, i: DRAWS.draw(keyed_rng(i), 196),
+        "beit draws": lambda it, i: BEIT_DRAWS.draw(keyed_rng(i), 196),
         "whole sample": lambda it, i: make_sample(
-            it[1], it[0], it[0], tokens, it[2], i, 0, args.size, args.jitter
+            it[1], it[0], it[0], tokens, it[2], i, 0, args.size, args.jitter, DRAWS
         ),
     }
     runs = {name: [] for name in parts}

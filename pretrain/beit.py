@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pretrain.token_loss import IGNORE, token_loss
-from pretrain.vit import VisionTransformer, ViTConfig, run_block
+from pretrain.vit import VisionTransformer, ViTConfig, block_draws, run_block
 
 
 def default_num_masked(num_patches: int) -> int:
@@ -73,8 +73,15 @@ class BEiT(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def features(self, images: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor):
-        """images (B, 3, S, S), targets (B, G*G) int64, masked (B, G*G) bool, at most num_masked per row.
+    def features(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        masked: torch.Tensor,
+        drop: torch.Tensor | None = None,
+    ):
+        """images (B, 3, S, S), targets (B, G*G) int64, masked (B, G*G) bool, at most num_masked per row;
+        drop (B, depth, 2) float drop-path draws, or None (pretrain.vit.add_drop_path).
 
         Returns the normalised outputs (B, num_masked, D) at each sample's masked patches (in grid order, then
         padding) and their targets (B, num_masked), IGNORE at the padding.
@@ -88,21 +95,21 @@ class BEiT(nn.Module):
         x = enc.embed_patches(images)  # (B, G*G, D)
         x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)  # masked patches -> mask token
         x = enc.prepend_cls(x)  # (B, N, D)
-        for blk in enc.blocks:
-            x = run_block(enc, blk, x)
+        for i, blk in enumerate(enc.blocks):
+            x = run_block(enc, blk, x, u=block_draws(drop, i))
         x = enc.norm(x)[:, 1:]  # (B, G*G, D)
         # masked patches first, in grid order (stable sort), then as many unmasked ones as pad to num_masked
         pick = masked.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, : self.num_masked]
         y = targets.gather(1, pick).masked_fill(~masked.gather(1, pick), IGNORE)  # (B, num_masked)
         return x.gather(1, pick[..., None].expand(-1, -1, x.shape[-1])), y
 
-    def forward(self, images, targets, masked):
+    def forward(self, images, targets, masked, drop=None):
         """Logits (M, K) of the batch's M masked patches and their targets (M,)."""
-        x, y = self.features(images, targets, masked)
+        x, y = self.features(images, targets, masked, drop)
         keep = y != IGNORE
         return self.head(x[keep]), y[keep]
 
-    def loss(self, images, targets, masked):
+    def loss(self, images, targets, masked, drop=None):
         """Mean cross-entropy over the masked patches and their token top-1 (pretrain.token_loss)."""
-        x, y = self.features(images, targets, masked)
+        x, y = self.features(images, targets, masked, drop)
         return token_loss(x, self.head, y)

@@ -6,7 +6,8 @@ come from the store and are rendered by tokenkit's own `render_view`, so the inp
 the targets were computed from, at the student's resolution. Colour jitter (brightness, contrast,
 saturation) is drawn from the same keyed generator in the worker and applied on the trainer's device to the
 whole batch (`apply_jitter`): workers ship uint8 pixels (B, S, S, 3), 4x fewer bytes than float32, and each
-sample's jitter draws (B, 3, 2); the trainer converts, jitters and normalises them on its device.
+sample's jitter draws (B, 3, 2); the trainer converts, jitters and normalises them on its device. The
+objective's own draws (MaPeT orders or BEiT masks, drop path) come from the same generator (SampleDraws).
 
 Two readers: `StoreDataset` (map-style over a zarr store: each batch's token rows in one read through
 `__getitems__`, the per-row metadata held in memory (`TokenStore.meta`), each source image checked against
@@ -16,8 +17,10 @@ with the image bytes inside, resampled per rank and epoch so every rank gets equ
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, Sampler
 
+from pretrain.beit import block_mask
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import keyed_rng, render_view, standardize, to_uint8, to_unit
@@ -76,6 +80,29 @@ def apply_jitter(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class SampleDraws:
+    """What a sample draws for its objective, after its view and jitter, from the same generator keyed by
+    (seed, epoch, key): MaPeT's factorisation order (a uniform permutation of the G*G patches, paper
+    Sec. 3.1) or BEiT's blockwise mask of at most `num_masked` patches, and 2 drop-path uniforms per block
+    (attention, MLP; kept where u < 1 - rate). Keyed by the sample, not by rank or micro-step, a step
+    computes the same function for any split of its global batch over GPUs and accumulation steps, and the
+    draws run in the loader's workers, off the training loop."""
+
+    objective: str  # "mapet" | "beit"
+    depth: int  # the encoder's blocks
+    num_masked: int = 0  # BEiT's mask budget
+
+    def draw(self, rng: np.random.Generator, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G*G,) int64 order or (G*G,) bool mask, and (depth, 2) float32 drop-path uniforms."""
+        if self.objective == "mapet":
+            aux = torch.from_numpy(rng.permutation(num_patches))  # (G*G,) int64
+        else:
+            grid = math.isqrt(num_patches)
+            aux = torch.from_numpy(block_mask(rng, grid, self.num_masked).reshape(-1))  # (G*G,) bool
+        return aux, torch.from_numpy(rng.random((self.depth, 2), dtype=np.float32))
+
+
 def make_sample(
     data: bytes,
     name: str,
@@ -86,14 +113,17 @@ def make_sample(
     seed: int,
     image_size: int,
     strength: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    draws: SampleDraws,
+) -> tuple[torch.Tensor, ...]:
     """One training sample: (S, S, 3) uint8 pixels of the view used this epoch, its (G*G,) int64 targets,
-    and its (3, 2) colour jitter draws (applied on the trainer's device: `to_input`)."""
+    its (3, 2) colour jitter draws (applied on the trainer's device: `to_input`), and its objective's draws
+    (SampleDraws: order or mask (G*G,), drop path (depth, 2))."""
     rng = keyed_rng(seed, epoch, key)
     v = int(rng.integers(0, len(views)))
     x = to_uint8(render_view(decode_image(data, name), views[v], image_size))  # (S, S, 3)
     targets = torch.from_numpy(np.asarray(tokens[v], dtype=np.int64).reshape(-1))  # (G*G,)
-    return x, targets, jitter_draws(rng, strength)
+    jitter = jitter_draws(rng, strength)
+    return x, targets, jitter, *draws.draw(rng, len(targets))
 
 
 class StoreDataset(torch.utils.data.Dataset):
@@ -103,12 +133,13 @@ class StoreDataset(torch.utils.data.Dataset):
         self,
         store: TokenStore | str | Path,
         image_size: int,
+        draws: SampleDraws,
         seed: int = 0,
         jitter: float = 0.4,
         source_root: str | None = None,
     ):
         self.store = store if isinstance(store, TokenStore) else TokenStore.open(store)
-        self.image_size, self.seed, self.strength = image_size, seed, jitter
+        self.image_size, self.draws, self.seed, self.strength = image_size, draws, seed, jitter
         self.source_root = source_root
         self.epoch = 0
         self.store.meta()  # read once here, before the workers start: they share it (TokenStore.meta)
@@ -120,7 +151,7 @@ class StoreDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, ...]]:
         block = self.store.read(positions)  # one sorted read per array for the whole batch
         out = []
         for j in range(len(positions)):
@@ -137,6 +168,7 @@ class StoreDataset(torch.utils.data.Dataset):
                     self.seed,
                     self.image_size,
                     self.strength,
+                    self.draws,
                 )
             )
         return out
@@ -204,7 +236,7 @@ class OpenTars:
 
 class StreamDataset(IterableDataset):
     """webdataset token shards, streamed: yields whole batches (pixels (b, S, S, 3) uint8, targets (b, G*G),
-    jitter draws (b, 3, 2)).
+    jitter draws (b, 3, 2), orders or masks (b, G*G), drop-path draws (b, depth, 2): make_sample).
 
     Per (epoch, rank) a keyed generator draws `len(shards)` shards with replacement (resampled shards: every
     rank streams the same amount whatever the shard sizes), a shuffle buffer mixes samples, and each
@@ -221,6 +253,7 @@ class StreamDataset(IterableDataset):
         image_size: int,
         batch_size: int,
         batches_per_epoch: int,
+        draws: SampleDraws,
         rank: int = 0,
         world: int = 1,
         seed: int = 0,
@@ -235,6 +268,7 @@ class StreamDataset(IterableDataset):
                 f"{root}: the store has no webdataset shards; tokenize with --format wds or both"
             )
         self.image_size, self.batch_size, self.batches_per_epoch = image_size, batch_size, batches_per_epoch
+        self.draws = draws
         self.rank, self.world, self.seed, self.strength, self.buffer = rank, world, seed, jitter, buffer
         self.epoch, self.start_batch = 0, 0
 
@@ -275,6 +309,7 @@ class StreamDataset(IterableDataset):
                             self.seed,
                             self.image_size,
                             self.strength,
+                            self.draws,
                         )
                     )
                 yield tuple(torch.stack(t) for t in zip(*pairs, strict=True))

@@ -30,6 +30,7 @@ from pretrain.vit import (
     VisionTransformer,
     ViTConfig,
     add_drop_path,
+    block_draws,
     compute_dtype,
     mlp,
     run_block,
@@ -63,11 +64,18 @@ def random_orders(batch: int, num_patches: int, generator: torch.Generator) -> t
 
 
 def two_stream_block(
-    blk: Block, x: torch.Tensor, groups: tuple[int, int, int], masks, flex=None, last: bool = False
+    blk: Block,
+    x: torch.Tensor,
+    groups: tuple[int, int, int],
+    masks,
+    flex=None,
+    last: bool = False,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One shared-weight block over both streams. x (B, c+3P, D) in the layout above -> (B, c+3P, D), or
     (B, P, D) query rows only when `last`. groups = (c + P dense rows, c + 2P key rows, P);
-    masks = (group-B mask (2P, c+2P), query mask (P, c+2P)): bool tensors, or BlockMasks with `flex`."""
+    masks = (group-B mask (2P, c+2P), query mask (P, c+2P)): bool tensors, or BlockMasks with `flex`;
+    u (B, 2): the sample's drop-path draws, shared by its two streams (or None: pretrain.vit.add_drop_path)."""
     a, s, P = groups
     attn = blk.attn
     B, L, D = x.shape
@@ -90,8 +98,9 @@ def two_stream_block(
         o_a = F.scaled_dot_product_attention(q_a, k[:, :, :a], v[:, :, :a])  # (B, H, c+P, Dh) dense
         o_b = sdpa(q_b, k, v, **{"block_mask" if flex else "attn_mask": masks[0]})  # (B, H, 2P, Dh)
         o = torch.cat([proj(o_a), proj(o_b)], dim=1)  # (B, L, D)
-    x = add_drop_path(x, o, blk.drop_path, blk.training)
-    return add_drop_path(x, mlp(blk.mlp, blk.norm2(x), blk.gamma2), blk.drop_path, blk.training)
+    u1, u2 = (None, None) if u is None else u.unbind(1)
+    x = add_drop_path(x, o, blk.drop_path, blk.training, u1)
+    return add_drop_path(x, mlp(blk.mlp, blk.norm2(x), blk.gamma2), blk.drop_path, blk.training, u2)
 
 
 class MaPeT(nn.Module):
@@ -156,8 +165,15 @@ class MaPeT(nn.Module):
         # materialises the scores)
         return self._flex[2], self._flex[3 if torch.compiler.is_compiling() else 1]
 
-    def features(self, images: torch.Tensor, targets: torch.Tensor, orders: torch.Tensor):
-        """images (B, 3, S, S); targets (B, G*G) int64 token ids (row-major); orders (B, G*G) permutations.
+    def features(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        orders: torch.Tensor,
+        drop: torch.Tensor | None = None,
+    ):
+        """images (B, 3, S, S); targets (B, G*G) int64 token ids (row-major); orders (B, G*G) permutations;
+        drop (B, depth, 2) float drop-path draws, or None (pretrain.vit.add_drop_path).
 
         Returns the query stream's normalised outputs (B, P, D), the head's input, and the targets in
         prediction order (B, P).
@@ -176,17 +192,25 @@ class MaPeT(nn.Module):
         last = len(enc.blocks) - 1
         for i, blk in enumerate(enc.blocks):
             x = run_block(
-                enc, two_stream_block, blk, x, groups, attn_masks, flex, last=i == last
+                enc,
+                two_stream_block,
+                blk,
+                x,
+                groups,
+                attn_masks,
+                flex,
+                last=i == last,
+                u=block_draws(drop, i),
             )  # (B, c+3P, D); last: (B, P, D)
         return enc.norm(x), targets.gather(1, orders[:, c - 1 :])  # (B, P, D), (B, P)
 
-    def forward(self, images, targets, orders):
+    def forward(self, images, targets, orders, drop=None):
         """Logits (B, P, K) of the P predictions and their targets (B, P)."""
-        x, y = self.features(images, targets, orders)
+        x, y = self.features(images, targets, orders, drop)
         return self.head(x), y
 
-    def loss(self, images, targets, orders):
+    def loss(self, images, targets, orders, drop=None):
         """Mean cross-entropy over all P predictions, and token top-1 accuracy (the pre-training metric),
         without materialising the logits (pretrain.token_loss)."""
-        x, y = self.features(images, targets, orders)
+        x, y = self.features(images, targets, orders, drop)
         return token_loss(x, self.head, y)

@@ -2,10 +2,14 @@
 
 AdamW without decay on norms, biases, LayerScale, position embeddings, CLS and mask tokens; a per-step
 cosine schedule with linear warmup; gradient clipping; gradient accumulation; bf16 autocast on CUDA;
-optional torch.compile; DDP under torchrun. Every random draw of step s (factorisation orders or BEiT
-masks, DropPath) is seeded by (seed, s), and the data order by (seed, epoch), so `--resume auto` replays the
-uninterrupted run exactly on CPU; resumed on another number of ranks, the same global batch (check_split)
-keeps the schedule and each step's images. Metrics go to RUN/metrics.jsonl, one JSON object per logged step.
+optional torch.compile; DDP under torchrun. Every random draw of a sample (its view, jitter, factorisation
+order or BEiT mask, drop path) is keyed by (seed, epoch, sample key) and drawn in the loader
+(pretrain.data.SampleDraws), and the data order by (seed, epoch), so `--resume auto` replays the
+uninterrupted run exactly on CPU, and a run is the same function of its seed for any split of its global
+batch over ranks and accumulation steps (floating-point summation order aside; streamed shards: over
+accumulation steps, as each rank streams its own draw of shards): resumed on other GPUs with the same global
+batch (check_split), it goes on as it would have. Metrics go to
+RUN/metrics.jsonl, one JSON object per logged step.
 SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a job) makes the run checkpoint at its
 next logged step and raise `Stopped` (tokenkit.stopsignal), so a preempted run loses no finished step.
 """
@@ -20,22 +24,20 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pretrain.beit import BEiT, block_mask, default_num_masked
+from pretrain.beit import BEiT
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from pretrain.data import EpochSampler, StoreDataset, StreamDataset, to_input
-from pretrain.mapet import MaPeT, random_orders
+from pretrain.data import EpochSampler, SampleDraws, StoreDataset, StreamDataset, to_input
+from pretrain.mapet import MaPeT
 from pretrain.vit import PRESETS, ViTConfig
 from tokenkit.errors import ConfigError, StoreError, require
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.stopsignal import StopSignal, ignore_sigterm, worker_batches
 from tokenkit.store import TokenStore, verify
-from tokenkit.views import keyed_rng
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes --compile takes
 
@@ -152,7 +154,8 @@ def compile_checks(cfg, world: int = 1) -> None:
 def check_split(where: str, was: dict, was_world: int, cfg, world: int) -> None:
     """A resume may split the run's global batch (--batch-size x --accum-steps x ranks) another way: more GPUs,
     or fewer with more accumulation. It may not change it: the schedule counts optimizer steps, and an epoch's
-    permutation gives each step the same images under any split of the same global batch (EpochSampler).
+    permutation gives each step the same images under any split of the same global batch (EpochSampler), each
+    with the same draws (SampleDraws).
     `was`: the checkpoint's config; was_world: its ranks. A one-line ConfigError naming both and the fix."""
     old, new = was["batch_size"] * was["accum_steps"] * was_world, cfg.batch_size * cfg.accum_steps * world
     if old == new:
@@ -220,20 +223,6 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def step_aux(
-    objective: str, batch: int, grid: int, seed: int, step: int, micro: int, rank: int
-) -> torch.Tensor:
-    """The random part of a step, keyed by (seed, step, micro, rank): MaPeT orders or BEiT masks."""
-    if objective == "mapet":
-        g = torch.Generator().manual_seed(int(keyed_rng("orders", seed, step, micro, rank).integers(2**62)))
-        return random_orders(batch, grid * grid, g)  # (B, G*G)
-    rng = keyed_rng("beit", seed, step, micro, rank)
-    n = default_num_masked(grid * grid)
-    return torch.from_numpy(
-        np.stack([block_mask(rng, grid, n).reshape(-1) for _ in range(batch)])
-    )  # (B, G*G)
-
-
 class Objective(nn.Module):
     """What DDP wraps: forward = (loss, token top-1) of one micro-batch."""
 
@@ -241,8 +230,8 @@ class Objective(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, images, targets, aux):
-        return self.net.loss(images, targets, aux)
+    def forward(self, images, targets, aux, drop):
+        return self.net.loss(images, targets, aux, drop)
 
 
 def compiled(objective: Objective, device: torch.device, mode: str | None = None) -> nn.Module:
@@ -361,13 +350,22 @@ def pretrain(
             f"lr {cfg.lr:g}, {precision} on {device}" + (f"; resuming at step {step}" if step else "")
         )
 
+    draws = SampleDraws(cfg.objective, vit.depth, net.num_masked if cfg.objective == "beit" else 0)
     if use_wds:
         dataset = StreamDataset(
-            cfg.tokens, vit.image_size, cfg.batch_size, batches_per_epoch, rank, world, cfg.seed, cfg.jitter
+            cfg.tokens,
+            vit.image_size,
+            cfg.batch_size,
+            batches_per_epoch,
+            draws,
+            rank,
+            world,
+            cfg.seed,
+            cfg.jitter,
         )
         loader_kw = dict(batch_size=None)
     else:
-        dataset = StoreDataset(store, vit.image_size, cfg.seed, cfg.jitter, cfg.source_root)
+        dataset = StoreDataset(store, vit.image_size, draws, cfg.seed, cfg.jitter, cfg.source_root)
         sampler = EpochSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
         loader_kw = dict(batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
     metrics_path = run / "metrics.jsonl"
@@ -417,16 +415,11 @@ def pretrain(
                     acc_sum = torch.zeros((), device=device)
                     for micro in range(cfg.accum_steps):
                         t_wait = time.perf_counter()
-                        pixels, targets, draws = next(it)  # (B, S, S, 3) uint8, (B, G*G), (B, 3, 2)
+                        # (B, S, S, 3) uint8, (B, G*G), (B, 3, 2), (B, G*G) orders or masks, (B, depth, 2)
+                        pixels, targets, jitter, aux, drop = next(it)
                         waited += time.perf_counter() - t_wait
-                        images = to_input(pixels, device, draws)  # colour jitter on the device
-                        targets = targets.to(device, non_blocking=True)
-                        aux = step_aux(
-                            cfg.objective, images.shape[0], vit.grid, cfg.seed, step, micro, rank
-                        ).to(device)
-                        torch.manual_seed(
-                            int(keyed_rng("droppath", cfg.seed, step, micro, rank).integers(2**62))
-                        )
+                        images = to_input(pixels, device, jitter)  # colour jitter on the device
+                        targets, aux, drop = (t.to(device, non_blocking=True) for t in (targets, aux, drop))
                         sync = (
                             nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
                         )
@@ -434,7 +427,7 @@ def pretrain(
                             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
                         with sync:
                             with autocast:
-                                loss, acc = model(images, targets, aux)
+                                loss, acc = model(images, targets, aux, drop)
                             scaler.scale(loss / cfg.accum_steps).backward()
                         loss_sum += loss.detach().float()
                         acc_sum += acc.detach().float()

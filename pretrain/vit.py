@@ -49,14 +49,22 @@ PRESETS = {
 }
 
 
-def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def add_drop_path(
+    x: torch.Tensor, branch: torch.Tensor, p: float, training: bool, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """x + drop_path(branch): stochastic depth, one draw per sample, a kept branch scaled by 1 / (1 - p).
     Both MaPeT streams are rows of the same sample's tensor, so they share the draw, as the paper's
-    implementation does. One fused pass (addcmul) with the scale drawn in x's dtype."""
+    implementation does. u (B,) float: the samples' uniform draws, a branch kept where u < 1 - p (the
+    trainers draw them per sample in the loader: pretrain.data.SampleDraws); None: drawn here, on x's device.
+    One fused pass (addcmul) with the scale in x's dtype."""
     if p == 0.0 or not training:
         return x + branch
-    scale = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p).div_(1 - p)  # (B, 1, 1)
-    return torch.addcmul(x, branch, scale)
+    shape = (x.shape[0], *([1] * (x.ndim - 1)))  # (B, 1, 1)
+    if u is None:
+        scale = x.new_empty(shape).bernoulli_(1 - p)
+    else:
+        scale = (u < 1 - p).to(x.dtype).view(shape)
+    return torch.addcmul(x, branch, scale.div_(1 - p))
 
 
 def compute_dtype(y: torch.Tensor) -> torch.Tensor:
@@ -132,10 +140,17 @@ class Block(nn.Module):
         self.gamma2 = nn.Parameter(torch.full((D,), cfg.layer_scale))
         self.drop_path = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D). MaPeT runs the same weights through pretrain.mapet.two_stream_block."""
-        x = add_drop_path(x, self.attn(self.norm1(x), self.gamma1), self.drop_path, self.training)
-        return add_drop_path(x, mlp(self.mlp, self.norm2(x), self.gamma2), self.drop_path, self.training)
+    def forward(self, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); u (B, 2) the drop-path draws of the attention and MLP branches (or None,
+        see add_drop_path). MaPeT runs the same weights through pretrain.mapet.two_stream_block."""
+        u1, u2 = (None, None) if u is None else u.unbind(1)
+        x = add_drop_path(x, self.attn(self.norm1(x), self.gamma1), self.drop_path, self.training, u1)
+        return add_drop_path(x, mlp(self.mlp, self.norm2(x), self.gamma2), self.drop_path, self.training, u2)
+
+
+def block_draws(drop: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    """Block i's (B, 2) drop-path draws of (B, depth, 2) ones, or None (drawn in the block)."""
+    return None if drop is None else drop[:, i]
 
 
 def run_block(enc: VisionTransformer, fn, *args, **kw):
@@ -175,10 +190,11 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N, D)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, S, S) -> (B, N, D); drop (B, depth, 2) float: each block's drop-path draws (Block)."""
         x = self.prepend_cls(self.embed_patches(images))  # (B, N, D)
-        for blk in self.blocks:
-            x = run_block(self, blk, x)
+        for i, blk in enumerate(self.blocks):
+            x = run_block(self, blk, x, u=block_draws(drop, i))
         return self.norm(x)  # (B, N, D)
 
     def forward_head(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:

@@ -14,9 +14,9 @@ import torch
 
 from cli.mapet import main
 from pretrain.checkpoint import load_checkpoint
-from pretrain.data import EpochSampler, StoreDataset, to_input
+from pretrain.data import EpochSampler, SampleDraws, StoreDataset, to_input
 from pretrain.mapet import MaPeT, random_orders
-from pretrain.train import Objective, TrainConfig, adamw, build_model, lr_at, param_groups, pretrain, step_aux
+from pretrain.train import Objective, TrainConfig, lr_at, param_groups, pretrain
 from pretrain.vit import VisionTransformer, ViTConfig
 from tests.preempt import preempt_script, run_preempted
 from tokenkit.errors import ConfigError, StoreError
@@ -32,6 +32,9 @@ def store(tmp_path_factory, photos, codebook_path):
     out = tmp_path_factory.mktemp("train") / "tokens"
     cfg = TokenizeConfig(views=ViewConfig(2, "random", seed=3), format="both", shard_size=8, workers=0)
     return tokenize(photos, codebook_path, out, cfg, progress=False)
+
+
+DRAWS = SampleDraws("mapet", depth=4)  # mapet_micro's
 
 
 def tiny(store, out, **kw):
@@ -142,9 +145,9 @@ def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(store, tm
     real = t.Objective.forward
     calls = [0]
 
-    def nan_from_step_5(self, images, targets, aux):
+    def nan_from_step_5(self, *batch):
         calls[0] += 1
-        loss, acc = real(self, images, targets, aux)
+        loss, acc = real(self, *batch)
         return (loss * float("nan") if calls[0] >= 5 else loss), acc
 
     monkeypatch.setattr(t.Objective, "forward", nan_from_step_5)
@@ -438,11 +441,12 @@ def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
     from tokenkit.store import TokenStore
     from tokenkit.views import render_view
 
-    ds = StoreDataset(store, image_size=64, seed=5, jitter=0.0)
+    ds = StoreDataset(store, image_size=64, draws=DRAWS, seed=5, jitter=0.0)
     s = TokenStore.open(store)
+    orders, drops = [], []
     for epoch in (0, 1):
         ds.set_epoch(epoch)
-        x, y, draws = ds[3]
+        x, y, draws, order, drop = ds[3]
         block = s.read([3])
         v = int(keyed_rng(5, epoch, block["keys"][0]).integers(0, 2))
         assert torch.equal(y, torch.from_numpy(block["tokens"][0, v].reshape(-1)))
@@ -450,6 +454,19 @@ def test_store_dataset_renders_the_stored_view_of_the_epoch(store):
         assert x.dtype == torch.uint8 and x.shape == (64, 64, 3)
         assert torch.equal(x, torch.from_numpy(np.array(want)))  # exactly the stored view's pixels
         assert torch.equal(to_input(x[None], "cpu", draws[None]), to_input(x[None], "cpu"))  # no jitter
+        orders.append(order)
+        drops.append(drop)
+        assert sorted(order.tolist()) == list(range(16)) and drop.shape == (4, 2)  # mapet_micro: 4 blocks
+        again = ds[3]
+        assert torch.equal(again[3], order) and torch.equal(again[4], drop)  # keyed by (seed, epoch, key)
+    assert not torch.equal(*orders) and not torch.equal(*drops)  # and drawn afresh each epoch
+
+
+def test_beit_draws_are_blockwise_masks_within_their_budget():
+    masks = [SampleDraws("beit", depth=3, num_masked=75).draw(keyed_rng("m", i), 196) for i in range(200)]
+    sizes = torch.stack([m.sum() for m, _ in masks])
+    assert all(m.dtype == torch.bool and m.shape == (196,) and d.shape == (3, 2) for m, d in masks)
+    assert int(sizes.max()) <= 75 and float(sizes.float().mean()) > 70  # BEiT's 75 of 196, never more
 
 
 def test_jitter_is_colorjitter_with_keyed_draws_in_a_random_order():
@@ -518,9 +535,10 @@ def test_every_split_of_the_global_batch_takes_the_same_images_per_step():
 
 @pytest.mark.parametrize("data", ["zarr", "wds"])
 def test_a_resume_may_split_the_global_batch_another_way_but_not_change_it(store, tmp_path, data):
-    """A batch-4 run resumed at --batch-size 2 --accum-steps 2 (as on half the GPUs) keeps its schedule: the
-    uninterrupted run's steps, epochs and learning rates, from a zarr store or streamed shards; a resume that
-    changes the global batch is refused, naming both splits and the fix."""
+    """A batch-4 run resumed at --batch-size 2 --accum-steps 2 (as on half the GPUs) goes on as it would have:
+    the uninterrupted run's steps, epochs, learning rates and losses (every draw is keyed by the sample), from
+    a zarr store or streamed shards; a resume that changes the global batch is refused, naming both splits and
+    the fix."""
     ref, run = tmp_path / "ref", tmp_path / "run"
     pretrain(tiny(store, ref, epochs=2, data=data), progress=False)
     pretrain(tiny(store, run, epochs=2, max_steps=2, data=data), progress=False)
@@ -534,10 +552,14 @@ def test_a_resume_may_split_the_global_batch_another_way_but_not_change_it(store
     got, want = metrics(run), metrics(ref)
     assert [(m["step"], m["epoch"], m["lr"]) for m in got] == [(m["step"], m["epoch"], m["lr"]) for m in want]
     assert [m["loss"] for m in got[:2]] == [m["loss"] for m in want[:2]]  # before the resume: the same run
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], rel=1e-5)  # and after it
     assert all(math.isfinite(m["loss"]) for m in got) and load_checkpoint(run / "last.pt")["world"] == 1
 
 
-def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path):
+def test_two_rank_gloo_ddp_trains_as_one_process_on_the_global_batch(store, tmp_path):
+    """2 ranks x batch 3 under torchrun (gloo) give one process's batch-6 run: the same weights after two AdamW
+    steps with drop path and jitter on (every draw is keyed by the sample, not the rank), and the logged loss
+    is the mean over the ranks, not rank 0's."""
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -569,47 +591,20 @@ def test_two_rank_gloo_ddp_equals_the_average_of_rank_gradients(store, tmp_path)
         "1e-3",
         "--workers",
         "0",
-        "--max-steps",
+        "--log-every",
         "1",
         "--quiet",
     ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
-    got = load_checkpoint(run / "last.pt")["model"]
-
-    # the same step by hand: each rank's gradient on its own batch, averaged, then one AdamW step
-    cfg = tiny(store, tmp_path / "x", batch_size=3, epochs=1, warmup_epochs=0)
-    vit = cfg.vit()
-    torch.manual_seed(0)
-    net = build_model(cfg, vit, 16)
-    opt = adamw(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    model = Objective(net)
-    grads, losses = [torch.zeros_like(p) for p in net.parameters()], []
-    for rank in (0, 1):
-        ds = StoreDataset(store, vit.image_size, cfg.seed, cfg.jitter)
-        sampler = EpochSampler(len(ds), 3, rank, 2, cfg.seed)
-        idx = list(sampler)[:3]
-        pairs = ds.__getitems__(idx)
-        pixels, targets, draws = (torch.stack(t) for t in zip(*pairs, strict=True))
-        images = to_input(pixels, "cpu", draws)  # as the trainer does on its device
-        aux = step_aux("mapet", 3, vit.grid, cfg.seed, 0, 0, rank)
-        torch.manual_seed(int(keyed_rng("droppath", cfg.seed, 0, 0, rank).integers(2**62)))
-        loss, _ = model(images, targets, aux)
-        losses.append(float(loss.detach()))
-        net.zero_grad()
-        loss.backward()
-        for gacc, p in zip(grads, net.parameters(), strict=True):
-            gacc += p.grad / 2
-    for gacc, p in zip(grads, net.parameters(), strict=True):
-        p.grad = gacc
-    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-    opt.step()
-    want = net.state_dict()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
-    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert logged["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)  # the mean over ranks, not rank 0's
-    assert abs(losses[0] - losses[1]) > 1e-3
+    one = tmp_path / "one"
+    pretrain(tiny(store, one, batch_size=6, epochs=1, warmup_epochs=0), progress=False)
+    got, want = load_checkpoint(run / "last.pt"), load_checkpoint(one / "last.pt")
+    assert got["step"] == want["step"] == 2 and got["world"] == 2
+    for k in want["model"]:  # atol: 1% of one step's lr (Adam's update of a near-zero gradient is sign-like)
+        torch.testing.assert_close(got["model"][k], want["model"][k], rtol=1e-5, atol=1e-5)
+    for a, b in zip(metrics(run), metrics(one), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["step"] == b["step"]
 
 
 def test_trainer_refuses_a_damaged_store_before_step_0(store, tmp_path):
@@ -666,16 +661,18 @@ def test_streamed_webdataset_training_is_deterministic_and_resumable(store, tmp_
 
     # the same batch sequence for any number of DataLoader workers, and from a mid-epoch start
     def batches(workers, start=0):
-        ds = StreamDataset(store, 64, batch_size=2, batches_per_epoch=5, seed=1, jitter=0.4, buffer=4)
+        ds = StreamDataset(
+            store, 64, batch_size=2, batches_per_epoch=5, draws=DRAWS, seed=1, jitter=0.4, buffer=4
+        )
         ds.set_epoch(0, start)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-        return [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in loader]
+        return [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j, _, _ in loader]
 
     ref = batches(0)
     assert len(ref) == 5 and batches(2) == ref and batches(2, start=3) == ref[3:]
     # ranks stream equal numbers of batches from their own resampled shards
-    a = StreamDataset(store, 64, 2, 5, rank=0, world=2, seed=1)
-    b = StreamDataset(store, 64, 2, 5, rank=1, world=2, seed=1)
+    a = StreamDataset(store, 64, 2, 5, DRAWS, rank=0, world=2, seed=1)
+    b = StreamDataset(store, 64, 2, 5, DRAWS, rank=1, world=2, seed=1)
     assert len(list(a)) == len(list(b)) == 5
     # and the trainer runs on it
     cfg = tiny(store, tmp_path / "run", data="wds", epochs=1)
@@ -690,8 +687,10 @@ def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
     reads = []
     real = data.read_sample
     monkeypatch.setattr(data, "read_sample", lambda f, path, ref: reads.append(ref.key) or real(f, path, ref))
-    ds = data.StreamDataset(store, 64, batch_size=2, batches_per_epoch=6, seed=1, jitter=0.4, buffer=4)
-    everything = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
+    ds = data.StreamDataset(
+        store, 64, batch_size=2, batches_per_epoch=6, draws=DRAWS, seed=1, jitter=0.4, buffer=4
+    )
+    everything = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j, _, _ in ds]
     assert len(reads) == 12
     reads.clear()
 
@@ -699,7 +698,7 @@ def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
         id, num_workers = 1, 3
 
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Worker)
-    mine = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
+    mine = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j, _, _ in ds]
     assert mine == everything[1::3] and len(reads) == 2 * 2  # batches 1 and 4, two samples each
 
 
@@ -711,8 +710,10 @@ def test_streamed_workers_read_saved_tar_indexes(store, tmp_path, monkeypatch):
     import pretrain.data as data
 
     def batches(root):
-        ds = data.StreamDataset(root, 64, batch_size=2, batches_per_epoch=5, seed=1, jitter=0.4, buffer=4)
-        return [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
+        ds = data.StreamDataset(
+            root, 64, batch_size=2, batches_per_epoch=5, draws=DRAWS, seed=1, jitter=0.4, buffer=4
+        )
+        return [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j, _, _ in ds]
 
     import tokenkit.wds as wds
 
@@ -754,8 +755,10 @@ def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, mo
         monkeypatch.setattr(data, "MAX_OPEN_TARS", limit)
         fds.clear()
         base = len(os.listdir("/proc/self/fd"))
-        ds = data.StreamDataset(store, 64, batch_size=3, batches_per_epoch=8, seed=1, jitter=0.4, buffer=4)
-        out = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j in ds]
+        ds = data.StreamDataset(
+            store, 64, batch_size=3, batches_per_epoch=8, draws=DRAWS, seed=1, jitter=0.4, buffer=4
+        )
+        out = [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j, _, _ in ds]
         assert len(os.listdir("/proc/self/fd")) == base  # all closed at the end
         return out, max(fds) - base
 
@@ -768,8 +771,9 @@ def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, mo
 @pytest.mark.parametrize("kind", ["mapet", "beit"])
 def test_compiled_objective_equals_eager_on_cpu(kind):
     """--compile (torch.compile of the objective, custom autograd functions included) gives the eager loss
-    and gradients, with --grad-checkpointing too: the compiled recomputation replays the drop-path draws of
-    the forward (drop path 0.5 in the second block, so a fresh draw would show)."""
+    and gradients, with --grad-checkpointing too. MaPeT takes the trainer's per-sample drop-path draws; BEiT
+    draws on the device (as fine-tuning does), and the compiled recomputation must replay those draws (drop
+    path 0.5 in the second block, so a fresh draw would show)."""
     from pretrain.beit import BEiT
     from pretrain.train import compiled
 
@@ -782,13 +786,14 @@ def test_compiled_objective_equals_eager_on_cpu(kind):
     aux = (
         random_orders(4, 16, g) if kind == "mapet" else torch.arange(16) < torch.tensor([[6], [6], [4], [2]])
     )
+    drop = torch.rand(4, 2, 2, generator=g) if kind == "mapet" else None  # (B, depth, 2)
     results = []
     for ckpt, compile in ((False, False), (False, True), (True, True)):  # eager, compiled, + checkpointing
         net.encoder.grad_checkpointing = ckpt
         torch._dynamo.reset()
         objective = compiled(Objective(net), images.device) if compile else Objective(net)
-        torch.manual_seed(1)  # the same drop-path draws
-        loss, acc = objective(images, targets, aux)
+        torch.manual_seed(1)  # the same drop-path draws (BEiT)
+        loss, acc = objective(images, targets, aux, drop)
         results.append((loss, acc, torch.autograd.grad(loss, list(net.parameters()))))
     (l1, a1, g1) = results[0]
     for l2, a2, g2 in results[1:]:
@@ -814,6 +819,7 @@ def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
     images, targets = torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 40, (2, 16), generator=g)
     real = torch.compile
     counts = torch.tensor([[6, 3], [5, 4], [4, 5], [3, 3]])  # masked patches per sample at each step
+    drops = torch.rand(4, 2, 2, 2, generator=g)  # (steps, B, depth, 2): the trainer's per-sample draws
     for net, aux in [
         (MaPeT(cfg, 40, attn_backend="flex"), lambda i: random_orders(2, 16, g)),
         (MaPeT(cfg, 40), lambda i: random_orders(2, 16, g)),  # auto: SDPA inside the graph, as on CUDA
@@ -832,17 +838,13 @@ def test_compiled_objectives_are_captured_once_in_one_graph(monkeypatch):
             a = aux(i)
             if getattr(net, "attn_backend", "") == "flex":  # FlexAttention has no backward on the CPU
                 with torch.no_grad():
-                    torch.manual_seed(i)  # the same drop-path draws
-                    got = step(images, targets, a)
-                    torch.manual_seed(i)
-                    want = Objective(net)(images, targets, a)
+                    got = step(images, targets, a, drops[i])
+                    want = Objective(net)(images, targets, a, drops[i])
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
                 continue
-            torch.manual_seed(i)
-            loss, acc = step(images, targets, a)
+            loss, acc = step(images, targets, a, drops[i])
             got = torch.autograd.grad(loss, list(net.parameters()))
-            torch.manual_seed(i)
-            want_loss, want_acc = Objective(net)(images, targets, a)
+            want_loss, want_acc = Objective(net)(images, targets, a, drops[i])
             want = torch.autograd.grad(want_loss, list(net.parameters()))
             torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
             assert acc == want_acc
@@ -856,8 +858,8 @@ class _Features(torch.nn.Module):  # the encoder as fine-tuning and evaluation r
         super().__init__()
         self.encoder = VisionTransformer(cfg)
 
-    def loss(self, images, targets, aux):
-        return self.encoder.forward_features(images).square().mean(), None
+    def loss(self, images, targets, aux, drop=None):
+        return self.encoder.forward_features(images, drop).square().mean(), None
 
 
 @pytest.mark.parametrize("kind", ["mapet", "beit", "encoder"])
