@@ -8,8 +8,7 @@ order or BEiT mask, drop path) is keyed by (seed, epoch, sample key) and drawn i
 uninterrupted run exactly on CPU, and a run is the same function of its seed for any split of its global
 batch over ranks and accumulation steps (floating-point summation order aside; streamed shards: over
 accumulation steps, as each rank streams its own draw of shards): resumed on other GPUs with the same global
-batch (check_split), it goes on as it would have. Metrics go to
-RUN/metrics.jsonl, one JSON object per logged step.
+batch (check_split), it goes on as it would have. Metrics go to RUN/metrics.jsonl, one per logged step.
 SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a job) makes the run checkpoint at its
 next logged step and raise `Stopped` (tokenkit.stopsignal), so a preempted run loses no finished step.
 """
