@@ -96,7 +96,8 @@ class SampleDraws:
     def draw(self, rng: np.random.Generator, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(G*G,) int64 order or (G*G,) bool mask, and (depth, 2) float32 drop-path uniforms."""
         if self.objective == "mapet":
-            aux = torch.from_numpy(rng.permutation(num_patches))  # (G*G,) int64
+            # int64, gather's index dtype, whatever numpy's default int is
+            aux = torch.from_numpy(rng.permutation(num_patches).astype(np.int64))  # (G*G,)
         else:
             grid = math.isqrt(num_patches)
             aux = torch.from_numpy(block_mask(rng, grid, self.num_masked).reshape(-1))  # (G*G,) bool
