@@ -7,9 +7,10 @@ cutmix are optional (BEiT's ImageNet recipe turns all on: reprob 0.25, mixup 0.8
 Resize(S / crop_pct) + CenterCrop(S) at the encoder's input size S, as pretrain.evaluate. Writes
 OUT/metrics.jsonl, OUT/result.json and OUT/last.pt (weights-only loadable), checkpointed after every epoch
 and on SIGTERM (preemption: at the next optimizer step, mid-epoch); `--resume auto` continues it to the
-uninterrupted run's result. Every random draw is keyed: a training image's augmentation by (seed, epoch,
-image), mixup / cutmix, random erasing and drop path by (seed, step, micro-step, rank), so a resumed run
-draws what the uninterrupted one did, for any loader worker count. Runs under torchrun as DDP; bf16
+uninterrupted run's result. Every random draw is keyed: a training image's augmentation and drop path by
+(seed, epoch, image), drawn in the loader, mixup / cutmix and random erasing by (seed, step, micro-step,
+rank), so a resumed run draws what the uninterrupted one did, for any loader worker count; without mixup,
+cutmix and erasing (the defaults), for any split of the global batch over GPUs and accumulation steps too. Runs under torchrun as DDP; bf16
 autocast on CUDA.
 """
 
@@ -22,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,8 +92,9 @@ class Classifier(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder.forward_features(x)  # (B, N, D), final norm dropped
+    def forward(self, x: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, 3, S, S) -> logits (B, classes); drop (B, depth, 2) drop-path draws (pretrain.vit.Block)."""
+        h = self.encoder.forward_features(x, drop)  # (B, N, D), final norm dropped
         return self.head(self.fc_norm(h[:, 1:].mean(1)))  # (B, classes)
 
 
@@ -169,10 +172,11 @@ def random_erase(x: torch.Tensor, prob: float) -> torch.Tensor:
 
 class TrainDataset(Dataset):
     """Training images, each augmented (bicubic RandomResizedCrop, flip, RandAugment) by draws keyed by
-    (seed, epoch, image): the same pixels whichever loader worker, rank or batch reads it."""
+    (seed, epoch, image), with its drop-path uniforms (2 per block) from the same key: the same sample
+    whichever loader worker, rank or batch reads it."""
 
-    def __init__(self, source: SampleIndex, size: int, randaug: bool, seed: int = 0):
-        self.source, self.seed, self.epoch = source, seed, 0
+    def __init__(self, source: SampleIndex, size: int, randaug: bool, depth: int, seed: int = 0):
+        self.source, self.depth, self.seed, self.epoch = source, depth, seed, 0
         aug = [
             v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip(),
@@ -185,14 +189,15 @@ class TrainDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        """(S, S, 3) uint8 pixels (normalised on the device, as every loader here) and the label."""
+        """(S, S, 3) uint8 pixels (normalised on the device, as every loader here), the label and the
+        (depth, 2) float32 drop-path uniforms."""
         img = decode_image(self.source.read_bytes(i), self.source.where(i))
+        rng = keyed_rng("augment", self.seed, self.epoch, i)
         with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was (workers 0)
-            torch.default_generator.manual_seed(
-                int(keyed_rng("augment", self.seed, self.epoch, i).integers(2**62))
-            )
+            torch.default_generator.manual_seed(int(rng.integers(2**62)))
             x = self.tf(img)
-        return x.permute(1, 2, 0), int(self.source.labels[i])
+        drop = torch.from_numpy(rng.random((self.depth, 2), dtype=np.float32))
+        return x.permute(1, 2, 0), int(self.source.labels[i]), drop
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -339,7 +344,7 @@ def finetune(
     )
     autocast = bf16_on_cuda(device)
     size = encoder.cfg.image_size
-    train_ds = TrainDataset(train, size, cfg.randaug, cfg.seed)
+    train_ds = TrainDataset(train, size, cfg.randaug, len(encoder.blocks), cfg.seed)
     steps = len(train_ds) // (cfg.batch_size * world) // cfg.accum_steps  # optimizer steps per epoch
     if steps == 0:
         raise ConfigError(
@@ -416,9 +421,10 @@ def finetune(
                     for group in opt.param_groups:
                         group["lr"] = lr * group["lr_scale"]
                     for micro in range(cfg.accum_steps):
-                        x, y = next(batches)
+                        x, y, drop = next(batches)  # (B, S, S, 3) uint8, (B,), (B, depth, 2)
                         x, y = to_input(x, device), y.to(device, non_blocking=True)
-                        # erasing, mixup / cutmix and drop path: keyed, so a resumed run draws the same
+                        drop = drop.to(device, non_blocking=True)
+                        # erasing and mixup / cutmix: keyed, so a resumed run draws the same
                         torch.manual_seed(
                             int(keyed_rng("finetune", cfg.seed, step, micro, rank).integers(2**62))
                         )
@@ -429,7 +435,7 @@ def finetune(
                             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
                         with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
                             with autocast:
-                                loss = _loss(model, x, y, mixer, cfg.label_smoothing, num_classes)
+                                loss = _loss(model, x, y, drop, mixer, cfg.label_smoothing, num_classes)
                             (loss / cfg.accum_steps).backward()
                         loss_sum += loss.detach() / share
                     opt.step()
@@ -496,14 +502,15 @@ def finetune(
     return result
 
 
-def _loss(model, x, y, mixer, label_smoothing: float, num_classes: int) -> torch.Tensor:
+def _loss(model, x, y, drop, mixer, label_smoothing: float, num_classes: int) -> torch.Tensor:
     """One micro-batch's loss: cross-entropy with soft targets after mixup / cutmix (label smoothing folded
-    into them, as timm's Mixup does), label-smoothed cross-entropy otherwise."""
+    into them, as timm's Mixup does), label-smoothed cross-entropy otherwise. drop: (B, depth, 2) drop-path
+    draws, each sample's own (a mixed image takes its position's)."""
     if mixer is None:
-        return F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+        return F.cross_entropy(model(x, drop).float(), y, label_smoothing=label_smoothing)
     x, soft = mixer(x, y)  # soft (B, classes)
     soft = soft * (1 - label_smoothing) + label_smoothing / num_classes
-    return torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
+    return torch.sum(-soft * F.log_softmax(model(x, drop).float(), dim=-1), dim=-1).mean()
 
 
 def _agreed_stop(stop: StopSignal, steps_done: int, world: int, device) -> bool:

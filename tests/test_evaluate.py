@@ -351,9 +351,10 @@ def test_finetune_min_lr_is_the_schedules_floor(tmp_path):
 
 
 def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
-    """--accum-steps 2 at batch 4 takes the optimizer steps of batch 8 on the same images: same weights."""
+    """--accum-steps 2 at batch 4 takes the optimizer steps of batch 8 on the same images, drop path on (drawn
+    per image): same weights."""
     data = separable_folder(tmp_path / "data", n_per_class=8)
-    flat = ("--epochs", "2", "--drop-path", "0")  # drop path draws depend on the batch shape
+    flat = ("--epochs", "2")
     assert main(_ft_args(data, tmp_path / "big", *flat, "--batch-size", "8")) == 0
     assert main(_ft_args(data, tmp_path / "acc", *flat, "--batch-size", "4", "--accum-steps", "2")) == 0
     big, acc = (torch.load(tmp_path / p / "last.pt", weights_only=True) for p in ("big", "acc"))
@@ -367,11 +368,11 @@ def test_finetune_accumulation_equals_the_larger_batch(tmp_path):
 
 def test_finetune_resumes_mid_epoch_on_another_split_of_the_same_global_batch(tmp_path, capsys):
     """Stopped by SIGTERM in epoch 1's first step at batch 8, resumed at batch 4 x 2 micro-steps (as on half the
-    GPUs): with no draws per micro-step (drop path, mixup, erasing off) the same computation, so the
-    uninterrupted run's weights and epoch losses (each the mean of its steps' losses, whatever their split);
-    batch 4 alone is refused, naming the fix."""
+    GPUs): with no draws per micro-step (mixup, cutmix, erasing off: the defaults; drop path is drawn per
+    image) the same computation, so the uninterrupted run's weights and epoch losses (each the mean of its
+    steps' losses, whatever their split); batch 4 alone is refused, naming the fix."""
     data = separable_folder(tmp_path / "data", n_per_class=8)  # 16 images: 2 steps of 8 per epoch
-    plain = ("--epochs", "2", "--drop-path", "0")
+    plain = ("--epochs", "2")
     assert main(_ft_args(data, tmp_path / "ref", *plain)) == 0
     run = tmp_path / "run"
     rc, err = run_preempted("cli.mapet", "pretrain.finetune:_loss", 3, _ft_args(data, run, *plain))
@@ -402,7 +403,8 @@ def test_finetune_resumes_mid_epoch_on_another_split_of_the_same_global_batch(tm
 def test_compiled_finetune_trains_as_eager_does(tmp_path, monkeypatch):
     """--compile: the training step runs compiled (here through AOTAutograd's traced forward and backward,
     without inductor's code generation, to keep the test fast) and reaches eager's weights and losses;
-    validation runs the eager module. reduce-overhead with --accum-steps is refused before the run folder."""
+    validation runs the eager module, drop path on (its draws are inputs). reduce-overhead with --accum-steps
+    is refused before the run folder."""
     data = separable_folder(tmp_path / "data", n_per_class=8)
     real, modes = torch.compile, []
 
@@ -411,7 +413,7 @@ def test_compiled_finetune_trains_as_eager_does(tmp_path, monkeypatch):
         return real(m, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", traced)
-    flat = ("--epochs", "2", "--drop-path", "0")  # no random draw inside the model
+    flat = ("--epochs", "2")
     assert main(_ft_args(data, tmp_path / "eager", *flat)) == 0
     assert modes == []
     torch._dynamo.reset()
