@@ -10,8 +10,8 @@ and on SIGTERM (preemption: at the next optimizer step, mid-epoch); `--resume au
 uninterrupted run's result. Every random draw is keyed: a training image's augmentation and drop path by
 (seed, epoch, image), drawn in the loader, mixup / cutmix and random erasing by (seed, step, micro-step,
 rank), so a resumed run draws what the uninterrupted one did, for any loader worker count; without mixup,
-cutmix and erasing (the defaults), for any split of the global batch over GPUs and accumulation steps too. Runs under torchrun as DDP; bf16
-autocast on CUDA.
+cutmix and erasing (the defaults), for any split of the global batch over GPUs and accumulation steps too.
+Runs under torchrun as DDP; bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
