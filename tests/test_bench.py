@@ -80,8 +80,9 @@ def test_loader_benches_run_with_and_without_workers():
 def test_worker_memory_bench_shows_strarrays_stay_shared():
     """Memory, not time: forked workers reading a listing copy its Python strings, never a StrArray's buffer."""
     out = bench("worker_memory.py", "--images", "200000", "--workers", "2", "--epoch-share", "0.5")
-    tuples = number(r"tuple of str +private memory gained per worker: +(\d+\.\d)", out)
-    packed = number(r"StrArray +private memory gained per worker: +(\d+\.\d)", out)
+    # a worker's private memory may also shrink a little (-0.1 MiB seen): the figures are signed
+    tuples = number(r"tuple of str +private memory gained per worker: +(-?\d+\.\d)", out)
+    packed = number(r"StrArray +private memory gained per worker: +(-?\d+\.\d)", out)
     assert tuples > 10 and packed < tuples / 5, out
 
 
