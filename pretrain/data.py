@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from pretrain.beit import block_mask
+from pretrain.vit import drop_path_draws
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import keyed_rng, render_view, standardize, to_uint8, to_unit
@@ -101,7 +102,7 @@ class SampleDraws:
         else:
             grid = math.isqrt(num_patches)
             aux = torch.from_numpy(block_mask(rng, grid, self.num_masked).reshape(-1))  # (G*G,) bool
-        return aux, torch.from_numpy(rng.random((self.depth, 2), dtype=np.float32))
+        return aux, drop_path_draws(rng, self.depth)
 
 
 def make_sample(

@@ -23,7 +23,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +34,7 @@ from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
 from pretrain.data import IMAGENET_MEAN, EpochSampler, to_input
 from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
 from pretrain.train import adamw, check_split, compile_checks, loop_checks, lr_at
-from pretrain.vit import VisionTransformer, ViTConfig
+from pretrain.vit import VisionTransformer, ViTConfig, drop_path_draws
 from tokenkit.errors import ConfigError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
@@ -196,8 +195,7 @@ class TrainDataset(Dataset):
         with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was (workers 0)
             torch.default_generator.manual_seed(int(rng.integers(2**62)))
             x = self.tf(img)
-        drop = torch.from_numpy(rng.random((self.depth, 2), dtype=np.float32))
-        return x.permute(1, 2, 0), int(self.source.labels[i]), drop
+        return x.permute(1, 2, 0), int(self.source.labels[i]), drop_path_draws(rng, self.depth)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

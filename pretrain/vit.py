@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +66,13 @@ def add_drop_path(
     else:
         scale = (u < 1 - p).to(x.dtype).view(shape)
     return torch.addcmul(x, branch, scale.div_(1 - p))
+
+
+def drop_path_draws(rng: np.random.Generator, depth: int) -> torch.Tensor:
+    """One sample's drop-path draws for a `depth`-block encoder: (depth, 2) float32 uniforms, the attention
+    and MLP branches of each block (add_drop_path keeps a branch where u < 1 - rate). The trainers draw them
+    in the loader from the sample's keyed generator."""
+    return torch.from_numpy(rng.random((depth, 2), dtype=np.float32))
 
 
 def compute_dtype(y: torch.Tensor) -> torch.Tensor:
