@@ -43,10 +43,11 @@ stage tokenize "$RUN/tokens/manifest.json" tokenkit tokenize "$ELPV/type/train" 
   "$RUN/tokens" --views $VIEWS --format both --workers 2 --resume --quiet
 tokenkit verify "$RUN/tokens"
 tokenkit inspect "$RUN/tokens"
+WARMUP=$(((EPOCHS + 29) / 30))  # the paper's share, 10 of 300 epochs, rounded up: 1 for 12, 2 for 60
 for OBJ in mapet beit; do
   stage "pretrain $OBJ" "$RUN/pretrain-$OBJ/done" bash -c "mapet pretrain --tokens '$RUN/tokens' \
     --out '$RUN/pretrain-$OBJ' --model $MODEL --objective $OBJ --epochs $EPOCHS --batch-size $BATCH \
-    --lr 1e-3 --warmup-epochs 1 --workers 2 --log-every 5 --resume auto --quiet && touch '$RUN/pretrain-$OBJ/done'"
+    --lr 1e-3 --warmup-epochs $WARMUP --workers 2 --log-every 5 --resume auto --quiet && touch '$RUN/pretrain-$OBJ/done'"
 done
 for TASK in type defect; do
   for ENCODER in random beit mapet; do
