@@ -206,9 +206,10 @@ def _setup(kw, *checks):
     return enc, *labelled_pair(kw["train_dir"], kw["val_dir"]), device
 
 
-def _write_result(kw, name: str, enc, pool: str, ty, vy, scores: dict) -> dict:
-    """The evaluation's JSON (docs/formats.md): its scores and what they were measured on, written to --out
-    or beside the checkpoint as NAME-FOLDER.json."""
+def _write_result(kw, name: str, enc, pool: str, ty, vy, pred, scores: dict) -> dict:
+    """The evaluation's JSON (docs/formats.md): its scores, what they were measured on, and each val image's
+    label and prediction (so two encoders' results can be compared image by image: evaluate.mcnemar),
+    written to --out or beside the checkpoint as NAME-FOLDER.json."""
     res = {
         "eval": name,
         **scores,
@@ -221,6 +222,8 @@ def _write_result(kw, name: str, enc, pool: str, ty, vy, scores: dict) -> dict:
         "val": str(kw["val_dir"]),
         "n_train": len(ty),
         "n_val": len(vy),
+        "labels": vy.tolist(),  # in the val set's order
+        "predictions": pred.tolist(),
     }
     path = kw["out_json"]
     if not path:
@@ -247,8 +250,9 @@ def knn(k, temperature, pool, **kw):
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
     k = min(k, len(ty))  # every training sample votes when there are fewer than k
-    acc = top1(knn_classify(tf, ty, vf, k, temperature, int(max(ty.max(), vy.max())) + 1, device=device), vy)
-    res = _write_result(kw, "knn", enc, pool, ty, vy, {"top1": acc, "k": k, "temperature": temperature})
+    pred = knn_classify(tf, ty, vf, k, temperature, int(max(ty.max(), vy.max())) + 1, device=device)
+    acc = top1(pred, vy)
+    res = _write_result(kw, "knn", enc, pool, ty, vy, pred, {"top1": acc, "k": k, "temperature": temperature})
     click.echo(
         f"knn top-1: {100 * acc:.2f}%  (k={k}, T={temperature}, majority {100 * res['majority_baseline']:.2f}%)"
     )
@@ -278,7 +282,7 @@ def linprobe(pool, l2, max_iter, **kw):
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
     scores = linear_probe(tf, ty, vf, vy, ProbeConfig(l2=l2, max_iter=max_iter, seed=kw["seed"]), device)
-    res = _write_result(kw, "linprobe", enc, pool, ty, vy, scores)
+    res = _write_result(kw, "linprobe", enc, pool, ty, vy, scores.pop("pred"), scores)
     click.echo(
         f"linprobe top-1: {100 * res['top1']:.2f}%  (train {100 * res['train_top1']:.2f}%, l2 {res['l2']:g})"
     )

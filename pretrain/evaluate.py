@@ -280,8 +280,9 @@ def _accuracy(head: torch.nn.Linear, x, y) -> float:
 
 
 def linear_probe(train_f, train_y, val_f, val_y, cfg: ProbeConfig = ProbeConfig(), device="cpu") -> dict:
-    """Fit the probe on (M, F) train features and return val / train top-1, the L2 penalty used and, when it
-    was chosen, the held-out top-1 of every candidate. Features, labels and the probe live on `device`: on a
+    """Fit the probe on (M, F) train features and return val / train top-1, the L2 penalty used, the val
+    predictions ("pred", (M,) int64 on the CPU) and, when the penalty was chosen, the held-out top-1 of every
+    candidate. Features, labels and the probe live on `device`: on a
     GPU, ImageNet's full-batch L-BFGS takes minutes instead of a day of CPU."""
     train_f, train_y, val_f, val_y = (t.to(device) for t in (train_f, train_y, val_f, val_y))
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
@@ -297,7 +298,13 @@ def linear_probe(train_f, train_y, val_f, val_y, cfg: ProbeConfig = ProbeConfig(
         del xf, yf, xh, yh
         l2 = max(L2_GRID, key=lambda c: (sweep[c], c))
     head = _fit_probe(xt, train_y, num_classes, l2, cfg.max_iter)
-    res = {"top1": _accuracy(head, xv, val_y), "train_top1": _accuracy(head, xt, train_y), "l2": l2}
+    pred = head(xv).argmax(1).cpu()  # (M,) int64, in val order
+    res = {
+        "top1": top1(pred, val_y.cpu()),
+        "train_top1": _accuracy(head, xt, train_y),
+        "l2": l2,
+        "pred": pred,
+    }
     if sweep:
         res["l2_sweep"] = {f"{c:g}": a for c, a in sweep.items()}  # held-out top-1 per candidate
     return res
@@ -309,3 +316,23 @@ def top1(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 def majority_baseline(train_y, val_y) -> float:
     return float((val_y == torch.bincount(train_y).argmax()).float().mean())
+
+
+def mcnemar(a_correct, b_correct) -> tuple[int, int, float]:
+    """McNemar's exact test of two classifiers on the same val images: a_correct, b_correct (M,) bool, in the
+    same image order. Returns (a right where b is wrong, b right where a is wrong, two-sided p-value): the
+    chance of a split of the discordant images at least this uneven if both classifiers were equally good.
+    Paired, so it sees differences far smaller than two independent accuracies' intervals would."""
+    a, b = (np.asarray(v, dtype=bool) for v in (a_correct, b_correct))
+    assert a.shape == b.shape, f"{a.shape} != {b.shape}: not the same val images"
+    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
+    n, low = n01 + n10, min(n01, n10)
+    # P(X <= low), X ~ Binomial(n, 1/2), summed in log space (2^-n underflows past n = 1074; ImageNet's val
+    # has 50,000 images)
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(low + 1)
+    ]
+    top = max(logs)
+    p = min(1.0, 2 * math.exp(top) * sum(math.exp(v - top) for v in logs))
+    return n01, n10, p

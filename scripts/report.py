@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pretrain.evaluate import mcnemar  # noqa: E402
 from tokenkit.render import token_overlay  # noqa: E402
 from tokenkit.store import TokenStore  # noqa: E402
 from tokenkit.views import render_view  # noqa: E402
@@ -91,17 +92,30 @@ def token_grid(store: TokenStore, out: Path, n: int = 8, size: int = 160) -> Non
     sheet.save(out)
 
 
-def verdicts(rows: list[tuple]) -> list[str]:
-    """One line per task and evaluation: does pre-training beat the random-init encoder?"""
+def verdicts(results: dict) -> list[str]:
+    """One line per task and evaluation: does pre-training beat the random-init encoder? results[(task,
+    encoder, eval)] is the evaluation's JSON. A difference is called when McNemar's exact test on the two
+    encoders' answers for the same val images gives p < 0.05 (evaluations written before the JSON held
+    each image's prediction are compared by top-1 alone)."""
     out = []
-    for task in TASKS.values():
-        mine = {e: (k, lp) for t, e, k, lp, _ in rows if t == task}
-        for i, ev in enumerate(("k-NN", "linear probe")):
+    for task, desc in TASKS.items():
+        for ev, name in (("knn", "k-NN"), ("linprobe", "linear probe")):
+            base = results[task, "random", ev]
             parts = []
             for enc in ("mapet", "beit"):
-                d = 100 * (mine[enc][i] - mine["random"][i])
-                parts.append(f"{enc} {'beats' if d > 0 else 'does not beat'} random init ({d:+.1f} points)")
-            out.append(f"- {task}, {ev}: " + "; ".join(parts) + ".")
+                res = results[task, enc, ev]
+                d = 100 * (res["top1"] - base["top1"])
+                if "predictions" not in res or "predictions" not in base:
+                    parts.append(f"{enc} {d:+.1f} points against random init (no per-image answers to test)")
+                    continue
+                right = [np.equal(r["predictions"], r["labels"]) for r in (res, base)]
+                only_enc, only_random, p = mcnemar(*right)
+                verdict = "is level with" if p >= 0.05 else "beats" if d > 0 else "falls below"
+                parts.append(
+                    f"{enc} {verdict} random init ({d:+.1f} points: {only_enc} images right only for {enc}, "
+                    f"{only_random} only for random init; McNemar p = {p:.2g})"
+                )
+            out.append(f"- {desc}, {name}: " + "; ".join(parts) + ".")
     return out
 
 
@@ -115,13 +129,14 @@ def main() -> None:
         obj: last_epoch(read_metrics(run / f"pretrain-{obj}" / "metrics.jsonl")) for obj in ("mapet", "beit")
     }
     token_grid(store, run / "token_maps.png")
-    rows = []
-    for task, desc in TASKS.items():
-        for enc in ENCODERS:
-            knn = json.loads((run / "eval" / f"knn-{enc}-{task}.json").read_text())
-            lp = json.loads((run / "eval" / f"linprobe-{enc}-{task}.json").read_text())
-            rows.append((desc, enc, knn["top1"], lp["top1"], knn["majority_baseline"]))
-            crop = knn.get("crop_pct", 1.0)
+    results = {
+        (task, enc, ev): json.loads((run / "eval" / f"{ev}-{enc}-{task}.json").read_text())
+        for task in TASKS
+        for enc in ENCODERS
+        for ev in ("knn", "linprobe")
+    }
+    knn = results["type", "random", "knn"]
+    crop = knn.get("crop_pct", 1.0)
     times = (run / "timings.txt").read_text() if (run / "timings.txt").exists() else ""
     lines = [
         "# Quickstart report",
@@ -138,14 +153,19 @@ def main() -> None:
         "| task | encoder | k-NN top-1 | linear probe top-1 | majority class |",
         "|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {t} | {e} | {100 * k:.1f}% | {100 * lp:.1f}% | {100 * mj:.1f}% |" for t, e, k, lp, mj in rows
-    ]
+    for task, desc in TASKS.items():
+        for enc in ENCODERS:
+            k, lp = results[task, enc, "knn"], results[task, enc, "linprobe"]
+            lines.append(
+                f"| {desc} | {enc} | {100 * k['top1']:.1f}% | {100 * lp['top1']:.1f}% | "
+                f"{100 * k['majority_baseline']:.1f}% |"
+            )
     lines += [
         "",
-        *verdicts(rows),
+        *verdicts(results),
         "",
-        "These are tiny CPU budgets: the numbers are what they are, not tuned.",
+        "These are tiny CPU budgets: the numbers are what they are, not tuned. McNemar's test pairs the two",
+        "encoders' answers on the same val images; a difference with p >= 0.05 could be chance.",
         "",
         "## Pre-training",
         "",

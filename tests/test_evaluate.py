@@ -11,7 +11,7 @@ from PIL import Image
 
 from cli.mapet import main
 from pretrain.checkpoint import load_checkpoint
-from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_encoder
+from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_encoder, mcnemar
 from pretrain.export import export
 from pretrain.train import TrainConfig, pretrain
 from tests.preempt import ROOT, preempt_script, run_preempted
@@ -51,6 +51,20 @@ def test_knn_classify_matches_a_hand_computed_vote():
     assert pred.tolist() == [0, 1, 0]
 
 
+def test_mcnemar_matches_the_exact_binomial_tail():
+    # 10 images right only for a, 2 only for b, 5 right for both, 3 wrong for both:
+    # p = 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096
+    a = [1] * 10 + [0] * 2 + [1] * 5 + [0] * 3
+    b = [0] * 10 + [1] * 2 + [1] * 5 + [0] * 3
+    assert mcnemar(a, b) == (10, 2, pytest.approx(2 * 79 / 4096, rel=1e-12))
+    assert mcnemar(b, a)[2] == pytest.approx(2 * 79 / 4096, rel=1e-12)  # two-sided
+    assert mcnemar(a, a) == (0, 0, 1.0)  # no discordant image: no evidence either way
+    assert mcnemar([1, 0], [0, 1])[2] == 1.0  # capped: an even split
+    # ImageNet-sized val sets: 2^-n underflows a float, the log-space sum does not
+    big = np.arange(50_000) < 25_400  # 25,400 vs 24,600 discordant: z = 3.58, p ~ 3.5e-4
+    assert 2e-4 < mcnemar(big, ~big)[2] < 5e-4
+
+
 def test_knn_and_linprobe_on_separable_features():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(5, 32, generator=g) * 3
@@ -69,12 +83,17 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     knn = json.loads((tmp_path / "knn.json").read_text())
     assert knn["top1"] > 0.9 and knn["n_val"] == 24 and knn["majority_baseline"] == 0.5
     assert knn["k"] == 20 and knn["image_size"] == 64
+    # each val image's label and answer, in val order: the top-1 is theirs
+    assert len(knn["predictions"]) == len(knn["labels"]) == 24
+    assert np.mean(np.equal(knn["predictions"], knn["labels"])) == pytest.approx(knn["top1"])
     assert main(["knn", *common, "--k", "100", "--out", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["k"] == 24  # the k used: every training image
     for bad, msg in ((["knn", "--k", "0"], "--k 0: must be >= 1"), (["linprobe", "--l2", "-1"], "--l2 -1.0")):
         assert main([*bad, *common]) == 2 and msg in capsys.readouterr().err
     assert main(["linprobe", *common, "--out", str(tmp_path / "lp.json")]) == 0
-    assert json.loads((tmp_path / "lp.json").read_text())["top1"] > 0.9
+    lp = json.loads((tmp_path / "lp.json").read_text())
+    assert lp["top1"] > 0.9 and lp["labels"] == knn["labels"]
+    assert np.mean(np.equal(lp["predictions"], lp["labels"])) == pytest.approx(lp["top1"])
     ft = tmp_path / "ft"
     rc = main(_ft_args(data, ft, "--epochs", "6", "--mixup", "0.8", "--cutmix", "1.0"))
     assert rc == 0

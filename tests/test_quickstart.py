@@ -26,6 +26,9 @@ def test_quickstart_on_a_tiny_slice(tmp_path):
         line for line in report.splitlines() if line.startswith("| cell type") or line.startswith("| defect")
     ]
     assert len(rows) == 6  # 2 tasks x (random, beit, mapet)
+    # each pre-trained encoder against random init, per task and evaluation, tested on the same val images
+    verdicts = re.findall(r"^- .*McNemar p = .*McNemar p = .*\.$", report, re.M)
+    assert len(verdicts) == 4, report
     # the pre-training table: both objectives, and the baseline of predicting tokens from code frequencies,
     # whose figures are the entropy and the largest share of the store's own code counts
     counts = np.asarray(TokenStore.open(run / "tokens").manifest["code_counts"], dtype=np.float64)
