@@ -282,8 +282,8 @@ def _accuracy(head: torch.nn.Linear, x, y) -> float:
 def linear_probe(train_f, train_y, val_f, val_y, cfg: ProbeConfig = ProbeConfig(), device="cpu") -> dict:
     """Fit the probe on (M, F) train features and return val / train top-1, the L2 penalty used, the val
     predictions ("pred", (M,) int64 on the CPU) and, when the penalty was chosen, the held-out top-1 of every
-    candidate. Features, labels and the probe live on `device`: on a
-    GPU, ImageNet's full-batch L-BFGS takes minutes instead of a day of CPU."""
+    candidate. Features, labels and the probe live on `device`: on a GPU, ImageNet's full-batch L-BFGS takes
+    minutes instead of a day of CPU."""
     train_f, train_y, val_f, val_y = (t.to(device) for t in (train_f, train_y, val_f, val_y))
     mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
     xt, xv = (train_f - mean) / std, (val_f - mean) / std
