@@ -1,5 +1,6 @@
 """The commands the README and docs/ show use commands and flags that exist, so the docs cannot rot."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -117,3 +118,17 @@ def test_the_python_api_block_runs(tmp_path, photos, codebook_path, monkeypatch)
     assert ns["ids"].shape == (tok.grid, tok.grid) and int(ns["ids"].max()) < tok.codebook.k
     assert all(p.grad is not None for p in mapet.parameters())
     assert 0 <= ns["top1"].item() <= 1 and ns["loss"].detach().item() > 0
+
+
+def test_the_mcnemar_block_runs(tmp_path, monkeypatch):
+    """docs/pipeline.md's block comparing two evaluation JSONs runs as shown: 3 images right only for the
+    first, 1 only for the second, p = 2 (1 + 4) / 16."""
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    code = re.search(r"```python\n(import json\n.*?mcnemar.*?)```", text, re.S).group(1)
+    labels = [0, 1, 2, 0, 1, 2]
+    for name, pred in (("knn-mapet.json", [0, 1, 2, 1, 1, 0]), ("knn-beit.json", [1, 0, 0, 1, 1, 2])):
+        (tmp_path / name).write_text(json.dumps({"labels": labels, "predictions": pred}))
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "docs/pipeline.md", "exec"), ns)
+    assert (ns["only_a"], ns["only_b"]) == (3, 1) and ns["p"] == pytest.approx(0.625)
