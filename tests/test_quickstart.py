@@ -1,5 +1,6 @@
 """The README's main command, on a tiny slice: the same script, the same CLI chain, a report at the end."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -56,3 +57,30 @@ def test_quickstart_on_a_tiny_slice(tmp_path):
         timeout=900,
     )
     assert r.returncode == 2 and "EPOCHS=1" in r.stderr.decode() and "EPOCHS=2" in r.stderr.decode()
+
+
+def test_report_verdicts_test_the_same_val_images():
+    """The report's verdict per task and evaluation: McNemar's test on each image's answer, so a difference of
+    a few images is "level" while a one-sided split is called; evaluations written before the JSON held the
+    answers are reported by top-1 alone."""
+    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    labels = [0] * 100
+    right = {"random": 50, "mapet": 70, "beit": 52}  # images answered right, the first n of the 100
+    results = {
+        (task, enc, ev): {"top1": n / 100, "labels": labels, "predictions": [0] * n + [1] * (100 - n)}
+        for task in report.TASKS
+        for enc, n in right.items()
+        for ev in ("knn", "linprobe")
+    }
+    lines = report.verdicts(results)
+    assert len(lines) == 4
+    # mapet: 20 images right only for it, none only for random init: p = 2 / 2^20
+    assert "mapet beats random init (+20.0 points: 20 images right only for mapet, 0 only" in lines[0]
+    assert "McNemar p = 1.9e-06" in lines[0] and "beit is level with random init (+2.0 points" in lines[0]
+    del results["defect", "beit", "linprobe"]["predictions"]
+    assert lines[:3] == report.verdicts(results)[:3]
+    assert (
+        "beit +2.0 points against random init (no per-image answers to test)" in report.verdicts(results)[3]
+    )
