@@ -27,6 +27,7 @@ from tokenkit.views import render_view  # noqa: E402
 
 ENCODERS = ("random", "beit", "mapet")
 TASKS = {"type": "cell type (mono / poly)", "defect": "defect class (4 levels)"}
+EVALS = {"knn": "k-NN", "linprobe": "linear probe"}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -99,7 +100,7 @@ def verdicts(results: dict) -> list[str]:
     each image's prediction are compared by top-1 alone)."""
     out = []
     for task, desc in TASKS.items():
-        for ev, name in (("knn", "k-NN"), ("linprobe", "linear probe")):
+        for ev, name in EVALS.items():
             base = results[task, "random", ev]
             parts = []
             for enc in ("mapet", "beit"):
@@ -133,7 +134,7 @@ def main() -> None:
         (task, enc, ev): json.loads((run / "eval" / f"{ev}-{enc}-{task}.json").read_text())
         for task in TASKS
         for enc in ENCODERS
-        for ev in ("knn", "linprobe")
+        for ev in EVALS
     }
     knn = results["type", "random", "knn"]
     crop = knn.get("crop_pct", 1.0)
