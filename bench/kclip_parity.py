@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from reference_code import import_reference, rel
 
-from tokenkit.clip_encoder import load_encoder, resolve_spec
+from tokenkit.encoders import load_encoder, resolve_spec
 from tokenkit.codebook import Codebook
 from tokenkit.kmeans import _faiss, assign
 from tokenkit.tokenizer import Tokenizer

@@ -298,7 +298,7 @@ def profile(step: TrainStep, iters: int, cuda: bool) -> None:
 
 def online(cfg, B, device, args, precision, t_mapet) -> None:
     """Images/s of a MaPeT step from cached targets vs the same step plus CLIP tokenization of the batch."""
-    from tokenkit.clip_encoder import load_encoder, resolve_spec
+    from tokenkit.encoders import load_encoder, resolve_spec
     from tokenkit.codebook import Codebook
     from tokenkit.tokenizer import Tokenizer
 

@@ -1,10 +1,14 @@
-"""`tokenkit`: build k-CLIP codebooks and the offline token cache.
+"""`tokenkit`: build visual tokenizers and the offline token cache.
 
 tokenkit features IMAGES OUT --model RN50x64 --pretrained openai --image-size 448 --grid 14
+tokenkit features IMAGES OUT --model timm:vit_base_patch14_dinov2.lvd142m --pretrained hub --grid 16
+tokenkit features IMAGES OUT --model hog --grid 14
 tokenkit codebook FEATURES OUT --k 8192 --niter 20 --nredo 5 --metric l2
-tokenkit tokenize IMAGES CODEBOOK OUT --views 8 --format both
-tokenkit inspect STORE [--json] | verify STORE | show STORE KEY --out tokens.png
-tokenkit encode CODEBOOK IMAGE [--out tokens.png]
+tokenkit convert vqkd|dalle CHECKPOINT OUT.safetensors [--trust-pickle]
+tokenkit tokenize IMAGES TOKENIZER OUT --views 8 --format both
+tokenkit inspect STORE [--labels] [--json] | verify STORE | compare STORE_A STORE_B
+tokenkit show STORE KEY --out tokens.png | show STORE --code K --out code-K.png
+tokenkit encode TOKENIZER IMAGE [--out tokens.png]
 """
 
 from __future__ import annotations
@@ -17,20 +21,25 @@ import click
 import numpy as np
 
 from cli.runtime import apply_preset, init_distributed, run_cli, with_options
-from tokenkit.clip_encoder import resolve_spec
-from tokenkit.codebook import Codebook, build_codebook
+from tokenkit.codebook import Codebook, build_codebook, read_header
+from tokenkit.encoders import resolve_spec
+from tokenkit.encoders.hog import CHANNELS, GRADIENTS, HOGConfig
 from tokenkit.errors import require
 from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.images import decode_image
 from tokenkit.kmeans import KMeansConfig
 from tokenkit.presets import PRESETS
-from tokenkit.render import save_sheet
+from tokenkit.quality import compare as compare_stores
+from tokenkit.quality import label_quality
+from tokenkit.quantizer import Quantizer
+from tokenkit.quantizer import convert as convert_checkpoint
+from tokenkit.render import code_gallery, save_sheet
 from tokenkit.render import show as show_tokens
 from tokenkit.store import TokenStore, verify_sources
 from tokenkit.store import verify as verify_store
 from tokenkit.tokenize import TokenizeConfig
 from tokenkit.tokenize import tokenize as tokenize_images
-from tokenkit.tokenizer import Tokenizer
+from tokenkit.tokenizer import describe, identity_id, load_tokenizer
 from tokenkit.views import ViewConfig, center_box
 
 PATH = click.Path(path_type=Path)
@@ -39,7 +48,7 @@ EXISTING = click.Path(exists=True, path_type=Path)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def cli():
-    """k-CLIP visual tokenizers and the offline token cache."""
+    """Visual tokenizers (k-means over CLIP, timm or HOG features; VQ-KD; DALL-E) and the offline token cache."""
 
 
 job_options = with_options(
@@ -75,12 +84,18 @@ job_options = with_options(
 @click.option(
     "--preset", type=click.Choice(list(PRESETS)), default=None, help="A named recipe (mapet-kclip)."
 )
-@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name.")
+@click.option(
+    "--model",
+    default="ViT-B-16",
+    show_default=True,
+    help="An open_clip model name, timm:NAME[.TAG] (a timm ViT backbone), or hog (no weights).",
+)
 @click.option(
     "--pretrained",
     default="none",
     show_default=True,
-    help="open_clip tag (openai, ...), checkpoint path, local-dir:PATH, or none (seeded random init).",
+    help="open_clip: a tag (openai, ...), a checkpoint path, local-dir:PATH; timm: hub (timm downloads the "
+    "tag's weights) or a checkpoint path; none: seeded random init.",
 )
 @click.option(
     "--image-size", type=int, default=None, help="Encoder input size; derived from --grid when omitted."
@@ -93,15 +108,52 @@ job_options = with_options(
     "--max-patches", type=int, default=4_194_304, show_default=True, help="Patch features kept in all."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--hog-cell", type=int, default=HOGConfig.cell, show_default=True, help="HOG: pixels per cell side."
+)
+@click.option(
+    "--hog-bins", type=int, default=HOGConfig.bins, show_default=True, help="HOG: orientation bins."
+)
+@click.option(
+    "--hog-gradient",
+    type=click.Choice(GRADIENTS),
+    default=HOGConfig.gradient,
+    show_default=True,
+    help="HOG: sobel (MaskFeat) or central differences (Dalal & Triggs, scikit-image).",
+)
+@click.option(
+    "--hog-channels",
+    type=click.Choice(CHANNELS),
+    default=HOGConfig.channels,
+    show_default=True,
+    help="HOG: a histogram per RGB channel (MaskFeat), or the strongest channel per pixel.",
+)
+@click.option(
+    "--hog-window",
+    type=int,
+    default=HOGConfig.window,
+    show_default=True,
+    help="HOG: Gaussian window (0: off).",
+)
 @job_options
 @click.pass_context
 def features(ctx, images, out, preset, **kw):
-    """Extract CLIP patch features of IMAGES (folder or tar shards) into the float16 zarr store OUT.
+    """Extract patch features of IMAGES (folder or tar shards) into the float16 zarr store OUT: CLIP
+    (open_clip), a timm ViT, or HOG.
 
     On SIGTERM (preemption) it commits the work shard in flight and exits 143; --resume continues."""
     kw = apply_preset(ctx, PRESETS, preset, kw)
     dist = init_distributed()
-    spec = resolve_spec(kw["model"], kw["pretrained"], kw["grid"], kw["image_size"], kw["layer"], kw["seed"])
+    hog_cfg = HOGConfig(
+        cell=kw["hog_cell"],
+        bins=kw["hog_bins"],
+        gradient=kw["hog_gradient"],
+        channels=kw["hog_channels"],
+        window=kw["hog_window"],
+    )
+    spec = resolve_spec(
+        kw["model"], kw["pretrained"], kw["grid"], kw["image_size"], kw["layer"], kw["seed"], hog_cfg
+    )
     cfg = FeaturesConfig(
         max_patches=kw["max_patches"],
         shard_size=kw["shard_size"],
@@ -140,7 +192,7 @@ def features(ctx, images, out, preset, **kw):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def codebook(ctx, features_store, out, preset, resume, quiet, **kw):
-    """Fit the k-CLIP codebook OUT (.safetensors) on a features store.
+    """Fit the k-means codebook OUT (.safetensors) on a features store.
 
     Its progress is kept in OUT.progress until OUT is written; on SIGTERM (preemption) it stops at the end of
     the iteration in flight (faiss: restart) and exits 143; --resume continues to the uninterrupted result.
@@ -169,8 +221,46 @@ def codebook(ctx, features_store, out, preset, resume, quiet, **kw):
 
 
 @cli.command()
+@click.argument("family", type=click.Choice(["vqkd", "dalle"]))
+@click.argument("checkpoint", type=EXISTING)
+@click.argument("out", type=PATH)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Unpickle CHECKPOINT when it is a pickled object (DALL-E's encoder.pkl is a pickled module). "
+    "Unpickling runs code from the file: pass it only for a file from a source you trust. Never needed for "
+    "VQ-KD, whose checkpoint is a plain state dict.",
+)
+@click.option(
+    "--image-size",
+    type=int,
+    default=None,
+    help="dalle: the view side in px (default 112, BEiT's second view).",
+)
+def convert(family, checkpoint, out, trust_pickle, image_size):
+    """Convert a public code-model checkpoint into a tokenizer file OUT (.safetensors) that `tokenize` takes.
+
+    vqkd: BEiT v2's VQ-KD (e.g. vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth); dalle: the DALL-E
+    dVAE's encoder.pkl, as BEiT uses it (112-px views, 14 x 14 tokens)."""
+    require(
+        (
+            (
+                "--image-size",
+                image_size,
+                image_size is None or (image_size >= 8 and image_size % 8 == 0),
+                "a multiple of 8",
+            ),
+        )
+    )
+    q = convert_checkpoint(family, checkpoint, out, trust_pickle, image_size)
+    click.echo(
+        f"{family}: {out}  K={q.k} grid={q.grid}x{q.grid} at {q.image_size} px  sha256={q.sha256[:16]}"
+    )
+
+
+@cli.command()
 @click.argument("images", type=str)
-@click.argument("codebook_path", metavar="CODEBOOK", type=EXISTING)
+@click.argument("tokenizer_path", metavar="TOKENIZER", type=EXISTING)
 @click.argument("out", type=PATH)
 @click.option("--views", type=int, default=1, show_default=True, help="Stored views per image (V).")
 @click.option(
@@ -189,8 +279,9 @@ def codebook(ctx, features_store, out, preset, resume, quiet, **kw):
     "--format", "fmt", type=click.Choice(["zarr", "wds", "both"]), default="zarr", show_default=True
 )
 @job_options
-def tokenize(images, codebook_path, out, views, view_mode, scale, ratio, flip, seed, fmt, **kw):
-    """Tokenize IMAGES with CODEBOOK into the token store OUT (zarr and/or webdataset shards).
+def tokenize(images, tokenizer_path, out, views, view_mode, scale, ratio, flip, seed, fmt, **kw):
+    """Tokenize IMAGES with TOKENIZER (a codebook from `tokenkit codebook`, or a quantizer from `tokenkit
+    convert`) into the token store OUT (zarr and/or webdataset shards).
 
     On SIGTERM (preemption) it commits the work shard in flight and exits 143; --resume continues."""
     dist = init_distributed()
@@ -206,7 +297,7 @@ def tokenize(images, codebook_path, out, views, view_mode, scale, ratio, flip, s
         precision=kw["precision"],
     )
     tokenize_images(
-        images, codebook_path, out, cfg, kw["resume"], dist.rank, dist.world, dist.barrier, not kw["quiet"]
+        images, tokenizer_path, out, cfg, kw["resume"], dist.rank, dist.world, dist.barrier, not kw["quiet"]
     )
     if dist.rank == 0:
         st = TokenStore.open(out).stats()
@@ -216,54 +307,106 @@ def tokenize(images, codebook_path, out, views, view_mode, scale, ratio, flip, s
         )
 
 
-def _weights(weights_id: str) -> str:
-    """The encoder's weights as inspect prints them: a random init says so (its tokens mean nothing)."""
-    if weights_id.startswith("none:seed="):
-        return f"random-init weights (seed {weights_id.removeprefix('none:seed=')})"
-    if weights_id.startswith("sha256:"):
-        return f"weights {weights_id[: len('sha256:') + 16]}"
-    return f"{weights_id} weights"
+def _usage_line(u: dict, k: int, what: str) -> str:
+    return (
+        f"usage       {u['used_codes']}/{k} codes used{what}, perplexity {u['perplexity']:.1f}, "
+        f"largest cluster {100 * u['largest_cluster_share']:.2f}%"
+    )
 
 
-@cli.command()
-@click.argument("store", metavar="STORE_OR_CODEBOOK", type=EXISTING)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(store, as_json):
-    """Summarise a token store (images, views, K, codebook usage, labels, shards) or a codebook file (K,
-    encoder, k-means settings, objective, code usage on its training sample)."""
-    st = Codebook.load(store).stats() if store.is_file() else TokenStore.open(store).stats()
+def _inspect_file(path: Path, as_json: bool) -> None:
+    """A codebook's or a quantizer's summary."""
+    if read_header(path).get("kind") == "quantizer":
+        q = Quantizer.load(path)
+        st = {**q.header(), "tokenizer": describe(q.identity()), "id": identity_id(q.identity())}
+        if as_json:
+            click.echo(json.dumps(st, indent=1))
+            return
+        click.echo(f"quantizer   {path} ({q.family}, id {st['id'][:16]})")
+        click.echo(
+            f"codes       K={q.k}, grid {q.grid}x{q.grid} from {q.image_size}-px views ({q.interpolation})"
+        )
+        click.echo(
+            f"weights     sha256 {q.sha256[:16]}, converted from {q.source['file']} ({q.source['sha256'][:23]})"
+        )
+        return
+    cb = Codebook.load(path)
+    st = {**cb.stats(), "tokenizer": describe(cb.identity()), "id": identity_id(cb.identity())}
     if as_json:
         click.echo(json.dumps(st, indent=1))
         return
-    u = st["codebook_usage"]
+    km = st["kmeans"]
+    click.echo(f"codebook    {path} (id {st['id'][:16]}, centroids sha256 {st['sha256'][:16]})")
+    click.echo(f"centroids   K={st['k']} x {st['dim']}: {st['tokenizer']}, grid {st['grid']}x{st['grid']}")
+    click.echo(
+        f"k-means     {km['metric']}, {km['niter']} iterations x {km['nredo']} restarts on {st['n_train']} "
+        f"features of {st['fitted_on']} ({st['backend']}), objective {st['objective']:.6g}"
+    )
+    click.echo(_usage_line(st["codebook_usage"], st["k"], " by the training sample"))
+
+
+@cli.command()
+@click.argument("store", metavar="STORE_OR_TOKENIZER", type=EXISTING)
+@click.option(
+    "--labels",
+    is_flag=True,
+    help="Also measure what the codes say about the images' labels: NMI, AMI and purity (reads every token).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(store, labels, as_json):
+    """Summarise a token store (images, views, tokenizer, code usage, labels, shards), a codebook file (K,
+    feature extractor, k-means settings and objective, code usage on its training sample) or a quantizer."""
     if store.is_file():
-        km = st["kmeans"]
-        click.echo(f"codebook    {store} (sha256 {st['sha256'][:16]})")
-        click.echo(
-            f"centroids   K={st['k']} x {st['dim']} from {st['encoder']} ({_weights(st['weights'])}, layer "
-            f"{st['layer']}, {st['image_size']} px, grid {st['grid']}x{st['grid']})"
-        )
-        click.echo(
-            f"k-means     {km['metric']}, {km['niter']} iterations x {km['nredo']} restarts on {st['n_train']} "
-            f"features of {st['fitted_on']} ({st['backend']}), objective {st['objective']:.6g}"
-        )
-        click.echo(
-            f"usage       {u['used_codes']}/{st['k']} codes used by the training sample, perplexity "
-            f"{u['perplexity']:.1f}, largest cluster {100 * u['largest_cluster_share']:.2f}%"
-        )
+        _inspect_file(store, as_json)
+        return
+    ts = TokenStore.open(store)
+    st = ts.stats()
+    if labels:
+        st["label_quality"] = label_quality(ts)
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
         return
     click.echo(f"store       {st['path']} (format v{st['format_version']}, {'+'.join(st['formats'])})")
     click.echo(f"images      {st['images']} stored, {st['skipped']} skipped of {st['source_images']}")
     click.echo(
-        f"tokens      {st['views']} views x {st['grid']}x{st['grid']} {st['token_dtype']}, "
-        f"K={st['k']} ({st['encoder']}, {_weights(st['weights'])}, codebook {st['codebook_sha256'][:16]})"
+        f"tokens      {st['views']} views x {st['grid']}x{st['grid']} {st['token_dtype']}, K={st['k']} "
+        f"(tokenizer {st['tokenizer_id'][:16]})"
+    )
+    click.echo(f"tokenizer   {st['tokenizer']}")
+    click.echo(_usage_line(st["codebook_usage"], st["k"], ""))
+    click.echo(f"labels      {', '.join(f'{k}: {v}' for k, v in st['labels'].items()) or 'none'}")
+    if labels:
+        q = st["label_quality"]
+        click.echo(
+            f"codes/label NMI {q['nmi']:.4f}, AMI {q['ami']:.4f}, purity {100 * q['purity']:.1f}% (largest label "
+            f"{100 * q['majority_label_share']:.1f}%), over {q['positions']} token positions"
+        )
+    click.echo(f"shards      {st['shards']}")
+
+
+@cli.command()
+@click.argument("store_a", type=EXISTING)
+@click.argument("store_b", type=EXISTING)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def compare(store_a, store_b, as_json):
+    """Compare two token stores of the same images and views (two tokenizers, or one run two ways): where
+    their ids agree, and how much each one's codes say about the other's (NMI, AMI, majority purity)."""
+    a, b = TokenStore.open(store_a), TokenStore.open(store_b)
+    r = compare_stores(a, b)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+        return
+    click.echo(f"A           {store_a}: {a.stats()['tokenizer']}, K={a.k}")
+    click.echo(f"B           {store_b}: {b.stats()['tokenizer']}, K={b.k}")
+    click.echo(f"positions   {r['positions']} (images x views x {a.grid}x{a.grid})")
+    click.echo(f"agreement   {100 * r['agreement']:.2f}% of positions have the same id")
+    click.echo(
+        f"information NMI {r['nmi']:.4f}, AMI {r['ami']:.4f}, mutual information {r['mutual_information']:.4f} nats"
     )
     click.echo(
-        f"usage       {u['used_codes']}/{st['k']} codes used, perplexity {u['perplexity']:.1f}, "
-        f"largest cluster {100 * u['largest_cluster_share']:.2f}%"
+        f"purity      A's codes give B's by majority at {100 * r['purity_a_to_b']:.1f}% of positions, B's give A's "
+        f"at {100 * r['purity_b_to_a']:.1f}%"
     )
-    click.echo(f"labels      {', '.join(f'{k}: {v}' for k, v in st['labels'].items()) or 'none'}")
-    click.echo(f"shards      {st['shards']}")
 
 
 @cli.command()
@@ -293,20 +436,34 @@ def verify(store, sources, source_root, quiet):
 
 @cli.command()
 @click.argument("store", type=EXISTING)
-@click.argument("key")
+@click.argument("key", required=False)
+@click.option("--code", type=int, default=None, help="Instead of KEY: a gallery of patches given this code.")
+@click.option("--limit", type=int, default=64, show_default=True, help="--code: patches at most.")
 @click.option("--out", type=PATH, default=Path("tokens.png"), show_default=True)
-@click.option("--size", type=int, default=224, show_default=True, help="Rendered view size in pixels.")
+@click.option(
+    "--size", type=int, default=224, show_default=True, help="Rendered view size (--code: per patch, 64)."
+)
 @click.option("--source", type=str, default=None, help="Image folder, when it moved since tokenize.")
-def show(store, key, out, size, source):
-    """Write a PNG of image KEY with its token map drawn over each stored view. KEY is the stored key
-    (the image's path in the source without its extension, dots as '_'), or that path as it is."""
-    require((("--size", size, size >= 1, ">= 1"),))
-    path = show_tokens(TokenStore.open(store), key, out, size, source)
-    click.echo(f"wrote {path}")
+@click.pass_context
+def show(ctx, store, key, code, limit, out, size, source):
+    """Write a PNG of image KEY with its token map drawn over each stored view, or with --code K a gallery of
+    the stored patches whose token is K (each framed in its surroundings). KEY is the stored key (the
+    image's path in the source without its extension, dots as '_'), or that path as it is."""
+    if (key is None) == (code is None):
+        raise click.UsageError("pass a KEY or --code K (one of them)")
+    require((("--size", size, size >= 1, ">= 1"), ("--limit", limit, limit >= 1, ">= 1")))
+    ts = TokenStore.open(store)
+    if code is not None:
+        if ctx.get_parameter_source("size") != click.core.ParameterSource.COMMANDLINE:
+            size = 64
+        path, n = code_gallery(ts, code, out, limit, size, source)
+        click.echo(f"wrote {path} ({n} patches of code {code})")
+        return
+    click.echo(f"wrote {show_tokens(ts, key, out, size, source)}")
 
 
 @cli.command()
-@click.argument("codebook", type=EXISTING)
+@click.argument("tokenizer", type=EXISTING)
 @click.argument("image", type=EXISTING)
 @click.option("--out", type=PATH, default=None, help="Also write a PNG of the view and its token map.")
 @click.option("--size", type=int, default=224, show_default=True, help="Rendered view size in the PNG.")
@@ -317,11 +474,11 @@ def show(store, key, out, size, source):
 @click.option(
     "--json", "as_json", is_flag=True, help="One JSON object (image, grid, tokens) instead of rows."
 )
-def encode(codebook, image, out, size, device, precision, as_json):
-    """Print the tokens of IMAGE's central square under CODEBOOK (G rows of G ids), as 'tokenkit tokenize
+def encode(tokenizer, image, out, size, device, precision, as_json):
+    """Print the tokens of IMAGE's central square under TOKENIZER (G rows of G ids), as 'tokenkit tokenize
     --view center' stores them; no token store needed."""
     require((("--size", size, size >= 1, ">= 1"),))
-    tok = Tokenizer.load(codebook, device, precision)
+    tok = load_tokenizer(tokenizer, device, precision)
     img = decode_image(image.read_bytes(), str(image), min_side=tok.grid)
     ids = tok.encode_image(img).cpu().numpy()  # (G, G)
     if as_json:

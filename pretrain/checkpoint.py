@@ -1,7 +1,7 @@
 """Checkpoints: one self-describing dict, written atomically, loaded without executing code.
 
     {format_version, kind: "mapet-checkpoint", objective, vit (ViTConfig), train (TrainConfig as a dict),
-     store {codebook_sha256, k, grid, num_views}, step, epoch, model, optimizer, scaler, metrics}
+     store {tokenizer_id, k, grid, num_views}, step, epoch, model, optimizer, scaler, metrics}
 
 RUN/ckpt-SSSSSSSS.pt for the last `keep` steps and RUN/last.pt (a hard link to the newest), each written to a
 temporary name, fsynced and renamed. There is no RNG state: every random draw of step s is seeded by
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from tokenkit.errors import StoreError, load_failure
-from tokenkit.journal import atomic_write_bytes, fsync_dir
+from tokenkit.journal import atomic_write_bytes, format_mismatch, fsync_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the store is named by its tokenizer id
 KIND = "mapet-checkpoint"
 FINETUNE_KIND = "mapet-finetune"  # pretrain/finetune.py's OUT/last.pt
 _WHAT = {  # kind: (what to pass, the command that writes it, its name in errors)
@@ -64,6 +64,6 @@ def load_checkpoint(path: Path, map_location="cpu", kind: str | tuple[str, ...] 
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
         raise StoreError(f"{path}: not a {name} checkpoint; pass {where} of a '{cmd}' run")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise StoreError(f"{path}: format_version {ckpt['format_version']} is newer than this code; upgrade")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: {format_mismatch(ckpt.get('format_version'), FORMAT_VERSION)}")
     return ckpt

@@ -267,7 +267,7 @@ def pretrain(
     ckpt = load_checkpoint(run / "last.pt") if resume and (run / "last.pt").exists() else None
     store_files = store.file_stats(store.part(part))
     if ckpt is None or ckpt.get("store_files") != store_files:  # hashed at the start; again if rewritten
-        problems = verify(cfg.tokens, part, rank, world)  # checksums, counts, codebook: before step 0
+        problems = verify(cfg.tokens, part, rank, world)  # checksums, counts, tokenizer: before step 0
         if world > 1:  # each rank hashed its share of the shards; every rank refuses on any rank's finding
             found = [None] * world
             torch.distributed.all_gather_object(found, problems)
@@ -299,10 +299,10 @@ def pretrain(
                 f"{run}/last.pt: the run was trained with other settings ({diff}); resume with the same flags"
             )
         check_split(f"{run}/last.pt", ckpt["train"], ckpt.get("world", world), cfg, world)
-        if ckpt["store"]["codebook_sha256"] != store.codebook_sha256:
+        if ckpt["store"]["tokenizer_id"] != store.tokenizer_id:
             raise StoreError(
-                f"{cfg.tokens}: codebook sha256 {store.codebook_sha256} != the run's "
-                f"{ckpt['store']['codebook_sha256']}; resume with the original token store"
+                f"{cfg.tokens}: tokenizer {store.tokenizer_id[:16]} != the run's "
+                f"{ckpt['store']['tokenizer_id'][:16]}; resume with the original token store"
             )
     elif (run / "last.pt").exists():
         raise ConfigError(f"{run}: holds a run; pass --resume auto to continue it or choose another --out")
@@ -380,7 +380,7 @@ def pretrain(
         "world": world,  # ranks: a resume may split the global batch another way (check_split)
         "store_files": store_files,  # what was verified: a resume re-hashes only if these changed
         "store": {
-            "codebook_sha256": store.codebook_sha256,
+            "tokenizer_id": store.tokenizer_id,
             "k": store.k,
             "grid": store.grid,
             "num_views": store.num_views,

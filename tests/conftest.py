@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from tokenkit.clip_encoder import resolve_spec
+from tokenkit.encoders import resolve_spec
 from tokenkit.codebook import build_codebook
 from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.kmeans import KMeansConfig

@@ -29,7 +29,7 @@ import tokenkit.tokenize
 import tokenkit.wds
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
-from tokenkit.clip_encoder import resolve_spec
+from tokenkit.encoders import resolve_spec
 from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.tokenize import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig

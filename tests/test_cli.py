@@ -32,7 +32,7 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
     assert st["kmeans"]["nredo"] == 2 and st["backend"] == "torch-cpu"
     assert st["codebook_usage"]["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
     rc, out, _ = run(["inspect", cb], capsys)
-    assert rc == 0 and "K=8 x 256 from tokenkit-tiny-rn (random-init weights (seed 0)" in out
+    assert rc == 0 and "K=8 x 256: k-means (l2) over clip tokenkit-tiny-rn (random-init weights, seed 0)" in out
     rc, out, err = run(
         ["tokenize", photos, cb, tok, "--views", "2", "--format", "both", "--workers", "1", "--quiet"], capsys
     )
@@ -43,7 +43,15 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
     assert 1 <= st["codebook_usage"]["used_codes"] <= 8 and st["codebook_usage"]["perplexity"] >= 1
     rc, out, _ = run(["inspect", tok], capsys)
     assert "perplexity" in out and "12 stored, 0 skipped" in out
-    assert "random-init weights (seed 0)" in out and st["weights"] == "none:seed=0"  # its tokens mean nothing
+    assert "random-init weights, seed 0" in out and "random-init weights, seed 0" in st["tokenizer"]
+    # --labels: what the codes say about the class folders, from every stored token position
+    rc, out, _ = run(["inspect", tok, "--labels", "--json"], capsys)
+    q = json.loads(out)["label_quality"]
+    assert rc == 0 and q["positions"] == 12 * 2 * 9 and 0.5 <= q["purity"] <= 1 and q["majority_label_share"] == 0.5
+    # the store compared with itself: every id agrees, each one's codes give the other's exactly
+    rc, out, _ = run(["compare", tok, tok, "--json"], capsys)
+    r = json.loads(out)
+    assert rc == 0 and r["agreement"] == 1 and r["purity_a_to_b"] == 1 and r["nmi"] == pytest.approx(1)
     assert run(["verify", tok], capsys)[0] == 0
     rc, out, _ = run(["show", tok, "even/astronaut", "--out", tmp_path / "t.png", "--size", "96"], capsys)
     assert rc == 0 and Image.open(tmp_path / "t.png").size == (2 * 96 + 12, 2 * (96 + 6) + 6)
@@ -127,7 +135,7 @@ def test_store_of_a_newer_format_is_refused_by_every_command(tmp_path, photos, c
     (out / "manifest.json").write_text(json.dumps(m))
     for argv in (["inspect", out], ["show", out, "even/astronaut"]):
         rc, _, err = run(argv, capsys)
-        assert rc == 2 and "format_version 7 is newer than this tokenkit reads" in err
+        assert rc == 2 and "format_version 7 is newer than this version reads" in err
     rc, _, err = run(["verify", out], capsys)
     assert rc == 1 and "format_version 7" in err
 

@@ -115,7 +115,7 @@ def test_the_python_api_block_runs(tmp_path, photos, codebook_path, monkeypatch)
     ns: dict = {}
     exec(compile(code, "docs/pipeline.md", "exec"), ns)
     tok, mapet = ns["tok"], ns["mapet"]
-    assert ns["ids"].shape == (tok.grid, tok.grid) and int(ns["ids"].max()) < tok.codebook.k
+    assert ns["ids"].shape == (tok.grid, tok.grid) and int(ns["ids"].max()) < tok.k
     assert all(p.grad is not None for p in mapet.parameters())
     assert 0 <= ns["top1"].item() <= 1 and ns["loss"].detach().item() > 0
 

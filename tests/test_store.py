@@ -113,14 +113,14 @@ def test_damaged_tar_index(store):
 
 
 def test_codebook_mismatch(store, tmp_path):
-    cb = Codebook.load(store / "codebook.safetensors")
-    Codebook(cb.centroids + 1, cb.encoder, cb.meta).save(store / "codebook.safetensors")
+    cb = Codebook.load(store / "tokenizer.safetensors")
+    Codebook(cb.centroids + 1, cb.encoder, cb.meta).save(store / "tokenizer.safetensors")
     (msg,) = verify(store)
-    assert "do not match" in msg and "codebook.safetensors" in msg
-    (store / "codebook.safetensors").write_bytes(b"\x80\x04pickle-ish")  # a pickle planted in its place
-    with pytest.raises(CodebookError, match="not a safetensors codebook"):
-        Codebook.load(store / "codebook.safetensors")
-    assert "not a safetensors codebook" in verify(store)[0]
+    assert "do not match" in msg and "tokenizer.safetensors" in msg
+    (store / "tokenizer.safetensors").write_bytes(b"\x80\x04pickle-ish")  # a pickle planted in its place
+    with pytest.raises(CodebookError, match="not a tokenkit safetensors file"):
+        Codebook.load(store / "tokenizer.safetensors")
+    assert "not a tokenkit safetensors file" in verify(store)[0]
 
 
 def test_newer_format_and_unfinished_stores_are_refused(store):
@@ -137,7 +137,7 @@ def test_newer_format_and_unfinished_stores_are_refused(store):
 
 def test_check_compatible_names_both_values(pristine):
     s = TokenStore.open(pristine)
-    s.check_compatible(codebook_sha256=s.codebook_sha256, k=16, grid=4, num_views=2)
+    s.check_compatible(tokenizer_id=s.tokenizer_id, k=16, grid=4, num_views=2)
     with pytest.raises(StoreError, match="store K 16 != expected 8192"):
         s.check_compatible(k=8192)
     with pytest.raises(StoreError, match="grid 4 != expected 14"):

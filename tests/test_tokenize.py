@@ -1,4 +1,5 @@
-"""tokenize: tokens are the nearest centroids of the stored views' features; zarr == wds; resumable; ranks."""
+"""tokenize: tokens are the nearest centroids of the stored views' features; zarr == wds; resumable; ranks.
+(Every tokenizer family's own tokens: tests/test_families.py.)"""
 
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from cli.tokenkit import main
 from tests.preempt import run_preempted
 from tests.tars import make_tar
-from tokenkit.clip_encoder import load_encoder
+from tokenkit.encoders import load_encoder
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError
 from tokenkit.images import decode_image
@@ -33,8 +34,9 @@ def store_path(tmp_path_factory, photos, codebook_path):
     return out
 
 
-def brute_tokens(img, views, cb: Codebook) -> np.ndarray:
+def brute_tokens(img, views, cb: Codebook | Path) -> np.ndarray:
     """Render each view alone, encode it alone, nearest centroid by float64 brute force: (V, G, G)."""
+    cb = cb if isinstance(cb, Codebook) else Codebook.load(cb)
     enc = load_encoder(cb.encoder)
     spec = cb.encoder
     out = []
@@ -54,7 +56,7 @@ def test_stored_views_retokenize_to_stored_tokens(store_path):
         img = store.image(pos)
         views = s["views"][0]
         assert (views[:, 2] > 0).all() and (views[:, 0] + views[:, 2] <= img.width).all()
-        assert np.array_equal(s["tokens"][0], brute_tokens(img, views, store.codebook))
+        assert np.array_equal(s["tokens"][0], brute_tokens(img, views, store.tokenizer_path))
 
 
 def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path, tmp_path):
@@ -62,26 +64,21 @@ def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path, tmp_pa
     gives that view's stored tokens; with no view, the central square's tokens (brute force)."""
     import torch
 
-    from tokenkit.tokenizer import Tokenizer
+    from tokenkit.tokenizer import load_tokenizer
     from tokenkit.views import center_box
 
-    tok = Tokenizer.load(codebook_path, device="cpu")
+    tok = load_tokenizer(codebook_path, device="cpu")
     store = TokenStore.open(store_path)
-    assert (tok.grid, tok.codebook.sha256) == (store.grid, store.codebook_sha256)
+    assert (tok.grid, tok.id, tok.k) == (store.grid, store.tokenizer_id, store.k)
     for pos in (0, 7):
         s, img = store.read([pos]), store.image(pos)
         for v, view in enumerate(s["views"][0]):
             ids = tok.encode_image(img, view)
             assert ids.dtype == torch.int64 and np.array_equal(ids.numpy(), s["tokens"][0, v])
         center = np.array([[*center_box(*img.size), 0]])
-        assert np.array_equal(tok.encode_image(img).numpy(), brute_tokens(img, center, store.codebook)[0])
+        assert np.array_equal(tok.encode_image(img).numpy(), brute_tokens(img, center, store.tokenizer_path)[0])
     with pytest.raises(ValueError, match=r"expected \(B, 64, 64, 3\) uint8 views"):
         tok(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
-    from dataclasses import replace
-
-    other = load_encoder(replace(tok.spec, seed=1, weights_id="none:seed=1"))  # other weights, same shape
-    with pytest.raises(CodebookError, match="not on the encoder given"):
-        Tokenizer(tok.codebook, other)
     # an image as Image.open gives it (EXIF-rotated JPEG, RGBA PNG) is read as the tokenize job decodes it
     from PIL import Image
 

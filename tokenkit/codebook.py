@@ -1,9 +1,11 @@
-"""The k-CLIP codebook file: centroids plus everything `tokenize` needs to rebuild the encoder.
+"""The codebook file: k-means centroids plus everything `tokenize` needs to rebuild the feature extractor.
 
 One safetensors file (no pickle, nothing executes on load): tensor `centroids` (K, C) float32, and the
-metadata key `tokenkit` holding JSON: format_version, the encoder spec (model, weights id, layer, image size,
-grid, normalisation), the k-means config, the final objective, the cluster sizes, the features store it was
-fitted on, and `sha256` of the centroids' little-endian float32 bytes (the id stores are checked against).
+metadata key `tokenkit` holding JSON: format_version, kind "codebook", the encoder spec (family, model,
+weights id, layer, image size, grid, normalisation, family settings), the k-means config, the final
+objective, the cluster sizes, the features store it was fitted on, and `sha256` of the centroids'
+little-endian float32 bytes. Quantizer files (tokenkit.quantizer) share the header's place and checks
+(`read_header`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,36 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
-from tokenkit.clip_encoder import EncoderSpec
-from tokenkit.errors import CodebookError, ConfigError
+from tokenkit.encoders import EncoderSpec
+from tokenkit.errors import CodebookError, ConfigError, load_failure
 from tokenkit.features import FeatureStore
-from tokenkit.journal import FORMAT_VERSION, atomic_write_bytes
+from tokenkit.journal import FORMAT_VERSION, atomic_write_bytes, format_mismatch
 from tokenkit.kmeans import FitJournal, KMeansConfig, fit, resolve_backend
 from tokenkit.stopsignal import StopSignal
+
+
+def read_header(path: Path) -> dict:
+    """The `tokenkit` metadata of a codebook or quantizer file, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CodebookError(
+            f"{path}: tokenizer file not found; build a codebook with 'tokenkit codebook' or convert a code "
+            "model with 'tokenkit convert'"
+        )
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        header = json.loads(metadata["tokenkit"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CodebookError(
+            f"{path}: not a tokenkit safetensors file ({load_failure(e)}); pickled or damaged files are "
+            "refused: build it with 'tokenkit codebook' or 'tokenkit convert'"
+        ) from e
+    if not isinstance(header, dict):
+        raise CodebookError(f"{path}: its tokenkit metadata is not a JSON object; rebuild the file")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CodebookError(f"{path}: {format_mismatch(header.get('format_version'))}")
+    return header
 
 
 def code_usage(counts) -> dict:
@@ -68,6 +94,16 @@ class Codebook:
     def token_dtype(self) -> str:
         return "uint16" if self.k <= 65535 else "int32"  # uint16 holds ids < 2**16
 
+    def identity(self) -> dict:
+        """Everything that changes a token: the feature extractor's spec, the metric and the centroids."""
+        return {
+            "kind": "codebook",
+            "family": self.encoder.family,
+            "encoder": self.encoder.to_dict(),
+            "metric": self.metric,
+            "centroids_sha256": self.sha256,
+        }
+
     def header(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
@@ -109,26 +145,12 @@ class Codebook:
     @classmethod
     def load(cls, path: Path) -> Codebook:
         path = Path(path)
-        if not path.is_file():
-            raise CodebookError(f"{path}: codebook not found; build one with 'tokenkit codebook'")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                metadata = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CodebookError(
-                f"{path}: not a safetensors codebook ({e}); pickled or damaged files are refused, "
-                "rebuild it with 'tokenkit codebook'"
-            ) from e
-        if "tokenkit" not in metadata or "centroids" not in tensors:
-            raise CodebookError(
-                f"{path}: safetensors file without tokenkit metadata; build it with 'tokenkit codebook'"
-            )
-        header = json.loads(metadata["tokenkit"])
-        if header.get("format_version", 10**9) > FORMAT_VERSION:
-            raise CodebookError(
-                f"{path}: format_version {header.get('format_version')} is newer than this tokenkit"
-            )
+        header = read_header(path)
+        if header.get("kind") != "codebook":
+            raise CodebookError(f"{path}: a tokenkit '{header.get('kind')}' file, not a codebook")
+        tensors = load_file(str(path))
+        if "centroids" not in tensors:
+            raise CodebookError(f"{path}: no centroids tensor; the file is damaged, rebuild it")
         centroids = tensors["centroids"]
         if centroids_sha256(centroids) != header["sha256"]:
             raise CodebookError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenkit.clip_encoder import EncoderSpec, load_encoder
+from tokenkit.encoders import EncoderSpec, load_encoder
 from tokenkit.errors import ConfigError, job_size_checks, require
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION

@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenkit.errors import StoreError
 
-FORMAT_VERSION = 1  # bumped whenever an on-disk layout changes; readers refuse newer versions
+FORMAT_VERSION = 2  # bumped whenever an on-disk layout changes; readers refuse newer versions
 
 
 def fsync_dir(path: Path) -> None:
@@ -79,11 +79,15 @@ def check_format_version(path: Path, manifest: dict, kind: str) -> None:
             f"{path}: holds a '{manifest.get('kind')}' store, expected '{kind}'; pass a {kind} store"
         )
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise StoreError(
-            f"{path}: format_version {version} is newer than this tokenkit reads ({FORMAT_VERSION}); "
-            "upgrade tokenkit"
-        )
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{path}: {format_mismatch(version)}")
+
+
+def format_mismatch(version, current: int = FORMAT_VERSION) -> str:
+    """Why a file of another format version than `current` cannot be read, and the fix."""
+    if isinstance(version, int) and version < current:
+        return f"format_version {version} was written by an older version (this one reads {current}); re-run the job that made it"
+    return f"format_version {version} is newer than this version reads ({current}); upgrade tokenkit-mapet"
 
 
 class Journal:
@@ -182,7 +186,3 @@ def remove_torn_writes(out: Path) -> None:
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     """Row ranges [start, stop) of the work shards of an n-row job."""
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
-
-
-def files_sha256(root: Path, rel_paths: Iterable[str]) -> dict[str, str]:
-    return {p: sha256_file(root / p) for p in rel_paths}

@@ -34,9 +34,10 @@ class ViewDataset(Dataset):
         size: int,
         min_side: int,
         keep_bytes: bool = False,
+        interpolation: str = "bicubic",
     ):
         self.source, self.views, self.size = source, views, size
-        self.min_side, self.keep_bytes = min_side, keep_bytes
+        self.min_side, self.keep_bytes, self.interpolation = min_side, keep_bytes, interpolation
 
     def __len__(self) -> int:
         return len(self.source)
@@ -49,7 +50,7 @@ class ViewDataset(Dataset):
         except (ImageError, OSError) as e:
             return {"index": i, "error": str(e).splitlines()[0]}
         views = draw_views(self.views, self.source.keys[i], img.width, img.height)  # (V, 5)
-        pixels = torch.stack([to_uint8(render_view(img, v, self.size)) for v in views])  # (V, S, S, 3)
+        pixels = torch.stack([to_uint8(render_view(img, v, self.size, self.interpolation)) for v in views])
         item = {"index": i, "error": None, "pixels": pixels, "views": views, "crc32": zlib.crc32(data)}
         if self.keep_bytes:
             item["data"] = data

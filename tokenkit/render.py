@@ -1,9 +1,11 @@
-"""Token maps drawn over their views, as a PNG: `tokenkit show` (a stored image, each stored view) and
-`tokenkit encode --out` (any image under a codebook, its central square)."""
+"""Token maps drawn over their views, as a PNG: `tokenkit show` (a stored image, each stored view; or a
+gallery of the patches given one code) and `tokenkit encode --out` (any image under a tokenizer, its
+central square)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +85,70 @@ def save_sheet(img: Image.Image, views: np.ndarray, tokens: np.ndarray, out: Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out
+
+
+def find_code(store: TokenStore, code: int, limit: int) -> list[tuple[int, int, int, int]]:
+    """Up to `limit` places (sample position, view, row, column) whose token is `code`, in store order,
+    at most one per view so the gallery shows many images."""
+    found = []
+    pos = 0
+    for tokens, _, _ in store.blocks():
+        b, V, G, _ = tokens.shape
+        for i, v in zip(*np.nonzero((tokens == code).any(axis=(2, 3))), strict=True):
+            r, c = np.argwhere(tokens[i, v] == code)[0]
+            found.append((pos + int(i), int(v), int(r), int(c)))
+            if len(found) == limit:
+                return found
+        pos += b
+    return found
+
+
+def sample_image(
+    store: TokenStore, position: int, source_root: str | None = None
+) -> tuple[Image.Image, np.ndarray]:
+    """The source image and stored views (V, 5) of the sample at `position` (zarr: read from the recorded
+    source, checked against its crc32; webdataset: from its shard)."""
+    if store.has_zarr:
+        return store.image(position, source_root), store.read([position])["views"][0]
+    seen = 0
+    for tar, index in zip(store.tar_paths(), store.tar_indexes(), strict=True):
+        refs = tar_refs(tar, index)
+        if position < seen + len(refs):
+            with open(tar, "rb") as f:
+                s = read_sample(f, str(tar), refs[position - seen])
+            return decode_image(s["data"], s["key"]), s["views"]
+        seen += len(refs)
+    raise StoreError(f"{store.root}: no sample at position {position}")
+
+
+def code_gallery(
+    store: TokenStore, code: int, out: Path, limit: int = 64, size: int = 64, source_root: str | None = None
+) -> tuple[Path, int]:
+    """Write a PNG of up to `limit` patches whose token is `code` (each cropped from its stored view, with
+    a margin of half a patch around it, the patch itself framed), 8 to a row. Returns (path, patches)."""
+    if not 0 <= code < store.k:
+        raise StoreError(
+            f"--code {code}: the store's tokenizer has K={store.k}; pass a code in [0, {store.k - 1}]"
+        )
+    places = find_code(store, code, limit)
+    if not places:
+        raise StoreError(
+            f"{store.root}: no stored token has code {code}; pick one that `inspect` shows as used"
+        )
+    G, cols = store.grid, 8
+    rows = math.ceil(len(places) / cols)
+    sheet = Image.new("RGB", (cols * (size + 4) + 4, rows * (size + 4) + 4), (255, 255, 255))
+    for n, (pos, v, r, c) in enumerate(places):
+        img, views = sample_image(store, pos, source_root)
+        cell = size / 2  # the patch's side in the picture: the crop is two patches wide
+        view = render_view(img, views[v], round(G * cell))
+        x0, y0 = round((c - 0.5) * cell), round((r - 0.5) * cell)
+        crop = view.crop((x0, y0, x0 + size, y0 + size))  # past the view's edge: black
+        ImageDraw.Draw(crop).rectangle(
+            (size // 4, size // 4, size - size // 4 - 1, size - size // 4 - 1), outline=(255, 64, 64)
+        )
+        sheet.paste(crop, (4 + (n % cols) * (size + 4), 4 + (n // cols) * (size + 4)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out, len(places)

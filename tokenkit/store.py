@@ -1,6 +1,6 @@
 """Reading a token store: tokens + views (+ image) by index or key, in blocks; verify; statistics.
 
-A store is the folder `tokenkit tokenize` wrote: manifest.json, codebook.safetensors, the zarr arrays
+A store is the folder `tokenkit tokenize` wrote: manifest.json, tokenizer.safetensors, the zarr arrays
 (tokens (N, V, G, G), views (N, V, 5), labels, keys, locators, status) and/or wds/shard-*.tar.
 Positions 0..len-1 address the stored (not skipped) rows in source order.
 """
@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tokenkit.codebook import Codebook, code_usage
+from tokenkit.codebook import code_usage
 from tokenkit.errors import CodebookError, StoreError, TokenkitError
 from tokenkit.images import decode_image, read_locator, sanitize_key
 from tokenkit.rowstore import STATUS_OK, RowStore
-from tokenkit.wds import index_tar, iter_tar, load_index
+from tokenkit.tokenizer import describe, file_identity, identity_id
+from tokenkit.wds import index_tar, iter_tar, load_index, tar_refs
 
 
 class TokenStore(RowStore):
@@ -29,13 +30,12 @@ class TokenStore(RowStore):
         super().__init__(root, manifest)
         self._rows = None
         self._key_index = None
-        self._codebook = None
         self._meta = None
 
     def __getstate__(self) -> dict:
-        # what a DataLoader worker's copy carries: `meta` (the point of holding it), not the codebook's
-        # centroids (134 MB for K 8192 x 4096) nor the key index, which are rebuilt on demand
-        return {**super().__getstate__(), "_codebook": None, "_key_index": None}
+        # what a DataLoader worker's copy carries: `meta` (the point of holding it), not the key index,
+        # which is rebuilt on demand
+        return {**super().__getstate__(), "_key_index": None}
 
     @property
     def has_zarr(self) -> bool:
@@ -51,21 +51,20 @@ class TokenStore(RowStore):
 
     @property
     def k(self) -> int:
-        return self.manifest["codebook"]["k"]
+        return self.manifest["tokenizer"]["k"]
 
     @property
-    def codebook_sha256(self) -> str:
-        return self.manifest["codebook"]["sha256"]
+    def tokenizer_id(self) -> str:
+        """The sha256 of the tokenizer's identity (tokenkit.tokenizer): what the trainer compares."""
+        return self.manifest["tokenizer"]["id"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.manifest["tokenizer"]["file"]
 
     @property
     def classes(self) -> list[str]:
         return self.manifest["source"]["classes"]
-
-    @property
-    def codebook(self) -> Codebook:
-        if self._codebook is None:
-            self._codebook = Codebook.load(self.root / self.manifest["codebook"]["file"])
-        return self._codebook
 
     def tar_paths(self) -> list[Path]:
         return [self.root / s["tar"]["path"] for s in self.manifest["shards"] if "tar" in s]
@@ -150,6 +149,24 @@ class TokenStore(RowStore):
         out["locators"] = [str(k) for k in out["locators"]]
         return out
 
+    def blocks(self, size: int = 1024):
+        """Every stored sample in order, a block at a time: (tokens (b, V, G, G) int64, labels (b,) int64,
+        {"keys": list[str], "views": (b, V, 5) int32}); from the zarr arrays, else from the tars."""
+        if self.has_zarr:
+            for s in range(0, len(self), size):
+                r = self.read(np.arange(s, min(s + size, len(self))))
+                yield r["tokens"], r["labels"], {"keys": r["keys"], "views": r["views"]}
+            return
+        buf = []
+        for tar, index in zip(self.tar_paths(), self.tar_indexes(), strict=True):
+            for sample in iter_tar(tar, tar_refs(tar, index)):
+                buf.append(sample)
+                if len(buf) == size:
+                    yield _stack(buf)
+                    buf = []
+        if buf:
+            yield _stack(buf)
+
     def index_of(self, key: str) -> int:
         if self._key_index is None:
             self._need_zarr()
@@ -207,14 +224,14 @@ class TokenStore(RowStore):
 
     def check_compatible(
         self,
-        codebook_sha256: str | None = None,
+        tokenizer_id: str | None = None,
         k: int | None = None,
         grid: int | None = None,
         num_views: int | None = None,
     ) -> None:
-        """Refuse a store whose codebook, K, grid or views differ from what the caller was configured for."""
+        """Refuse a store whose tokenizer, K, grid or views differ from what the caller was configured for."""
         for name, want, have in (
-            ("codebook sha256", codebook_sha256, self.codebook_sha256),
+            ("tokenizer id", tokenizer_id, self.tokenizer_id),
             ("K", k, self.k),
             ("grid", grid, self.grid),
             ("views", num_views, self.num_views),
@@ -222,7 +239,7 @@ class TokenStore(RowStore):
             if want is not None and want != have:
                 raise StoreError(
                     f"{self.root}: store {name} {have} != expected {want}; "
-                    "tokenize with the matching codebook or change the run's config"
+                    "tokenize with the matching tokenizer or change the run's config"
                 )
 
     def stats(self) -> dict:
@@ -242,13 +259,23 @@ class TokenStore(RowStore):
             "grid": self.grid,
             "k": self.k,
             "token_dtype": self.manifest["token_dtype"],
-            "codebook_sha256": self.codebook_sha256,
-            "encoder": self.manifest["job"]["encoder"]["model"],
-            "weights": self.manifest["job"]["encoder"]["weights_id"],  # tag, sha256:<hex> or none:seed=<s>
+            "tokenizer_id": self.tokenizer_id,
+            "tokenizer": describe(self.manifest["tokenizer"]["identity"]),
             "codebook_usage": code_usage(self.manifest["code_counts"]),
             "labels": labels,
             "shards": len(self.manifest["shards"]),
         }
+
+
+def _stack(samples: list[dict]) -> tuple:
+    """A block of tar samples as TokenStore.blocks yields it."""
+    tokens = np.stack([s["tokens"] for s in samples]).astype(np.int64)
+    labels = np.array([s["label"] for s in samples], dtype=np.int64)
+    return (
+        tokens,
+        labels,
+        {"keys": [s["key"] for s in samples], "views": np.stack([s["views"] for s in samples])},
+    )
 
 
 def verify_sources(
@@ -302,10 +329,10 @@ def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -
         return [str(e)]
     problems = store.verify_files(store.part(part), rank, world)
     try:
-        if store.codebook.sha256 != store.codebook_sha256:
+        if (got := identity_id(file_identity(store.tokenizer_path))) != store.tokenizer_id:
             problems.append(
-                f"{store.root}/codebook.safetensors: sha256 {store.codebook.sha256} != manifest "
-                f"{store.codebook_sha256}; the store and its codebook do not match"
+                f"{store.tokenizer_path}: tokenizer id {got[:16]} != manifest {store.tokenizer_id[:16]}; the store and "
+                "its tokenizer do not match"
             )
     except CodebookError as e:
         problems.append(str(e))

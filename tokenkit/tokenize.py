@@ -1,7 +1,7 @@
-"""`tokenkit tokenize`: images -> V views each -> CLIP grid features -> nearest centroid -> token store.
+"""`tokenkit tokenize`: images -> V views each -> a tokenizer's ids -> token store.
 
-Takes only a codebook (which names the encoder, its weights, layer, input size, grid and normalisation)
-and an image source. Work shards of `shard_size` source rows are computed independently and committed
+Takes only a tokenizer file (a codebook, which names its feature extractor, weights, layer, input size, grid
+and normalisation; or a converted quantizer) and an image source. Work shards of `shard_size` source rows are computed independently and committed
 one by one, so a killed job resumes where it stopped, and ranks under torchrun split the shards and write
 the same store one process would.
 """
@@ -16,19 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenkit.clip_encoder import load_encoder
-from tokenkit.codebook import Codebook
 from tokenkit.errors import ConfigError, job_size_checks, require
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION, sha256_file
-from tokenkit.loader import ViewDataset, pick_device
+from tokenkit.loader import ViewDataset
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
-from tokenkit.tokenizer import Tokenizer
+from tokenkit.tokenizer import Tokenizer, load_tokenizer
 from tokenkit.views import ViewConfig
 from tokenkit.wds import pack_record, write_tar
 
 FORMATS = ("zarr", "wds", "both")
+TOKENIZER_FILE = "tokenizer.safetensors"
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class TokenizeConfig:
     format: str = "zarr"
     shard_size: int = 1024
     on_error: str = "skip"
-    batch_size: int = 32  # images per batch; each contributes V views to the CLIP forward
+    batch_size: int = 32  # images per batch; each contributes V views to the tokenizer's forward
     workers: int = 4
     device: str = "auto"
     precision: str = "auto"
@@ -71,6 +70,7 @@ class TokenizeConfig:
             "format": self.format,
             "shard_size": self.shard_size,
             "on_error": self.on_error,
+            "precision": self.precision,
         }
 
 
@@ -78,9 +78,14 @@ def tar_name(shard: int) -> str:
     return f"wds/shard-{shard:06d}.tar"
 
 
+def token_dtype(k: int) -> np.dtype:
+    """The smallest dtype that holds ids < k: uint16 up to K = 65535."""
+    return np.dtype("uint16" if k <= 65535 else "int32")
+
+
 def tokenize(
     images: str | Path,
-    codebook_path: Path,
+    tokenizer_path: Path,
     out: Path,
     cfg: TokenizeConfig = TokenizeConfig(),
     resume: bool = False,
@@ -89,28 +94,28 @@ def tokenize(
     barrier: Callable[[], None] = lambda: None,
     progress: bool = True,
 ) -> Path:
-    """Write the token store of `images` under `codebook_path` to `out`."""
+    """Write the token store of `images` under the tokenizer file `tokenizer_path` to `out`."""
     cfg.validate()
-    out, codebook_path = Path(out), Path(codebook_path)
-    cb = Codebook.load(codebook_path)
+    out, tokenizer_path = Path(out), Path(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path, cfg.device, cfg.precision)
     source = list_source(images)
-    spec = cb.encoder
-    tokenizer = Tokenizer(cb, load_encoder(spec, pick_device(cfg.device)), cfg.precision, str(codebook_path))
-    n, G, V, K = len(source), spec.grid, cfg.views.views, cb.k
-    tok_dtype = np.dtype(cb.token_dtype)
+    n, G, V, K = len(source), tok.grid, cfg.views.views, tok.k
+    tok_dtype = token_dtype(K)
     assert K - 1 <= np.iinfo(tok_dtype).max
     job = {
         "job": "tokenize",
-        "codebook_sha256": cb.sha256,
-        "encoder": spec.to_dict(),
+        "tokenizer_id": tok.id,
+        "tokenizer": tok.identity,
         "config": cfg.job_fields(),
         "source": source.fingerprint(),
     }
     zarr_out, wds_out = cfg.format in ("zarr", "both"), cfg.format in ("wds", "both")
-    dataset = ViewDataset(source, cfg.views, spec.image_size, min_side=G, keep_bytes=wds_out)
+    dataset = ViewDataset(
+        source, cfg.views, tok.image_size, min_side=G, keep_bytes=wds_out, interpolation=tok.interpolation
+    )
 
     def init():
-        shutil.copyfile(codebook_path, out / "codebook.safetensors")  # the store carries its codebook
+        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)  # the store carries its tokenizer
         if zarr_out:
             arrays = {
                 "tokens": ((V, G, G), tok_dtype.str),
@@ -129,12 +134,14 @@ def tokenize(
             "kind": "tokens",
             "job": job,
             "source": source.describe(),
-            "codebook": {
-                "file": "codebook.safetensors",
-                "sha256": cb.sha256,
+            "tokenizer": {
+                "file": TOKENIZER_FILE,
+                "id": tok.id,
+                "kind": tok.identity["kind"],
+                "family": tok.identity["family"],
                 "k": K,
-                "dim": cb.dim,
-                "metric": cb.metric,
+                "image_size": tok.image_size,
+                "identity": tok.identity,
             },
             "grid": G,
             "num_views": V,
@@ -148,7 +155,7 @@ def tokenize(
             "label_counts": np.sum([r["label_counts"] for r in records], axis=0).tolist(),
         }
 
-    writer = _TokenShard(out, source, tokenizer, cfg, tok_dtype, zarr_out, wds_out)
+    writer = _TokenShard(out, source, tok, cfg, tok_dtype, zarr_out, wds_out)
     run_shards(out, job, init, dataset, writer, manifest, cfg, resume, (rank, world, barrier), progress)
     return out
 
@@ -159,7 +166,7 @@ class _TokenShard:
     def __init__(self, out, source, tokenizer: Tokenizer, cfg, tok_dtype, zarr_out, wds_out):
         self.out, self.source, self.tokenizer, self.cfg = out, source, tokenizer, cfg
         self.tok_dtype, self.zarr_out, self.wds_out = tok_dtype, zarr_out, wds_out
-        self.K, self.device = tokenizer.codebook.k, tokenizer.device  # run_shards pins memory for CUDA
+        self.K, self.device = tokenizer.k, tokenizer.device  # run_shards pins memory for CUDA
 
     def begin(self, start: int, stop: int) -> None:
         src, rows, V, G = self.source, stop - start, self.cfg.views.views, self.tokenizer.grid
@@ -176,7 +183,7 @@ class _TokenShard:
 
     def add(self, items: list[dict], pixels: torch.Tensor) -> None:
         V, G = self.cfg.views.views, self.tokenizer.grid
-        codes = self.tokenizer(pixels)  # (b*V, G, G) on CLIP's device
+        codes = self.tokenizer(pixels)  # (b*V, G, G) on the tokenizer's device
         codes = codes.view(len(items), V, G, G).cpu().numpy().astype(self.tok_dtype)  # (b, V, G, G)
         rows = [it["index"] - self.start for it in items]
         self.buf["tokens"][rows] = codes

@@ -16,8 +16,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-VIEW_FIELDS = ("x", "y", "w", "h", "flip")
-
 
 @dataclass(frozen=True)
 class ViewConfig:
@@ -79,10 +77,14 @@ def draw_views(cfg: ViewConfig, key: str, width: int, height: int) -> np.ndarray
     return out
 
 
-def render_view(img: Image.Image, view, size: int) -> Image.Image:
-    """Crop `view`'s box out of the RGB image, resize it to size x size (bicubic), mirror it if flagged."""
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def render_view(img: Image.Image, view, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Crop `view`'s box out of the RGB image, resize it to size x size (bicubic, or a tokenizer's own
+    interpolation), mirror it if flagged."""
     x, y, w, h, flip = (int(v) for v in view)
-    out = img.resize((size, size), Image.Resampling.BICUBIC, box=(x, y, x + w, y + h))
+    out = img.resize((size, size), RESAMPLE[interpolation], box=(x, y, x + w, y + h))
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenkit.clip_encoder import load_encoder, resolve_spec
+from tokenkit.encoders import load_encoder, resolve_spec
 from tokenkit.errors import ConfigError
 
 
@@ -72,7 +72,7 @@ def test_local_dir_model_folder_is_loaded_with_its_own_config(tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    from tokenkit.clip_encoder import MODEL_CONFIGS
+    from tokenkit.encoders.clip import MODEL_CONFIGS
 
     resolve_spec("tokenkit-tiny-vit", "none", grid=4)  # registers tokenkit's tiny configs with open_clip
     torch.manual_seed(11)

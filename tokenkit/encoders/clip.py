@@ -8,44 +8,18 @@ stride 32 for ResNets, the patch size for ViTs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tokenkit.encoders.spec import EncoderSpec, file_sha256
 from tokenkit.errors import ConfigError, load_failure, require
 
-MODEL_CONFIGS = Path(__file__).parent / "model_configs"  # tiny configs for tests and CPU demos
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Everything needed to rebuild the exact feature extractor; recorded in features stores and codebooks."""
-
-    model: str
-    pretrained: str  # open_clip tag, checkpoint path, or "none" (seeded random init)
-    weights_id: str  # the tag, "sha256:<hex>" of a checkpoint file, or "none:seed=<seed>"
-    arch: str  # "resnet" | "vit"
-    layer: int  # ViT block index (0-based, -1 = last); -1 for ResNets (last stage)
-    image_size: int
-    grid: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderSpec:
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
+MODEL_CONFIGS = Path(__file__).parents[1] / "model_configs"  # tiny configs for tests and CPU demos
 
 
 def _open_clip():
@@ -64,14 +38,6 @@ LOCAL_DIR_WEIGHTS = (
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
-
-
 def _weights_id(pretrained: str, seed: int) -> str:
     """What identifies the weights: the tag, the sha256 of the checkpoint file, or the random-init seed."""
     if pretrained == "none":
@@ -84,9 +50,9 @@ def _weights_id(pretrained: str, seed: int) -> str:
                 f"{folder}: no {' / '.join(LOCAL_DIR_WEIGHTS)} in this folder; pass an open_clip "
                 "model folder (open_clip_config.json + weights)"
             )
-        return _sha256(found[0])
+        return file_sha256(found[0])
     if os.path.isfile(pretrained):
-        return _sha256(Path(pretrained))
+        return file_sha256(Path(pretrained))
     if pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise ConfigError(
             f"{pretrained}: checkpoint not found; pass an existing file, an open_clip tag or 'none'"
@@ -111,7 +77,7 @@ def _model_config(oc, model: str, pretrained: str) -> dict:
     return cfg
 
 
-def resolve_spec(
+def resolve(
     model: str,
     pretrained: str = "none",
     grid: int = 14,
@@ -154,11 +120,11 @@ def resolve_spec(
     mean = tuple(pp.get("mean", oc.OPENAI_DATASET_MEAN))
     std = tuple(pp.get("std", oc.OPENAI_DATASET_STD))
     return EncoderSpec(
-        model, pretrained, _weights_id(pretrained, seed), arch, layer, size, grid, mean, std, seed
+        "clip", model, pretrained, _weights_id(pretrained, seed), arch, layer, size, grid, mean, std, seed
     )
 
 
-class GridEncoder(nn.Module):
+class ClipGrid(nn.Module):
     """(B, 3, S, S) normalised images -> (B, G*G, C) float32 patch features, row-major over the grid."""
 
     def __init__(self, visual: nn.Module, spec: EncoderSpec, dim: int):
@@ -181,7 +147,7 @@ class GridEncoder(nn.Module):
         return f.float()
 
 
-def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> GridEncoder:
+def load(spec: EncoderSpec, device: str | torch.device = "cpu") -> ClipGrid:
     """Build the vision tower of `spec` with its weights (tag, file, or seeded random init), in eval mode."""
     oc = _open_clip()
     kwargs = {}
@@ -223,6 +189,6 @@ def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> GridE
     visual.eval().requires_grad_(False).to(device)
     with torch.no_grad():
         probe = torch.zeros(1, 3, spec.image_size, spec.image_size, device=device)
-        enc = GridEncoder(visual, spec, dim=0)
+        enc = ClipGrid(visual, spec, dim=0)
         dim = enc(probe).shape[-1]
-    return GridEncoder(visual, spec, dim)
+    return ClipGrid(visual, spec, dim)
