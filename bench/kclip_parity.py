@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 from reference_code import import_reference, rel
 
-from tokenkit.encoders import load_encoder, resolve_spec
 from tokenkit.codebook import Codebook
+from tokenkit.encoders import load_encoder, resolve_spec
 from tokenkit.kmeans import _faiss, assign
-from tokenkit.tokenizer import Tokenizer
+from tokenkit.tokenizer import CodebookTokenizer
 from tokenkit.views import center_box, render_view, to_tensor
 
 # 512², 600x400, 451x300, 640x427, 512² grey, and astronaut at 500x375, ImageNet's most common size
@@ -115,7 +115,7 @@ def main() -> int:
 
     # (4) end to end
     cb = Codebook(centroids, spec, {"kmeans": {"metric": "l2"}})
-    tok = Tokenizer(cb, ours, precision="fp32")
+    tok = CodebookTokenizer(cb, torch.device("cpu"), "fp32", encoder=ours)
     for name, img, x in zip(PHOTOS, images, x_theirs, strict=True):
         with torch.no_grad():
             f = theirs.intermediate_features(x[None]).numpy()[0]

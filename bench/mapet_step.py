@@ -298,14 +298,16 @@ def profile(step: TrainStep, iters: int, cuda: bool) -> None:
 
 def online(cfg, B, device, args, precision, t_mapet) -> None:
     """Images/s of a MaPeT step from cached targets vs the same step plus CLIP tokenization of the batch."""
-    from tokenkit.encoders import load_encoder, resolve_spec
     from tokenkit.codebook import Codebook
-    from tokenkit.tokenizer import Tokenizer
+    from tokenkit.encoders import load_encoder, resolve_spec
+    from tokenkit.tokenizer import CodebookTokenizer
 
     spec = resolve_spec("ViT-B-16", "none", grid=cfg.grid)
     clip = load_encoder(spec, device)
     centroids = np.random.default_rng(0).standard_normal((8192, clip.dim), dtype=np.float32)
-    tok = Tokenizer(Codebook(centroids, spec, {"kmeans": {"metric": "l2"}}), clip, precision)
+    tok = CodebookTokenizer(
+        Codebook(centroids, spec, {"kmeans": {"metric": "l2"}}), device, precision, encoder=clip
+    )
     S = spec.image_size
     pixels = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8)  # the views, as loaders ship them
     pixels = pixels.to(device)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from train_loader import PHOTOS
 
-from tokenkit.encoders import load_encoder, resolve_spec
 from tokenkit.codebook import Codebook
+from tokenkit.encoders import load_encoder, resolve_spec
 from tokenkit.images import decode_image, list_folder
 from tokenkit.loader import ViewDataset, iter_shard_batches
 from tokenkit.tokenize import TokenizeConfig, tokenize

@@ -10,8 +10,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from tokenkit.encoders import resolve_spec
 from tokenkit.codebook import build_codebook
+from tokenkit.encoders import resolve_spec
 from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.kmeans import KMeansConfig
 

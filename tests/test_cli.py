@@ -32,7 +32,9 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
     assert st["kmeans"]["nredo"] == 2 and st["backend"] == "torch-cpu"
     assert st["codebook_usage"]["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
     rc, out, _ = run(["inspect", cb], capsys)
-    assert rc == 0 and "K=8 x 256: k-means (l2) over clip tokenkit-tiny-rn (random-init weights, seed 0)" in out
+    assert (
+        rc == 0 and "K=8 x 256: k-means (l2) over clip tokenkit-tiny-rn (random-init weights, seed 0)" in out
+    )
     rc, out, err = run(
         ["tokenize", photos, cb, tok, "--views", "2", "--format", "both", "--workers", "1", "--quiet"], capsys
     )
@@ -47,7 +49,12 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
     # --labels: what the codes say about the class folders, from every stored token position
     rc, out, _ = run(["inspect", tok, "--labels", "--json"], capsys)
     q = json.loads(out)["label_quality"]
-    assert rc == 0 and q["positions"] == 12 * 2 * 9 and 0.5 <= q["purity"] <= 1 and q["majority_label_share"] == 0.5
+    assert (
+        rc == 0
+        and q["positions"] == 12 * 2 * 9
+        and 0.5 <= q["purity"] <= 1
+        and q["majority_label_share"] == 0.5
+    )
     # the store compared with itself: every id agrees, each one's codes give the other's exactly
     rc, out, _ = run(["compare", tok, tok, "--json"], capsys)
     r = json.loads(out)

@@ -12,8 +12,8 @@ import pytest
 from cli.tokenkit import main
 from tests.preempt import run_preempted
 from tests.tars import make_tar
-from tokenkit.encoders import load_encoder
 from tokenkit.codebook import Codebook
+from tokenkit.encoders import load_encoder
 from tokenkit.errors import CodebookError, StoreError
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore, verify
@@ -76,7 +76,9 @@ def test_tokenizer_api_gives_the_stored_tokens(store_path, codebook_path, tmp_pa
             ids = tok.encode_image(img, view)
             assert ids.dtype == torch.int64 and np.array_equal(ids.numpy(), s["tokens"][0, v])
         center = np.array([[*center_box(*img.size), 0]])
-        assert np.array_equal(tok.encode_image(img).numpy(), brute_tokens(img, center, store.tokenizer_path)[0])
+        assert np.array_equal(
+            tok.encode_image(img).numpy(), brute_tokens(img, center, store.tokenizer_path)[0]
+        )
     with pytest.raises(ValueError, match=r"expected \(B, 64, 64, 3\) uint8 views"):
         tok(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     # an image as Image.open gives it (EXIF-rotated JPEG, RGBA PNG) is read as the tokenize job decodes it

@@ -81,11 +81,18 @@ class CodebookTokenizer(Tokenizer):
     interpolation = "bicubic"
 
     def __init__(
-        self, codebook: Codebook, device: torch.device, precision: str = "auto", name: str = "codebook"
+        self,
+        codebook: Codebook,
+        device: torch.device,
+        precision: str = "auto",
+        name: str = "codebook",
+        encoder: torch.nn.Module | None = None,
     ):
+        """encoder: the extractor to use instead of building the codebook's (a benchmark's, its weights
+        copied from a reference); it must compute the codebook spec's features."""
         super().__init__(device, precision)
         self.codebook, self.spec = codebook, codebook.encoder
-        self.encoder = load_encoder(self.spec, device)
+        self.encoder = load_encoder(self.spec, device) if encoder is None else encoder
         if self.encoder.dim != codebook.dim:
             raise CodebookError(
                 f"{name}: centroids have dim {codebook.dim} but {self.spec.model} gives {self.encoder.dim}-d features; "
