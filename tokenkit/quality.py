@@ -14,6 +14,8 @@ label / other code j):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -52,7 +54,7 @@ def expected_mutual_information(table: np.ndarray, block: int = 1 << 22) -> floa
     hi = torch.minimum(torch.minimum(A, B), torch.ceil(mean + 12 * sd))
     width = (hi - lo + 1).clamp_min(0)
     lg = torch.lgamma
-    const = lg(A + 1) + lg(B + 1) + lg(N - A + 1) + lg(N - B + 1) - lg(torch.tensor(N + 1))
+    const = lg(A + 1) + lg(B + 1) + lg(N - A + 1) + lg(N - B + 1) - math.lgamma(N + 1)
     total, pos = 0.0, 0
     W = int(width.max().item()) if len(width) else 0
     step = max(1, block // max(W, 1))

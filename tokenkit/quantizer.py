@@ -150,6 +150,10 @@ def _load_checkpoint(src: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         return _state_dict(torch.load(src, map_location="cpu", weights_only=True), src)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # no pickled object: junk or a damaged file
+            raise ConfigError(
+                f"{src}: not a readable checkpoint ({load_failure(e)}); pass the released file"
+            ) from e
         if not trust_pickle:
             raise ConfigError(
                 f"{src}: a pickled object, not a plain state dict (DALL-E's encoder.pkl is one); loading it runs "

@@ -7,7 +7,8 @@ per `cell` x `cell` pixel cell (averaged over the cell's area), optionally weigh
 tiled every `window` pixels (MaskFeat: 16); each cell histogram is L2-normalised on its own (MaskFeat's
 normalisation; scikit-image's with 1x1-cell blocks). A grid patch's feature is the histograms of its cells
 concatenated in MaskFeat's order (channel and bin, then cell row, cell column): with MaskFeat's settings
-(3 channels, 9 bins, 8-px cells in a 16-px patch) 108 values.
+(3 channels, 9 bins, 8-px cells in a 16-px patch) 108 values. (MaskFeat measures orientation from the y
+axis, which puts its 20-degree bin edges half a bin from these; the histograms hold the same information.)
 
 Channels: "each" keeps a histogram per RGB channel (MaskFeat); "max" takes, per pixel, the channel whose
 gradient is largest (Dalal & Triggs, scikit-image's multichannel HOG). Pixels are read on the 0-255 scale.
@@ -28,7 +29,7 @@ from tokenkit.errors import ConfigError, require
 
 GRADIENTS = ("sobel", "central")
 CHANNELS = ("each", "max")
-UNIT = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # mean, std: views.normalize then gives 0-255 pixels
+UNIT = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # mean, std: views.normalize gives k / 255, read back as k
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def gaussian_window(size: int, dtype=torch.float64) -> torch.Tensor:
 
 
 class HOG(nn.Module):
-    """(B, 3, S, S) pixels on the 0-255 scale -> (B, G*G, C) HOG features, C = channels x bins x (patch /
-    cell)^2, in the input's dtype."""
+    """(B, 3, S, S) views in [0, 1] (uint8 / 255, as views.normalize gives them with the spec's unit mean
+    and std) -> (B, G*G, C) HOG features, C = channels x bins x (patch / cell)^2, in the input's dtype."""
 
     def __init__(self, spec: EncoderSpec):
         super().__init__()
@@ -120,6 +121,7 @@ class HOG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, G = self.cfg, self.spec.grid
         B, dt = x.shape[0], x.dtype
+        x = torch.round(x * 255)  # the integer pixels again: equal pixels give exactly zero gradients
         xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
         gx = F.conv2d(xp, self.kx.to(dt).expand(3, 1, 3, 3), groups=3)  # (B, 3, S, S)
         gy = F.conv2d(xp, self.ky.to(dt).expand(3, 1, 3, 3), groups=3)
