@@ -82,9 +82,10 @@ RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LAN
 
 def render_view(img: Image.Image, view, size: int, interpolation: str = "bicubic") -> Image.Image:
     """Crop `view`'s box out of the RGB image, resize it to size x size (bicubic, or a tokenizer's own
-    interpolation), mirror it if flagged."""
+    interpolation), mirror it if flagged. Cropped first, as torchvision's resized_crop (timm's and BEiT's
+    RandomResizedCrop) does it: a resize of the box alone would also read the pixels just outside it."""
     x, y, w, h, flip = (int(v) for v in view)
-    out = img.resize((size, size), RESAMPLE[interpolation], box=(x, y, x + w, y + h))
+    out = img.crop((x, y, x + w, y + h)).resize((size, size), RESAMPLE[interpolation])
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
