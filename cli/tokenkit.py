@@ -88,7 +88,7 @@ job_options = with_options(
     "--model",
     default="ViT-B-16",
     show_default=True,
-    help="An open_clip model name, timm:NAME[.TAG] (a timm ViT backbone), or hog (no weights).",
+    help="An open_clip model name, timm:NAME[.TAG] (a timm ViT backbone), hog, or pixels (no weights).",
 )
 @click.option(
     "--pretrained",
@@ -139,7 +139,7 @@ job_options = with_options(
 @click.pass_context
 def features(ctx, images, out, preset, **kw):
     """Extract patch features of IMAGES (folder or tar shards) into the float16 zarr store OUT: CLIP
-    (open_clip), a timm ViT, or HOG.
+    (open_clip), a timm ViT, HOG, or pooled pixels.
 
     On SIGTERM (preemption) it commits the work shard in flight and exits 143; --resume continues."""
     kw = apply_preset(ctx, PRESETS, preset, kw)

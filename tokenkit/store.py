@@ -69,14 +69,9 @@ class TokenStore(RowStore):
     def tar_paths(self) -> list[Path]:
         return [self.root / s["tar"]["path"] for s in self.manifest["shards"] if "tar" in s]
 
-    def tar_indexes(self) -> list[Path | None]:
-        """The sample index saved beside each tar (tar_paths' order); None for tars written before
-        2026-11-26, which readers index from their member headers."""
-        return [
-            self.root / s["tar"]["index"] if "index" in s["tar"] else None
-            for s in self.manifest["shards"]
-            if "tar" in s
-        ]
+    def tar_indexes(self) -> list[Path]:
+        """The sample index saved beside each tar (tar_paths' order)."""
+        return [self.root / s["tar"]["index"] for s in self.manifest["shards"] if "tar" in s]
 
     def part(self, name: str | None):
         """select(rel) for verify_files / file_stats: the files of one format ("zarr": the arrays, "wds": the
@@ -358,7 +353,7 @@ def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -
         p = store.root / shard["tar"]["path"]
         try:
             refs = index_tar(p)  # from the tar itself
-            if "index" in shard["tar"] and load_index(store.root / shard["tar"]["index"]) != refs:
+            if load_index(store.root / shard["tar"]["index"]) != refs:
                 problems.append(
                     f"{store.root / shard['tar']['index']}: does not list the samples of {p}; re-run tokenize"
                 )

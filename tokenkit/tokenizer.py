@@ -165,6 +165,8 @@ def describe(identity: dict) -> str:
     if enc["family"] == "hog":
         o = enc["options"]
         what = f"HOG ({o['bins']} bins, {o['cell']}-px cells, {o['gradient']}, channels {o['channels']})"
+    elif enc["family"] == "pixels":
+        what = f"pixels (RGB pooled to {enc['options']['pool']}x{enc['options']['pool']} per patch)"
     else:
         layer = f", layer {enc['layer']}" if enc["layer"] >= 0 else ""
         what = f"{enc['family']} {enc['model']} ({weights_note(enc['weights_id'])}{layer})"

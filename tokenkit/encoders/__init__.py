@@ -1,4 +1,4 @@
-"""Grid feature extractors, one file per family, behind one spec: CLIP (open_clip), timm ViTs, HOG.
+"""Grid feature extractors, one file per family, behind one spec: CLIP (open_clip), timm ViTs, HOG, pixels.
 
 `resolve_spec` checks a model name and its settings and returns the EncoderSpec that features stores and
 codebooks record; `load_encoder` rebuilds the exact extractor from it: (B, 3, S, S) views normalised with
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenkit.encoders import clip, hog, timm_backbone
+from tokenkit.encoders import clip, hog, pixels, timm_backbone
 from tokenkit.encoders.hog import HOGConfig
 from tokenkit.encoders.spec import EncoderSpec
 
@@ -24,9 +24,11 @@ def resolve_spec(
     seed: int = 0,
     hog_cfg: HOGConfig | None = None,
 ) -> EncoderSpec:
-    """`model`: an open_clip name (ViT-B-16, RN50x64, ...), `timm:NAME[.TAG]`, or `hog`."""
+    """`model`: an open_clip name (ViT-B-16, RN50x64, ...), `timm:NAME[.TAG]`, `hog`, or `pixels`."""
     if model == "hog":
         return hog.resolve(grid, image_size, hog_cfg or HOGConfig())
+    if model == "pixels":
+        return pixels.resolve(grid, image_size)
     if model.startswith(timm_backbone.PREFIX):
         return timm_backbone.resolve(model, pretrained, grid, image_size, layer, seed)
     return clip.resolve(model, pretrained, grid, image_size, layer, seed)
@@ -34,5 +36,5 @@ def resolve_spec(
 
 def load_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Module:
     """The extractor of `spec` on `device`, in eval mode; its `dim` attribute is C."""
-    family = {"clip": clip, "timm": timm_backbone, "hog": hog}[spec.family]
+    family = {"clip": clip, "timm": timm_backbone, "hog": hog, "pixels": pixels}[spec.family]
     return family.load(spec, device)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    family: str  # "clip" (open_clip) | "timm" | "hog"
+    family: str  # "clip" (open_clip) | "timm" | "hog" | "pixels"
     model: str
     pretrained: str  # a tag, a checkpoint path, or "none" (seeded random init; HOG has no weights)
     weights_id: str  # the tag, "sha256:<hex>" of a checkpoint file, "none:seed=<seed>", or "none"
-    arch: str  # clip: "resnet" | "vit"; timm: the model's class name; hog: "hog"
+    arch: str  # clip: "resnet" | "vit"; timm: the model's class name; hog, pixels: the family
     layer: int  # ViT block index (0-based); -1 where the family has no choice of layer
     image_size: int
     grid: int
