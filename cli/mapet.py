@@ -313,6 +313,13 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--drop-path", type=float, default=0.1, show_default=True)
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True)
 @click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP)
+@click.option(
+    "--crop-scale",
+    type=(float, float),
+    default=FinetuneConfig.crop_scale,
+    show_default=True,
+    help="RandomResizedCrop's range of the crop's share of the image area (BEiT and timm: 0.08 1).",
+)
 @click.option("--randaug", is_flag=True, help="RandAugment, timm's rand-m9-mstd0.5.")
 @click.option(
     "--reprob", type=float, default=0.0, show_default=True, help="Random erasing probability (BEiT: 0.25)."

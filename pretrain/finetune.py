@@ -55,6 +55,7 @@ class FinetuneConfig:
     drop_path: float = 0.1
     label_smoothing: float = 0.1
     crop_pct: float | None = None  # validation crop; None: pretrain.evaluate.default_crop_pct
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range (BEiT / timm: 0.08-1)
     randaug: bool = False
     reprob: float = 0.0  # random erasing probability (BEiT / MAE fine-tuning: 0.25)
     mixup: float = 0.0
@@ -73,6 +74,12 @@ class FinetuneConfig:
                 ("--layer-decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]"),
                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
                 ("--crop-pct", self.crop_pct, self.crop_pct is None or 0 < self.crop_pct <= 1, "in (0, 1]"),
+                (
+                    "--crop-scale",
+                    self.crop_scale,
+                    0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+                    "MIN MAX with 0 < MIN <= MAX <= 1",
+                ),
                 ("--reprob", self.reprob, 0 <= self.reprob <= 1, "in [0, 1]"),
                 ("--mixup", self.mixup, self.mixup >= 0, ">= 0 (0: off)"),
                 ("--cutmix", self.cutmix, self.cutmix >= 0, ">= 0 (0: off)"),
@@ -174,10 +181,12 @@ class TrainDataset(Dataset):
     (seed, epoch, image), with its drop-path uniforms (2 per block) from the same key: the same sample
     whichever loader worker, rank or batch reads it."""
 
-    def __init__(self, source: SampleIndex, size: int, randaug: bool, depth: int, seed: int = 0):
+    def __init__(
+        self, source: SampleIndex, size: int, randaug: bool, depth: int, seed: int = 0, scale=(0.08, 1.0)
+    ):
         self.source, self.depth, self.seed, self.epoch = source, depth, seed, 0
         aug = [
-            v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip(),
         ]
         if randaug:
@@ -203,10 +212,17 @@ class TrainDataset(Dataset):
 
 @torch.no_grad()
 def accuracy(
-    model: nn.Module, loader: DataLoader, device, autocast, world: int = 1, progress: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device,
+    autocast,
+    world: int = 1,
+    progress: bool = False,
+    answers: list | None = None,
 ) -> tuple[float, float, int]:
     """Top-1, top-5 (top-k for fewer than 5 classes) and the number of samples they count (unreadable images,
-    label -1, excluded), over all ranks."""
+    label -1, excluded), over all ranks. `answers`: a list that receives (label, top-1 prediction) of every
+    counted image in loader order (one process: what McNemar's test pairs image by image)."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)  # top-1 correct, top-5 correct, total
     for x, y in tqdm(loader, desc="validate", unit="batch", disable=not progress, leave=False):
@@ -215,6 +231,8 @@ def accuracy(
             logits = model(to_input(x, device))  # (B, classes)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()[keep]  # (b, 5)
         hit = top == y[keep][:, None]  # (b, 5)
+        if answers is not None:
+            answers += zip(y[keep].tolist(), top[:, 0].tolist(), strict=True)
         counts += torch.tensor(
             [float(hit[:, 0].sum()), float(hit.any(1).sum()), float(keep.sum())], dtype=torch.float64
         )
@@ -244,7 +262,7 @@ def validate(
 ) -> dict:
     """Top-1 / top-5 of the fine-tuned classifier in a loaded `mapet finetune` checkpoint on `val`, each image
     read as fine-tuning validates it (Resize(S / crop_pct) + CenterCrop(S)): `mapet validate`, as BEiT's and
-    MAE's `--eval`. Val labels are matched by name to the class names the checkpoint records (runs before
+    MAE's `--eval`; with every image's label and prediction, as k-NN and the linear probe give them. Val labels are matched by name to the class names the checkpoint records (runs before
     2026-11-26 record none: labels taken as they are). name: the checkpoint, for errors."""
     net = classifier_of(ckpt)
     val = in_classes(val, tuple(ckpt.get("classes", ())), f"{name}'s")
@@ -262,12 +280,15 @@ def validate(
         num_workers=workers,
         pin_memory=dev.type == "cuda",
     )
-    top1, top5, n = accuracy(net.to(dev), loader, dev, bf16_on_cuda(dev), progress=progress)
+    answers: list[tuple[int, int]] = []
+    top1, top5, n = accuracy(net.to(dev), loader, dev, bf16_on_cuda(dev), progress=progress, answers=answers)
     count_readable(val, n, "validate")
     return {
         "top1": top1,
         "top5": top5,
         "n_val": n,
+        "labels": [a for a, _ in answers],  # each counted val image's label and prediction, in val order
+        "predictions": [p for _, p in answers],
         "image_size": size,
         "crop_pct": crop_pct,
         "num_classes": ckpt["num_classes"],
@@ -342,7 +363,7 @@ def finetune(
     )
     autocast = bf16_on_cuda(device)
     size = encoder.cfg.image_size
-    train_ds = TrainDataset(train, size, cfg.randaug, len(encoder.blocks), cfg.seed)
+    train_ds = TrainDataset(train, size, cfg.randaug, len(encoder.blocks), cfg.seed, cfg.crop_scale)
     steps = len(train_ds) // (cfg.batch_size * world) // cfg.accum_steps  # optimizer steps per epoch
     if steps == 0:
         raise ConfigError(

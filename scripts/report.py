@@ -1,10 +1,10 @@
-"""Write the quickstart report: RUN/report.md with the accuracy table and PNG figures.
+"""Write the quickstart report: RUN/report.md with the accuracy tables and PNG figures.
 
     python scripts/report.py RUN
 
 Reads what the quickstart's commands wrote: RUN/tokens (store), RUN/pretrain-{mapet,beit}/metrics.jsonl and
-RUN/eval/*.json. Figures: pre-training loss and token accuracy of both objectives, codebook usage, and a grid
-of images with their token maps.
+RUN/eval/*.json (k-NN, linear probe, and `mapet validate` of each fine-tuned encoder). Figures: pre-training
+loss and token accuracy of both objectives, codebook usage, and a grid of images with their token maps.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pretrain.evaluate import mcnemar  # noqa: E402
+from tokenkit.quality import label_quality  # noqa: E402
 from tokenkit.render import token_overlay  # noqa: E402
 from tokenkit.store import TokenStore  # noqa: E402
+from tokenkit.tokenizer import describe  # noqa: E402
 from tokenkit.views import render_view  # noqa: E402
 
 ENCODERS = ("random", "beit", "mapet")
@@ -93,31 +95,60 @@ def token_grid(store: TokenStore, out: Path, n: int = 8, size: int = 160) -> Non
     sheet.save(out)
 
 
+def compared(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    """`name_a` against `name_b` on the same val images: "beats", "falls below" or "is level with", called
+    by McNemar's exact test at p < 0.05 on the two evaluations' per-image answers (evaluations written before
+    the JSON held them are compared by top-1 alone)."""
+    d = 100 * (a["top1"] - b["top1"])
+    if "predictions" not in a or "predictions" not in b:
+        return f"{name_a} {d:+.1f} points against {name_b} (no per-image answers to test)"
+    right = [np.equal(r["predictions"], r["labels"]) for r in (a, b)]
+    only_a, only_b, p = mcnemar(*right)
+    verdict = "is level with" if p >= 0.05 else "beats" if d > 0 else "falls below"
+    return (
+        f"{name_a} {verdict} {name_b} ({d:+.1f} points: {only_a} images right only for {name_a}, {only_b} only "
+        f"for {name_b}; McNemar p = {p:.2g})"
+    )
+
+
 def verdicts(results: dict) -> list[str]:
-    """One line per task and evaluation: does pre-training beat the random-init encoder? results[(task,
-    encoder, eval)] is the evaluation's JSON. A difference is called when McNemar's exact test on the two
-    encoders' answers for the same val images gives p < 0.05 (evaluations written before the JSON held
-    each image's prediction are compared by top-1 alone)."""
+    """One line per task and frozen-feature evaluation: does pre-training beat the random-init encoder?
+    results[(task, encoder, eval)] is the evaluation's JSON."""
     out = []
     for task, desc in TASKS.items():
         for ev, name in EVALS.items():
             base = results[task, "random", ev]
-            parts = []
-            for enc in ("mapet", "beit"):
-                res = results[task, enc, ev]
-                d = 100 * (res["top1"] - base["top1"])
-                if "predictions" not in res or "predictions" not in base:
-                    parts.append(f"{enc} {d:+.1f} points against random init (no per-image answers to test)")
-                    continue
-                right = [np.equal(r["predictions"], r["labels"]) for r in (res, base)]
-                only_enc, only_random, p = mcnemar(*right)
-                verdict = "is level with" if p >= 0.05 else "beats" if d > 0 else "falls below"
-                parts.append(
-                    f"{enc} {verdict} random init ({d:+.1f} points: {only_enc} images right only for {enc}, "
-                    f"{only_random} only for random init; McNemar p = {p:.2g})"
-                )
+            parts = [compared(results[task, enc, ev], base, enc, "random init") for enc in ("mapet", "beit")]
             out.append(f"- {desc}, {name}: " + "; ".join(parts) + ".")
     return out
+
+
+def finetune_section(ft: dict, cfg: dict, labelled: int, unlabelled: int) -> list[str]:
+    """The fine-tuning table and its three verdicts: each pre-training against scratch, MaPeT against BEiT.
+    ft[encoder]: `mapet validate`'s JSON of its fine-tuned classifier; cfg: the fine-tuning config;
+    labelled: the images it trained on, unlabelled: the images pre-training read."""
+    names = {"random": "scratch (random init)", "beit": "BEiT-pretrained", "mapet": "MaPeT-pretrained"}
+    return [
+        "## Fine-tuning with few labels (cell type, val split)",
+        "",
+        f"Pre-training read all {unlabelled} training images without labels; fine-tuning then sees the cell type "
+        f"of {labelled} of them ({100 * labelled / unlabelled:.0f}%, the same share of each type), as semi-"
+        "supervised benchmarks fine-tune on 1% or 10% of ImageNet's labels. The three encoders are fine-tuned "
+        f"end to end with one recipe: {cfg['epochs']} epochs, batch "
+        f"{cfg['batch_size']}, AdamW lr {cfg['lr']:g} with {cfg['warmup_epochs']:g} warmup epoch(s) and cosine, "
+        f"layer decay {cfg['layer_decay']}, drop path {cfg['drop_path']}, label smoothing "
+        f"{cfg['label_smoothing']}, RandomResizedCrop {cfg['crop_scale'][0]:g}-{cfg['crop_scale'][1]:g} and flip; "
+        "each val image read whole (`mapet validate --crop-pct 1.0`).",
+        "",
+        "| encoder | fine-tuned top-1 |",
+        "|---|---|",
+        *[f"| {names[enc]} | {100 * ft[enc]['top1']:.1f}% |" for enc in ("random", "beit", "mapet")],
+        "",
+        f"- {compared(ft['mapet'], ft['random'], 'MaPeT', 'scratch')}.",
+        f"- {compared(ft['beit'], ft['random'], 'BEiT', 'scratch')}.",
+        f"- {compared(ft['mapet'], ft['beit'], 'MaPeT', 'BEiT')}.",
+        "",
+    ]
 
 
 def main() -> None:
@@ -136,6 +167,13 @@ def main() -> None:
         for enc in ENCODERS
         for ev in EVALS
     }
+    finetuned = {
+        enc: json.loads((run / "eval" / f"finetune-{enc}-type.json").read_text()) for enc in ENCODERS
+    }
+    ft_cfg = json.loads((run / "finetune-mapet" / "result.json").read_text())["config"]
+    split = json.loads((run / "elpv" / "split.json").read_text())["images"]
+    n_labelled, n_train = sum(r["labelled"] for r in split), sum(r["split"] == "train" for r in split)
+    quality = label_quality(store)
     knn = results["type", "random", "knn"]
     crop = knn.get("crop_pct", 1.0)
     times = (run / "timings.txt").read_text() if (run / "timings.txt").exists() else ""
@@ -143,9 +181,10 @@ def main() -> None:
         "# Quickstart report",
         "",
         f"Data: ELPV solar cells (CC BY-NC-SA 4.0), {store.manifest['n_ok']} training images tokenized; "
-        f"tokenizer {store.manifest['job']['encoder']['model']} (random init, seed "
-        f"{store.manifest['job']['encoder']['seed']}), grid {store.grid}, K {store.k}, {store.num_views} views.",
+        f"tokenizer: {describe(store.manifest['tokenizer']['identity'])}, grid {store.grid}, K {store.k}, "
+        f"{store.num_views} views.",
         "",
+        *finetune_section(finetuned, ft_cfg, n_labelled, n_train),
         "## Frozen-feature accuracy (val split)",
         "",
         f"Each image read at {knn['image_size']} px, "
@@ -190,7 +229,10 @@ def main() -> None:
         "## Tokenizer",
         "",
         f"{st['used_codes']} of {store.k} codes used, perplexity {st['perplexity']:.1f}, largest cluster "
-        f"{100 * st['largest_cluster_share']:.1f}% of tokens.",
+        f"{100 * st['largest_cluster_share']:.1f}% of tokens. What the codes say about the cell type of their "
+        f"image (`tokenkit inspect --labels`): NMI {quality['nmi']:.3f}, AMI {quality['ami']:.3f}, purity "
+        f"{100 * quality['purity']:.1f}% against {100 * quality['majority_label_share']:.1f}% for codes that say "
+        "nothing.",
         "",
         "![usage](codebook_usage.png)",
         "",

@@ -3,8 +3,8 @@
 They print measured ratios (speed goals live there, not in timed tests); these checks assert only what does
 not depend on the machine's speed: that each script finishes, and its deterministic figures (FLOP and
 saved-memory ratios, the k-means objective). The parity scripts (docs/fidelity.md) run the official MaPeT,
-k-CLIP and BEiT code beside ours: their tests run when MAPET_OFFICIAL / BEIT_CODE / MAPET_OFFICIAL_TIMM name
-that code (never shipped here) and are skipped otherwise; each script's error for a missing folder is tested
+k-CLIP, BEiT and BEiT v2 code beside ours: their tests run when MAPET_OFFICIAL / BEIT_CODE / BEIT2_CODE /
+MAPET_OFFICIAL_TIMM name that code (never shipped here) and are skipped otherwise; each script's error for a missing folder is tested
 everywhere.
 """
 
@@ -148,17 +148,38 @@ def test_beit_parity():
     assert number(r"logits ([0-9.e+-]+)", out) < 1e-12
 
 
+BEIT2_CODE = os.environ.get("BEIT2_CODE", "")  # the beit2/ folder of microsoft/unilm (never shipped here)
+
+
+@pytest.mark.skipif(not BEIT2_CODE, reason="set BEIT2_CODE to BEiT v2's code")
+def test_vqkd_parity():
+    """BEiT v2's own VQKD, converted by `tokenkit convert`, gives our tokenizer's codes (float64: the
+    projections to rounding)."""
+    out = bench("tokenizer_parity.py", "vqkd", "--beit2", BEIT2_CODE, "--size", "tiny", "--dtype", "float64")
+    assert "codes equal 100.00%" in out and number(r"projections rel ([0-9.e+-]+)", out) < 1e-12, out
+
+
+@pytest.mark.skipif(not BEIT_CODE, reason="set BEIT_CODE to BEiT's code")
+def test_dalle_parity():
+    """The dall_e encoder behind BEiT's two-view crop and our converted DALL-E tokenizer behind a store view:
+    the same pixels, logits and codes."""
+    out = bench("tokenizer_parity.py", "dalle", "--beit", BEIT_CODE)
+    assert "at most 0 grey levels, logits rel 0.00e+00, codes equal 100.00%" in out, out
+
+
 @pytest.mark.parametrize(
     "script,flag,what",
     [
         ("official_parity.py", "--official", "the official MaPeT code"),
         ("kclip_parity.py", "--official", "the official k-CLIP code"),
         ("beit_parity.py", "--beit", "BEiT's code"),
+        ("tokenizer_parity.py vqkd", "--beit2", "BEiT v2's code"),
+        ("tokenizer_parity.py dalle", "--beit", "BEiT's transforms.py"),
     ],
 )
 def test_parity_scripts_name_a_missing_folder(tmp_path, script, flag, what):
     r = subprocess.run(
-        [sys.executable, f"bench/{script}", flag, str(tmp_path / "nowhere")],
+        [sys.executable, *f"bench/{script}".split(), flag, str(tmp_path / "nowhere")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode != 0

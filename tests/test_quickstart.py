@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_on_a_tiny_slice(tmp_path):
     run = tmp_path / "qs"
-    env = {**os.environ, "LIMIT": "6", "EPOCHS": "1", "BATCH": "8"}
+    env = {**os.environ, "LIMIT": "6", "EPOCHS": "1", "BATCH": "8", "FT_EPOCHS": "1", "FT_BATCH": "2"}
     r = subprocess.run(
         ["bash", "scripts/quickstart.sh", str(run)], cwd=ROOT, env=env, capture_output=True, timeout=900
     )
@@ -30,6 +30,18 @@ def test_quickstart_on_a_tiny_slice(tmp_path):
     # each pre-trained encoder against random init, per task and evaluation, tested on the same val images
     verdicts = re.findall(r"^- .*McNemar p = .*McNemar p = .*\.$", report, re.M)
     assert len(verdicts) == 4, report
+    # fine-tuning: scratch, BEiT and MaPeT with one recipe, each pre-training against scratch, MaPeT against BEiT
+    ft_rows = re.findall(
+        r"^\| (scratch \(random init\)|BEiT-pretrained|MaPeT-pretrained) \| \d+\.\d% \|$", report, re.M
+    )
+    assert len(ft_rows) == 3, report
+    ft_verdicts = re.findall(
+        r"^- (MaPeT|BEiT) (beats|falls below|is level with) (scratch|BEiT) .*McNemar p = [^;]*\)\.$",
+        report,
+        re.M,
+    )
+    assert len(ft_verdicts) == 3, report
+    assert "tokenizer: k-means (l2) over HOG" in report and "NMI" in report
     # the pre-training table: both objectives, and the baseline of predicting tokens from code frequencies,
     # whose figures are the entropy and the largest share of the store's own code counts
     counts = np.asarray(TokenStore.open(run / "tokens").manifest["code_counts"], dtype=np.float64)
@@ -47,7 +59,7 @@ def test_quickstart_on_a_tiny_slice(tmp_path):
     r = subprocess.run(
         ["bash", "scripts/quickstart.sh", str(run)], cwd=ROOT, env=env, capture_output=True, timeout=900
     )
-    assert r.returncode == 0 and r.stdout.decode().count(": reused") >= 17
+    assert r.returncode == 0 and r.stdout.decode().count(": reused") >= 21
     # ... and only with the settings it was built with
     r = subprocess.run(
         ["bash", "scripts/quickstart.sh", str(run)],
