@@ -10,6 +10,7 @@ mapet export RUN/last.pt encoder.safetensors
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -35,8 +36,9 @@ from pretrain.finetune import finetune as run_finetune
 from pretrain.train import COMPILE_MODES, TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
-from tokenkit.errors import require
+from tokenkit.errors import MAX_BATCH, MAX_WORKERS, require, seed_check
 from tokenkit.journal import atomic_write_json
+from tokenkit.lock import OutputLock
 
 EXISTING = click.Path(exists=True, path_type=Path)
 
@@ -135,7 +137,8 @@ def pretrain(tokens, out, resume, quiet, **kw):
     dist = init_distributed()
     kw["device"] = dist.device(kw["device"])
     cfg = TrainConfig(tokens=str(tokens), out=str(out), **kw)
-    last = run_pretrain(cfg, resume == "auto", dist.rank, dist.world, dist.barrier, not quiet)
+    with OutputLock(Path(out)) if dist.rank == 0 else nullcontext():  # one writer per run folder
+        last = run_pretrain(cfg, resume == "auto", dist.rank, dist.world, dist.barrier, not quiet)
     if dist.rank == 0:
         click.echo(f"checkpoint: {last}")
 
@@ -189,16 +192,20 @@ encoder_options = with_options(
 )
 
 
+def loader_checks(batch_size: int, workers: int, crop_pct: float | None) -> tuple:
+    """require() entries of an evaluation's image loader."""
+    return (
+        ("--batch-size", batch_size, 1 <= batch_size <= MAX_BATCH, f"in [1, {MAX_BATCH}]"),
+        ("--workers", workers, 0 <= workers <= MAX_WORKERS, f"in [0, {MAX_WORKERS}]"),
+        ("--crop-pct", crop_pct, crop_pct is None or 0.05 <= crop_pct <= 1, "in [0.05, 1]"),
+    )
+
+
 def _setup(kw, *checks):
     """Validate (the loader settings and the evaluation's own `checks`), then the encoder, the labelled
     train / val sources and the device."""
     require(
-        (
-            ("--batch-size", kw["batch_size"], kw["batch_size"] >= 1, ">= 1"),
-            ("--workers", kw["workers"], kw["workers"] >= 0, ">= 0"),
-            ("--crop-pct", kw["crop_pct"], kw["crop_pct"] is None or 0 < kw["crop_pct"] <= 1, "in (0, 1]"),
-            *checks,
-        )
+        (*loader_checks(kw["batch_size"], kw["workers"], kw["crop_pct"]), seed_check(kw["seed"]), *checks)
     )
     device = Dist().device(kw["device"])
     enc = load_encoder(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
@@ -245,7 +252,9 @@ def _features(enc, src, pool, kw, device):
 def knn(k, temperature, pool, **kw):
     """Weighted k-NN top-1 on frozen features (cosine, DINO protocol)."""
     enc, train, val, device = _setup(
-        kw, ("--k", k, k >= 1, ">= 1"), ("--temperature", temperature, temperature > 0, "> 0")
+        kw,
+        ("--k", k, 1 <= k <= 10**6, "in [1, 10^6]"),
+        ("--temperature", temperature, 1e-4 <= temperature <= 1e4, "in [1e-4, 1e4]"),
     )
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
@@ -277,7 +286,9 @@ def knn(k, temperature, pool, **kw):
 def linprobe(pool, l2, max_iter, **kw):
     """Linear probe top-1 on frozen, standardised features."""
     enc, train, val, device = _setup(
-        kw, ("--l2", l2, l2 is None or l2 >= 0, ">= 0"), ("--max-iter", max_iter, max_iter >= 1, ">= 1")
+        kw,
+        ("--l2", l2, l2 is None or 0 <= l2 <= 1e6, "in [0, 1e6]"),
+        ("--max-iter", max_iter, 1 <= max_iter <= 10**6, "in [1, 10^6]"),
     )
     tf, ty = _features(enc, train, pool, kw, device)
     vf, vy = _features(enc, val, pool, kw, device)
@@ -343,16 +354,17 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
     cfg = FinetuneConfig(**kw)
     cfg.validate()  # before the encoder and the image lists are loaded
     enc = load_encoder(checkpoint, model, image_size, patch_size, kw["seed"])
-    res = run_finetune(
-        enc,
-        *labelled_pair(train_dir, val_dir),
-        out,
-        cfg,
-        not quiet,
-        resume == "auto",
-        dist.rank,
-        dist.world,
-    )
+    with OutputLock(Path(out)) if dist.rank == 0 else nullcontext():  # one writer per run folder
+        res = run_finetune(
+            enc,
+            *labelled_pair(train_dir, val_dir),
+            out,
+            cfg,
+            not quiet,
+            resume == "auto",
+            dist.rank,
+            dist.world,
+        )
     if dist.rank == 0:
         click.echo(
             f"finetune top-1: {100 * res['top1']:.2f}% (best {100 * res['best_top1']:.2f}%)  -> {out}/result.json"
@@ -376,13 +388,7 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
 @click.option("--quiet", is_flag=True)
 def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device, out_json, quiet):
     """Top-1 / top-5 of a fine-tuned classifier on a labelled folder or store (no training)."""
-    require(
-        (
-            ("--batch-size", batch_size, batch_size >= 1, ">= 1"),
-            ("--workers", workers, workers >= 0, ">= 0"),
-            ("--crop-pct", crop_pct, crop_pct is None or 0 < crop_pct <= 1, "in (0, 1]"),
-        )
-    )
+    require(loader_checks(batch_size, workers, crop_pct))
     device = Dist().device(device)
     ckpt = load_checkpoint(checkpoint, kind=FINETUNE_KIND)
     res = validate(

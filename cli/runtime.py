@@ -67,8 +67,8 @@ def run_cli(group: click.Group, prog: str, argv: list[str] | None, resume: str =
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo(f"{prog}: aborted", err=True)
+    except click.exceptions.Abort:  # Ctrl-C: what was committed stays, the rest is redone on resume
+        click.echo(f"{prog}: interrupted; run the same command with {resume} to continue", err=True)
         return 130
     except Stopped as e:  # preempted after making its work durable: the status of a process the signal ended
         if int(os.environ.get("RANK", "0")) == 0:

@@ -24,7 +24,7 @@ from cli.runtime import apply_preset, init_distributed, run_cli, with_options
 from tokenkit.codebook import Codebook, build_codebook, read_header
 from tokenkit.encoders import resolve_spec
 from tokenkit.encoders.hog import CHANNELS, GRADIENTS, HOGConfig
-from tokenkit.errors import require
+from tokenkit.errors import MAX_SIDE, require
 from tokenkit.features import FeaturesConfig, extract_features
 from tokenkit.images import decode_image
 from tokenkit.kmeans import KMeansConfig
@@ -247,8 +247,8 @@ def convert(family, checkpoint, out, trust_pickle, image_size):
             (
                 "--image-size",
                 image_size,
-                image_size is None or (image_size >= 8 and image_size % 8 == 0),
-                "a multiple of 8",
+                image_size is None or (8 <= image_size <= MAX_SIDE and image_size % 8 == 0),
+                f"a multiple of 8 in [8, {MAX_SIDE}]",
             ),
         )
     )
@@ -451,7 +451,12 @@ def show(ctx, store, key, code, limit, out, size, source):
     image's path in the source without its extension, dots as '_'), or that path as it is."""
     if (key is None) == (code is None):
         raise click.UsageError("pass a KEY or --code K (one of them)")
-    require((("--size", size, size >= 1, ">= 1"), ("--limit", limit, limit >= 1, ">= 1")))
+    require(
+        (
+            ("--size", size, 1 <= size <= 4096, "in [1, 4096]"),
+            ("--limit", limit, 1 <= limit <= 10_000, "in [1, 10000]"),
+        )
+    )
     ts = TokenStore.open(store)
     if code is not None:
         if ctx.get_parameter_source("size") != click.core.ParameterSource.COMMANDLINE:
@@ -477,7 +482,7 @@ def show(ctx, store, key, code, limit, out, size, source):
 def encode(tokenizer, image, out, size, device, precision, as_json):
     """Print the tokens of IMAGE's central square under TOKENIZER (G rows of G ids), as 'tokenkit tokenize
     --view center' stores them; no token store needed."""
-    require((("--size", size, size >= 1, ">= 1"),))
+    require((("--size", size, 1 <= size <= 4096, "in [1, 4096]"),))
     tok = load_tokenizer(tokenizer, device, precision)
     img = decode_image(image.read_bytes(), str(image), min_side=tok.grid)
     ids = tok.encode_image(img).cpu().numpy()  # (G, G)

@@ -33,7 +33,7 @@ from pretrain.vit import drop_path_draws
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import keyed_rng, render_view, standardize, to_uint8, to_unit
-from tokenkit.wds import SampleRef, read_sample, tar_refs
+from tokenkit.wds import SampleRef, load_index, read_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -283,7 +283,7 @@ class StreamDataset(IterableDataset):
         buf: list[tuple[int, SampleRef]] = []
         while True:
             for t in rng.integers(0, len(self.tars), len(self.tars)):
-                for ref in tar_refs(self.tars[t], self.indexes[t]):
+                for ref in load_index(self.indexes[t]):
                     buf.append((int(t), ref))
                     if len(buf) >= self.buffer:
                         yield buf.pop(int(rng.integers(0, len(buf))))

@@ -25,9 +25,9 @@ from pretrain.data import to_input
 from pretrain.export import load_timm
 from pretrain.train import size_checks
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig, at_image_size
-from tokenkit.errors import ConfigError, ImageError, SourceError, require
+from tokenkit.errors import ConfigError, ImageError, SourceError, StoreError, require
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
-from tokenkit.store import TokenStore
+from tokenkit.store import TokenStore, verify
 from tokenkit.views import to_uint8
 
 
@@ -86,6 +86,8 @@ def labelled_source(path: str | Path) -> SampleIndex:
     """An image folder with class sub-folders, tar shards with .cls, or a token store (its stored rows)."""
     p = Path(path)
     if (p / "manifest.json").exists():
+        if problems := verify(p, "zarr"):  # what the trainer checks before step 0, checked here too
+            raise StoreError(f"{problems[0]} (tokenkit verify {p} lists every problem)")
         store = TokenStore.open(p)
         rows = store.rows
         g = store.group

@@ -35,7 +35,7 @@ from pretrain.data import IMAGENET_MEAN, EpochSampler, to_input
 from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
 from pretrain.train import adamw, check_split, compile_checks, loop_checks, lr_at
 from pretrain.vit import VisionTransformer, ViTConfig, drop_path_draws
-from tokenkit.errors import ConfigError, SourceError, require
+from tokenkit.errors import ConfigError, DivergedError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.stopsignal import StopSignal, ignore_sigterm, worker_batches
@@ -70,19 +70,34 @@ class FinetuneConfig:
         require(
             (
                 *loop_checks(self),
-                ("--accum-steps", self.accum_steps, self.accum_steps >= 1, ">= 1"),
-                ("--layer-decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]"),
+                ("--accum-steps", self.accum_steps, 1 <= self.accum_steps <= 4096, "in [1, 4096]"),
+                ("--layer-decay", self.layer_decay, 1e-3 <= self.layer_decay <= 1, "in [1e-3, 1]"),
                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
-                ("--crop-pct", self.crop_pct, self.crop_pct is None or 0 < self.crop_pct <= 1, "in (0, 1]"),
+                (
+                    "--crop-pct",
+                    self.crop_pct,
+                    self.crop_pct is None or 0.05 <= self.crop_pct <= 1,
+                    "in [0.05, 1]",
+                ),
                 (
                     "--crop-scale",
                     self.crop_scale,
-                    0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-                    "MIN MAX with 0 < MIN <= MAX <= 1",
+                    1e-3 <= self.crop_scale[0] <= self.crop_scale[1] <= 1,
+                    "MIN MAX with 1e-3 <= MIN <= MAX <= 1",
                 ),
                 ("--reprob", self.reprob, 0 <= self.reprob <= 1, "in [0, 1]"),
-                ("--mixup", self.mixup, self.mixup >= 0, ">= 0 (0: off)"),
-                ("--cutmix", self.cutmix, self.cutmix >= 0, ">= 0 (0: off)"),
+                (
+                    "--mixup",
+                    self.mixup,
+                    self.mixup == 0 or 1e-2 <= self.mixup <= 100,
+                    "0 (off) or in [0.01, 100]",
+                ),
+                (
+                    "--cutmix",
+                    self.cutmix,
+                    self.cutmix == 0 or 1e-2 <= self.cutmix <= 100,
+                    "0 (off) or in [0.01, 100]",
+                ),
             )
         )
         compile_checks(self)
@@ -497,7 +512,10 @@ def finetune(
                 "n_val": n_val,
             }
             if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(f"epoch {epoch}: loss is {rec['loss']}; lower --lr")
+                raise DivergedError(
+                    f"epoch {epoch}: loss is {rec['loss']}; {out}/last.pt, the last checkpoint, holds the weights from "
+                    "before; start again with a lower --lr (another --out)"
+                )
             history.append(rec)
             if rank == 0:  # the metrics first, then the checkpoint that makes the epoch count as done
                 atomic_write_bytes(

@@ -33,7 +33,16 @@ from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.data import EpochSampler, SampleDraws, StoreDataset, StreamDataset, to_input
 from pretrain.mapet import MaPeT
 from pretrain.vit import PRESETS, ViTConfig
-from tokenkit.errors import ConfigError, StoreError, require
+from tokenkit.errors import (
+    MAX_BATCH,
+    MAX_SIDE,
+    MAX_WORKERS,
+    ConfigError,
+    DivergedError,
+    StoreError,
+    require,
+    seed_check,
+)
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.stopsignal import StopSignal, ignore_sigterm, worker_batches
 from tokenkit.store import TokenStore, verify
@@ -101,13 +110,24 @@ class TrainConfig:
         require(
             (
                 *loop_checks(self),
-                ("--accum-steps", self.accum_steps, self.accum_steps >= 1, ">= 1"),
-                ("--clip-grad", self.clip_grad, self.clip_grad > 0, "> 0"),
+                ("--accum-steps", self.accum_steps, 1 <= self.accum_steps <= 4096, "in [1, 4096]"),
+                ("--clip-grad", self.clip_grad, 1e-6 <= self.clip_grad <= 1e6, "in [1e-6, 1e6]"),
                 ("--jitter", self.jitter, 0 <= self.jitter <= 1, "in [0, 1]"),
-                ("--keep", self.keep, self.keep >= 1, ">= 1"),
-                ("--log-every", self.log_every, self.log_every >= 1, ">= 1"),
-                ("--ckpt-every", self.ckpt_every, self.ckpt_every >= 0, ">= 0 (0: per epoch)"),
-                ("--max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, ">= 1"),
+                ("--keep", self.keep, 1 <= self.keep <= 10**6, "in [1, 10^6]"),
+                ("--log-every", self.log_every, 1 <= self.log_every <= 10**9, "in [1, 10^9]"),
+                (
+                    "--ckpt-every",
+                    self.ckpt_every,
+                    0 <= self.ckpt_every <= 10**9,
+                    "in [0, 10^9] (0: per epoch)",
+                ),
+                (
+                    "--max-steps",
+                    self.max_steps,
+                    self.max_steps is None or 1 <= self.max_steps <= 10**12,
+                    ">= 1",
+                ),
+                ("--betas", self.betas, all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
                 *size_checks(self.image_size, self.patch_size),
             )
         )
@@ -169,24 +189,37 @@ def check_split(where: str, was: dict, was_world: int, cfg, world: int) -> None:
 
 
 def size_checks(image_size: int | None, patch_size: int | None) -> tuple:
-    """require() entries for --image-size / --patch-size: left out (None: the preset's or the weights') or >= 1."""
+    """require() entries for --image-size / --patch-size: left out (None: the preset's or the weights') or in
+    [1, 8192]."""
     return (
-        ("--image-size", image_size, image_size is None or image_size >= 1, ">= 1"),
-        ("--patch-size", patch_size, patch_size is None or patch_size >= 1, ">= 1"),
+        (
+            "--image-size",
+            image_size,
+            image_size is None or 1 <= image_size <= MAX_SIDE,
+            f"in [1, {MAX_SIDE}]",
+        ),
+        (
+            "--patch-size",
+            patch_size,
+            patch_size is None or 1 <= patch_size <= MAX_SIDE,
+            f"in [1, {MAX_SIDE}]",
+        ),
     )
 
 
 def loop_checks(cfg) -> tuple:
-    """require() entries for the settings every training loop here has (pre-training and fine-tuning)."""
+    """require() entries for the settings every training loop here has (pre-training and fine-tuning): each
+    finite and in a range far beyond any real recipe, so a typo fails here, not hours in."""
     return (
-        ("--epochs", cfg.epochs, cfg.epochs >= 1, ">= 1"),
-        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, ">= 1"),
-        ("--lr", cfg.lr, cfg.lr > 0, "> 0"),
+        ("--epochs", cfg.epochs, 1 <= cfg.epochs <= 10**6, "in [1, 10^6]"),
+        ("--batch-size", cfg.batch_size, 1 <= cfg.batch_size <= MAX_BATCH, f"in [1, {MAX_BATCH}]"),
+        ("--lr", cfg.lr, 1e-12 <= cfg.lr <= 10, "in [1e-12, 10]"),
         ("--min-lr", cfg.min_lr, 0 <= cfg.min_lr <= cfg.lr, "in [0, --lr]"),
-        ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0, ">= 0"),
-        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+        ("--warmup-epochs", cfg.warmup_epochs, 0 <= cfg.warmup_epochs <= 10**6, "in [0, 10^6]"),
+        ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay <= 10, "in [0, 10]"),
         ("--drop-path", cfg.drop_path, 0 <= cfg.drop_path < 1, "in [0, 1)"),
-        ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
+        ("--workers", cfg.workers, 0 <= cfg.workers <= MAX_WORKERS, f"in [0, {MAX_WORKERS}]"),
+        seed_check(cfg.seed),
     )
 
 
@@ -452,9 +485,9 @@ def pretrain(
                     loss_v, acc_v = loss_v / (cfg.accum_steps * world), acc_v / (cfg.accum_steps * world)
                     save = save or stopping > 0  # a signal: checkpoint this step, then stop
                     if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
-                        raise FloatingPointError(
-                            f"step {step}: loss is {loss_v}; lower --lr or check the store (checked every "
-                            f"--log-every steps and before each checkpoint)"
+                        raise DivergedError(
+                            f"step {step}: loss is {loss_v}; {run}/last.pt, the last checkpoint, holds the weights "
+                            "from before; start again with a lower --lr (another --out), or check the store"
                         )
                     if log and rank == 0:
                         now = time.perf_counter()

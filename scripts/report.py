@@ -1,6 +1,7 @@
 """Write the quickstart report: RUN/report.md with the accuracy tables and PNG figures.
 
-    python scripts/report.py RUN
+    python scripts/report.py RUN               # the quickstart's report
+    python scripts/report.py RUN --tokenizers  # scripts/compare_tokenizers.sh's table: RUN/tokenizers.md
 
 Reads what the quickstart's commands wrote: RUN/tokens (store), RUN/pretrain-{mapet,beit}/metrics.jsonl and
 RUN/eval/*.json (k-NN, linear probe, and `mapet validate` of each fine-tuned encoder). Figures: pre-training
@@ -151,8 +152,59 @@ def finetune_section(ft: dict, cfg: dict, labelled: int, unlabelled: int) -> lis
     ]
 
 
+def tokenizer_table(run: Path) -> None:
+    """RUN/tokenizers.md: the quickstart's HOG run and compare_tokenizers.sh's other tokenizers, one row each,
+    with each fine-tuning judged against HOG's by McNemar's test."""
+    rows = {"hog": (run / "tokens", run / "pretrain-mapet", {
+        "linprobe-type": run / "eval" / "linprobe-mapet-type.json",
+        "linprobe-defect": run / "eval" / "linprobe-mapet-defect.json",
+        "finetune-type": run / "eval" / "finetune-mapet-type.json",
+    })}  # fmt: skip
+    for t in ("pixels", "clip"):
+        d = run / f"tokenizer-{t}"
+        rows[t] = (d / "tokens", d / "pretrain-mapet", {k: d / "eval" / f"{k}.json" for k in rows["hog"][2]})
+    lines = [
+        "# Tokenizers at demo scale",
+        "",
+        "The quickstart's budget (mapet_micro, MaPeT pre-training on the same ELPV images and views, K 256) with",
+        "three tokenizers. Codes/type: what the codes say about their image's cell type (`tokenkit inspect",
+        "--labels`); token loss: MaPeT's cross-entropy on the predicted patches in its last epoch, against",
+        "predicting from the codes' frequencies alone; then the linear probe of both tasks (all training labels)",
+        "and the fine-tuning on 10% of the cell-type labels (one recipe), on the val split.",
+        "",
+        "| tokenizer | codes/type NMI | purity | token loss (frequencies) | linear probe: type | defect | fine-tuned, 10% labels |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    evals = {}
+    for t, (tokens, pre, ev) in rows.items():
+        store = TokenStore.open(tokens)
+        q, st = label_quality(store), store.stats()
+        loss, _ = last_epoch(read_metrics(pre / "metrics.jsonl"))
+        base, _ = frequency_baseline(st["codebook_usage"])
+        evals[t] = {k: json.loads(p.read_text()) for k, p in ev.items()}
+        e = evals[t]
+        lines.append(
+            f"| {describe(store.manifest['tokenizer']['identity'])} | {q['nmi']:.3f} | {100 * q['purity']:.1f}% | "
+            f"{loss:.2f} ({base:.2f}) | {100 * e['linprobe-type']['top1']:.1f}% | "
+            f"{100 * e['linprobe-defect']['top1']:.1f}% | {100 * e['finetune-type']['top1']:.1f}% |"
+        )
+    lines += [
+        "",
+        *[
+            f"- fine-tuned: {compared(evals[t]['finetune-type'], evals['hog']['finetune-type'], t, 'hog')}."
+            for t in ("pixels", "clip")
+        ],
+        "",
+    ]
+    (run / "tokenizers.md").write_text("\n".join(lines))
+    print(f"table: {run / 'tokenizers.md'}")
+
+
 def main() -> None:
     run = Path(sys.argv[1])
+    if sys.argv[2:] == ["--tokenizers"]:
+        tokenizer_table(run)
+        return
     store = TokenStore.open(run / "tokens")
     st = usage(store, run / "codebook_usage.png")
     baseline = frequency_baseline(st)

@@ -59,9 +59,10 @@ def test_duplicated_key_is_found_even_with_matching_checksums(store):
     # copy shard 0's tar over shard 1's and update the checksum, as a botched merge would
     src, dst = store / "wds/shard-000000.tar", store / "wds/shard-000001.tar"
     dst.write_bytes(src.read_bytes())
-    from tokenkit.journal import sha256_file
+    from tokenkit.journal import manifest_sha256, sha256_file
 
     m["shards"][1]["sha256"]["wds/shard-000001.tar"] = sha256_file(dst)
+    m["manifest_sha256"] = manifest_sha256(m)  # the merge rewrote the manifest whole
     (store / "manifest.json").write_text(json.dumps(m))
     problems = verify(store)
     assert any("also appears in an earlier shard" in p for p in problems)

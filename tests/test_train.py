@@ -19,7 +19,7 @@ from pretrain.mapet import MaPeT, random_orders
 from pretrain.train import Objective, TrainConfig, lr_at, param_groups, pretrain
 from pretrain.vit import VisionTransformer, ViTConfig
 from tests.preempt import preempt_script, run_preempted
-from tokenkit.errors import ConfigError, StoreError
+from tokenkit.errors import ConfigError, DivergedError, StoreError
 from tokenkit.store import TokenStore
 from tokenkit.tokenize import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig, keyed_rng
@@ -153,7 +153,9 @@ def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(store, tm
     monkeypatch.setattr(t.Objective, "forward", nan_from_step_5)
     run = tmp_path / "run"
     cfg = tiny(store, run, epochs=4, log_every=4)  # 3 steps per epoch: checkpoints at 3, 6, 9, 12
-    with pytest.raises(FloatingPointError, match=r"^step 6: loss is nan; lower --lr"):
+    with pytest.raises(
+        DivergedError, match=r"^step 6: loss is nan; .*last.pt, the last checkpoint.*lower --lr"
+    ):
         pretrain(cfg, progress=False)
     assert [r["step"] for r in metrics(run)] == [1, 4]  # logged steps only; step 3 checked, not logged
     assert load_checkpoint(run / "last.pt")["step"] == 3
@@ -702,35 +704,18 @@ def test_streamed_workers_read_only_their_own_batches(store, monkeypatch):
     assert mine == everything[1::3] and len(reads) == 2 * 2  # batches 1 and 4, two samples each
 
 
-def test_streamed_workers_read_saved_tar_indexes(store, tmp_path, monkeypatch):
-    """Workers take each tar's sample list from its saved index, not from a walk over its member headers;
-    stores written before the indexes existed stream the same batches from the headers."""
-    import shutil
-
+def test_streamed_workers_read_saved_tar_indexes(store, monkeypatch):
+    """Workers take each tar's sample list from its saved index, not from a walk over its member headers."""
     import pretrain.data as data
-
-    def batches(root):
-        ds = data.StreamDataset(
-            root, 64, batch_size=2, batches_per_epoch=5, draws=DRAWS, seed=1, jitter=0.4, buffer=4
-        )
-        return [(x.sum().item(), y.tolist(), j.tolist()) for x, y, j, _, _ in ds]
-
     import tokenkit.wds as wds
 
     walks = []
     real = wds.index_tar
     monkeypatch.setattr(wds, "index_tar", lambda p: walks.append(p) or real(p))
-    ref = batches(store)
-    assert walks == []
-    old = tmp_path / "old"
-    shutil.copytree(store, old)
-    m = json.loads((old / "manifest.json").read_text())
-    for shard in m["shards"]:
-        index = shard["tar"].pop("index")
-        del shard["sha256"][index]
-        (old / index).unlink()
-    (old / "manifest.json").write_text(json.dumps(m))
-    assert batches(old) == ref and walks
+    ds = data.StreamDataset(
+        store, 64, batch_size=2, batches_per_epoch=5, draws=DRAWS, seed=1, jitter=0.4, buffer=4
+    )
+    assert len([x for x, *_ in ds]) == 5 and walks == []
 
 
 def test_streamed_workers_keep_few_tars_open(photos, codebook_path, tmp_path, monkeypatch):

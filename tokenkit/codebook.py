@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tokenkit.errors import CodebookError, ConfigError, load_failure
 from tokenkit.features import FeatureStore
 from tokenkit.journal import FORMAT_VERSION, atomic_write_bytes, format_mismatch
 from tokenkit.kmeans import FitJournal, KMeansConfig, fit, resolve_backend
+from tokenkit.lock import OutputLock
 from tokenkit.stopsignal import StopSignal
 
 
@@ -189,7 +192,24 @@ def build_codebook(
     Under torchrun (torch backend) each rank reads and holds 1/world of the sample on its GPU; rank 0 writes.
     """
     cfg.validate()
-    out, journal_path = Path(out), progress_path(out)
+    out = Path(out)
+    check_writable(out)
+    with OutputLock(out) if rank == 0 else nullcontext():  # one writer: rank 0 of one job holds it
+        return _fit(features, out, cfg, device, progress, resume, rank, world, barrier)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or in a folder that
+    cannot be made or written."""
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a folder; pass the .safetensors file to write")
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: its folder {parent} cannot be written; choose another output")
+
+
+def _fit(features, out: Path, cfg: KMeansConfig, device, progress, resume, rank, world, barrier) -> Codebook:
+    journal_path = progress_path(out)
     if journal_path.exists() and not resume:
         raise ConfigError(
             f"{journal_path}: an unfinished k-means for {out}; pass --resume to continue it or delete it"
@@ -204,6 +224,11 @@ def build_codebook(
         done = Codebook.load(out)  # finished before: the same fit is not run again
         if done.meta.get("kmeans") == asdict(cfg) and done.meta.get("fitted_on") == fitted_on:
             return done
+    if cfg.k > (stored := store.num_vectors()):
+        raise ConfigError(
+            f"--k {cfg.k}: {features} holds {stored} feature vectors, fewer than K; pass a smaller --k or extract "
+            "more (tokenkit features --max-patches, more images)"
+        )
     dtype = np.float32 if backend == "faiss" else np.float16
     cap = cfg.k * cfg.max_points_per_centroid
     x = store.sample(cap, seed=cfg.seed, dtype=dtype, rank=rank, world=world)  # (M / world, C)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from tokenkit.encoders import EncoderSpec, load_encoder
-from tokenkit.errors import ConfigError, job_size_checks, require
+from tokenkit.errors import ConfigError, job_size_checks, require, seed_check
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION
-from tokenkit.loader import ViewDataset, autocast, pick_device
+from tokenkit.loader import ViewDataset, autocast, pick_device, resolve_precision
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, RowStore, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
 from tokenkit.views import ViewConfig, keyed_rng, normalize
@@ -39,14 +39,19 @@ class FeaturesConfig:
     precision: str = "auto"
 
     def validate(self) -> None:
-        if self.max_patches < 1:
-            raise ConfigError(f"--max-patches {self.max_patches}: must be >= 1")
-        require(job_size_checks(self))
+        require(
+            (
+                ("--max-patches", self.max_patches, 1 <= self.max_patches <= 2**36, "in [1, 2^36]"),
+                seed_check(self.seed),
+                *job_size_checks(self),
+            )
+        )
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"--on-error {self.on_error}: choose skip or raise")
 
     def job_fields(self) -> dict:
-        """The fields that change the output (batch size, workers and device do not)."""
+        """The config fields that change the output (batch size and workers do not; the device kind and
+        precision are recorded beside them)."""
         d = asdict(self)
         return {k: d[k] for k in ("max_patches", "shard_size", "seed", "on_error")}
 
@@ -117,13 +122,15 @@ def extract_features(
     source = list_source(images)
     n, G = len(source), spec.grid
     P = min(G * G, math.ceil(cfg.max_patches / n))
+    device = pick_device(cfg.device)
     job = {
         "job": "features",
         "encoder": spec.to_dict(),
         "config": cfg.job_fields(),
+        # what the features are computed with: a resume on another kind of device or precision is refused
+        "compute": {"device": device.type, "precision": resolve_precision(device, cfg.precision)},
         "source": source.fingerprint(),
     }
-    device = pick_device(cfg.device)
     encoder = load_encoder(spec, device)
     C = encoder.dim
     dataset = ViewDataset(source, ViewConfig(1, "center"), spec.image_size, min_side=G)
@@ -148,7 +155,7 @@ def extract_features(
             "patches_per_image": P,
             "dim": C,
             "shards": [{"rows": r["rows"], "ok": r["ok"], "sha256": r["sha256"]} for r in records],
-            "skipped": [s for r in records for s in r["skipped"]],
+            "skipped": [*map(list, source.unlisted), *(s for r in records for s in r["skipped"])],
         }
 
     writer = _FeatureShard(out, source.keys, encoder, device, cfg, P)

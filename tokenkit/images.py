@@ -12,6 +12,7 @@ same in both, so there is exactly one decoder.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tarfile
 import warnings
@@ -26,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenkit.errors import ImageError, SourceError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+MAX_CLASSES = 2**20  # a .cls label beyond this is a damaged shard, not a class (label counts are arrays)
 # Decompression bombs: Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse both.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
@@ -79,6 +81,7 @@ class SampleIndex:
     labels: np.ndarray  # (N,) int64, -1 = unlabelled
     locators: StrArray
     classes: tuple[str, ...] = field(default=())
+    unlisted: tuple[tuple[str, str], ...] = field(default=())  # (name, why) of files the listing skipped
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -142,36 +145,57 @@ def member_key(name: str, where: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
-def image_files(root: str) -> list[str]:
-    """Image paths under root, relative, '/'-separated, sorted; hidden files left out. One scandir per
-    folder and no stat per file (the directory entry's type), so ImageNet's 1.28M files list in seconds;
-    symlinked files and folders are followed, broken links skipped."""
-    out, stack = [], [""]
+def image_files(root: str) -> tuple[list[str], list[str]]:
+    """(image paths under root, relative, '/'-separated, sorted; names skipped). Hidden files and folders
+    (a leading '.': .ipynb_checkpoints, .thumbs, ...) are left out; symlinked files and folders are followed,
+    broken links skipped, and a folder met again through a link (a loop) is read once. One scandir per folder
+    and no stat per file (the directory entry's type), so ImageNet's 1.28M files list in seconds. A name that
+    is not valid UTF-8 cannot be a sample key: it is skipped and returned in the second list (escaped)."""
+    out, skipped, stack = [], [], [""]
+    seen = {os.stat(root).st_ino}
     while stack:
         rel = stack.pop()
         with os.scandir(os.path.join(root, rel)) as entries:
             for e in entries:
+                if e.name.startswith("."):
+                    continue
                 path = f"{rel}/{e.name}" if rel else e.name
                 if e.is_dir():
-                    stack.append(path)
-                elif (
-                    e.is_file()
-                    and not e.name.startswith(".")
-                    and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
-                ):
+                    try:
+                        ino = e.stat().st_ino  # follows the link: a loop is the same folder again
+                    except OSError:
+                        continue
+                    if ino not in seen:
+                        seen.add(ino)
+                        stack.append(path)
+                elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS:
+                    try:
+                        path.encode()
+                    except UnicodeEncodeError:
+                        skipped.append(
+                            path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+                        )
+                        continue
                     out.append(path)
-    return sorted(out)
+    return sorted(out), sorted(skipped)
 
 
 def list_folder(root: Path) -> SampleIndex:
     root = Path(root).resolve()
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder; pass an image folder or tar shards")
-    files = image_files(str(root))
+    files, bad_names = image_files(str(root))
     if not files:
         raise SourceError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found; pass a folder of images")
     # class sub-folders give integer labels only when every image sits in one
     labelled = all("/" in f for f in files)
+    stray = [f for f in files if "/" not in f]
+    if not labelled and len(stray) < len(files):
+        raise SourceError(
+            f"{root}: '{stray[0]}' ({len(stray)} images in all) sits beside the class folders "
+            f"({', '.join(sorted({f.split('/', 1)[0] for f in files if '/' in f})[:3])}, ...), which would leave "
+            "every image unlabelled; move it into a class folder or out of this one"
+        )
     classes = tuple(sorted({f.split("/", 1)[0] for f in files})) if labelled else ()
     cls_idx = {c: i for i, c in enumerate(classes)}
     keys, labels, seen = [], [], {}
@@ -185,7 +209,14 @@ def list_folder(root: Path) -> SampleIndex:
         keys.append(key)
         labels.append(cls_idx[f.split("/", 1)[0]] if labelled else -1)
     return SampleIndex(
-        "folder", str(root), (), StrArray(keys), np.asarray(labels, dtype=np.int64), StrArray(files), classes
+        "folder",
+        str(root),
+        (),
+        StrArray(keys),
+        np.asarray(labels, dtype=np.int64),
+        StrArray(files),
+        classes,
+        tuple((name, "file name is not valid UTF-8; rename it") for name in bad_names),
     )
 
 
@@ -232,17 +263,27 @@ def list_tars(spec: str) -> SampleIndex:
                             cls_vals[key] = int(raw)
                         except ValueError as e:
                             raise SourceError(
-                                f"{path}: '{m.name}' holds '{raw}', not an integer label"
+                                f"{path}: '{m.name}' holds '{raw[:40]}', not an integer label"
                             ) from e
+                        if not 0 <= cls_vals[key] < MAX_CLASSES:  # labels index arrays: bounded, not negative
+                            raise SourceError(
+                                f"{path}: '{m.name}' holds label {raw[:40]}; labels must be in [0, {MAX_CLASSES}), "
+                                "fix the shard"
+                            )
         except tarfile.TarError as e:
             raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from e
         for key in order:
             img = next((m for e, m in groups[key].items() if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
             if img is None:
                 continue
-            if key in seen:
-                raise SourceError(f"{path}: key '{key}' also appears in {seen[key]}; keys must be unique")
-            seen[key] = path
+            if key.lower() in seen:
+                other, where = seen[key.lower()]
+                what = "also appears" if other == key else f"differs only in case from '{other}'"
+                raise SourceError(
+                    f"{path}: key '{key}' {what} in {where}; keys must be unique (also on case-insensitive file "
+                    "systems): rename one"
+                )
+            seen[key.lower()] = (key, path)
             keys.append(key)
             labels.append(cls_vals.get(key, -1))
             locators.append(f"{t}:{img.offset_data}:{img.size}:{img.name.rsplit('.', 1)[-1].lower()}")
@@ -309,7 +350,10 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 1) -> Image
         raise ImageError(f"{name}: not a usable image ({e}); remove or replace the file") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: truncated or corrupt image ({e}); remove or replace the file") from e
-    img = to_rgb(img)
+    try:
+        img = to_rgb(img)
+    except ImageError as e:
+        raise ImageError(f"{name}: {e}") from e
     if min(img.size) < min_side:
         raise ImageError(
             f"{name}: {img.width}x{img.height} is smaller than the {min_side}-pixel minimum side"
@@ -318,9 +362,23 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int = 1) -> Image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB. Wide grey modes are scaled by their real range: 16-bit by 65535; 32-bit
+    integers holding 8- or 16-bit values by 255 or 65535; floats in [0, 1] by 1 and in [0, 255] by 255.
+    Values outside those ranges (negative, or above 65535) have no scale to read them by: refused."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if img.mode.startswith("I;16"):
+            top = 65535.0
+        elif not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 65535:
+            raise ImageError(
+                f"{img.mode}-mode image with values in [{lo:g}, {hi:g}]: no 8-, 16-bit or [0, 1] range to scale it "
+                "by; convert it to 8-bit"
+            )
+        elif img.mode == "F" and hi <= 1:
+            top = 1.0
+        else:
+            top = 255.0 if hi <= 255 else 65535.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
     if img.mode == "P":

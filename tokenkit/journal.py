@@ -43,6 +43,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # named by the file the user knows, not by its temporary name
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -72,6 +75,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of a manifest as canonical JSON, without its own `manifest_sha256` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def metadata_sha256(root: Path) -> dict[str, str]:
+    """{path relative to root: sha256} of every zarr metadata file (zarr.json) under root."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("zarr.json"))}
+
+
 def check_format_version(path: Path, manifest: dict, kind: str) -> None:
     """Refuse manifests of another kind or of a newer format version than this code reads."""
     if manifest.get("kind") != kind:
@@ -81,6 +96,11 @@ def check_format_version(path: Path, manifest: dict, kind: str) -> None:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(f"{path}: {format_mismatch(version)}")
+    if manifest.get("manifest_sha256") != manifest_sha256(manifest):
+        raise StoreError(
+            f"{path}/manifest.json: its content does not match its checksum (edited or damaged); restore it or "
+            "re-run the job that made the store"
+        )
 
 
 def format_mismatch(version, current: int = FORMAT_VERSION) -> str:
@@ -113,16 +133,17 @@ class Journal:
         if self.manifest_path.exists():
             manifest = read_json(self.manifest_path)
             if manifest.get("job") != spec:
+                diff = "; ".join(differences(manifest.get("job") or {}, spec)[:3])
                 raise StoreError(
-                    f"{self.out}: holds a complete store made by a different job; choose another output folder"
+                    f"{self.out}: holds a complete store made by another job ({diff}); choose another output folder"
                 )
             self._drop_progress()  # a job killed right after its manifest left these behind
             return True
         if self.job_path.exists():
-            if read_json(self.job_path) != spec:
+            if (was := read_json(self.job_path)) != spec:
                 raise StoreError(
-                    f"{self.out}: holds an unfinished job with a different config; "
-                    "choose another output folder or delete this one"
+                    f"{self.out}: holds an unfinished job with other settings ({'; '.join(differences(was, spec)[:3])}); "
+                    "resume with the same ones, or choose another output folder"
                 )
             if not resume:
                 raise StoreError(f"{self.out}: holds an unfinished job; pass --resume to continue it")
@@ -159,8 +180,11 @@ class Journal:
         return [read_json(self.record_path(i)) for i in range(n_shards)]
 
     def finish(self, manifest: dict) -> None:
-        """Write the manifest (the commit marker of the whole store), then drop the progress records."""
-        atomic_write_json(self.manifest_path, manifest)
+        """Write the manifest (the commit marker of the whole store), then drop the progress records. The
+        manifest records the sha256 of every zarr metadata file (`metadata`: dtype, byte order, shape,
+        chunking, codecs) and of itself (`manifest_sha256`), so that nothing a reader trusts is unchecked."""
+        manifest = {**manifest, "metadata": metadata_sha256(self.out)}
+        atomic_write_json(self.manifest_path, {**manifest, "manifest_sha256": manifest_sha256(manifest)})
         self._drop_progress()
 
     def _drop_progress(self) -> None:
@@ -181,6 +205,16 @@ def remove_torn_writes(out: Path) -> None:
     for f in out.rglob("*"):
         if f.is_file() and ((f.name.startswith(".") and ".tmp-" in f.name) or _ZARR_PARTIAL.search(f.name)):
             f.unlink()
+
+
+def differences(was, now, where: str = "") -> list[str]:
+    """`key: old -> new` for every leaf where two JSON-like values differ (nested keys joined by dots)."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(was) | set(now), key=str):
+            out += differences(was.get(k), now.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    return [] if was == now else [f"{where or 'value'}: {json.dumps(was)[:60]} -> {json.dumps(now)[:60]}"]
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:

@@ -64,17 +64,21 @@ class KMeansConfig:
         require(
             (
                 ("--k", self.k, 1 < self.k <= 2**31 - 1, "in [2, 2^31 - 1]"),
-                ("--niter", self.niter, self.niter >= 1, ">= 1"),
-                ("--nredo", self.nredo, self.nredo >= 1, ">= 1"),
-                ("--seed", self.seed, self.seed >= 0, ">= 0"),  # numpy's and faiss's seeds are unsigned
+                ("--niter", self.niter, 1 <= self.niter <= 10**5, "in [1, 10^5]"),
+                ("--nredo", self.nredo, 1 <= self.nredo <= 1000, "in [1, 1000]"),
+                (
+                    "--max-points-per-centroid",
+                    self.max_points_per_centroid,
+                    1 <= self.max_points_per_centroid <= 2**20,
+                    "in [1, 2^20]",
+                ),
+                ("--seed", self.seed, 0 <= self.seed < 2**31, "in [0, 2^31 - 1]"),  # faiss's seed is an int
             )
         )
         if self.metric not in METRICS:
             raise ConfigError(f"--metric {self.metric}: choose one of {', '.join(METRICS)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend}: choose one of {', '.join(BACKENDS)}")
-        if self.max_points_per_centroid < 1:
-            raise ConfigError(f"--max-points-per-centroid {self.max_points_per_centroid}: must be >= 1")
 
 
 @dataclass

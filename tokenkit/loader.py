@@ -102,12 +102,18 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """--precision as it runs: auto is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """bf16/fp16 autocast on CUDA (the default there is bf16), plain fp32 elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise ConfigError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

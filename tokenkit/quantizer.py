@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from tokenkit.codebook import read_header
+from tokenkit.codebook import check_writable, read_header
 from tokenkit.encoders import dalle, vqkd
 from tokenkit.encoders.spec import file_sha256
 from tokenkit.errors import CodebookError, ConfigError, load_failure
@@ -184,8 +184,7 @@ def convert(
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise ConfigError(f"{src}: checkpoint not found")
-    if out.is_dir():
-        raise ConfigError(f"{out}: is a folder; pass the .safetensors file to write")
+    check_writable(out)
     state = _load_checkpoint(src, trust_pickle)
     module, cfg_cls, _ = FAMILIES[family]
     needed = "encoder.patch_embed.proj.weight" if family == "vqkd" else "blocks.input.w"

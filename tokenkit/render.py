@@ -15,7 +15,7 @@ from tokenkit.errors import StoreError
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore
 from tokenkit.views import render_view
-from tokenkit.wds import read_sample, tar_refs
+from tokenkit.wds import load_index, read_sample
 
 
 def code_color(code: int) -> tuple[int, int, int]:
@@ -59,7 +59,7 @@ def show(store: TokenStore, key: str, out: Path, size: int = 224, source_root: s
     else:
         found = None
         for tar, index in zip(store.tar_paths(), store.tar_indexes(), strict=True):
-            ref = next((r for r in tar_refs(tar, index) if r.key == key), None)
+            ref = next((r for r in load_index(index) if r.key == key), None)
             if ref is not None:
                 with open(tar, "rb") as f:
                     found = read_sample(f, str(tar), ref)
@@ -112,7 +112,7 @@ def sample_image(
         return store.image(position, source_root), store.read([position])["views"][0]
     seen = 0
     for tar, index in zip(store.tar_paths(), store.tar_indexes(), strict=True):
-        refs = tar_refs(tar, index)
+        refs = load_index(index)
         if position < seen + len(refs):
             with open(tar, "rb") as f:
                 s = read_sample(f, str(tar), refs[position - seen])

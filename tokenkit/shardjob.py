@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from tokenkit.errors import ImageError
 from tokenkit.journal import Journal, shard_ranges
 from tokenkit.loader import ViewDataset, iter_shard_batches
+from tokenkit.lock import OutputLock
 from tokenkit.stopsignal import Stopped, StopSignal
 
 
@@ -57,6 +58,12 @@ def run_shards(
 
     cfg: the job's config (shard_size, batch_size, workers, on_error); dist: (rank, world, barrier).
     """
+    rank, world, barrier = dist
+    with OutputLock(out) if rank == 0 else nullcontext():  # one writer: rank 0 of one job holds it
+        _run(out, spec, init, dataset, writer, manifest, cfg, resume, dist, progress)
+
+
+def _run(out, spec, init, dataset, writer, manifest, cfg, resume, dist, progress) -> None:
     rank, world, barrier = dist
     shard_size, on_error = cfg.shard_size, cfg.on_error
     journal = Journal(out)

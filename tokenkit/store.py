@@ -18,9 +18,10 @@ from tqdm import tqdm
 from tokenkit.codebook import code_usage
 from tokenkit.errors import CodebookError, StoreError, TokenkitError
 from tokenkit.images import decode_image, read_locator, sanitize_key
+from tokenkit.journal import sha256_file
 from tokenkit.rowstore import STATUS_OK, RowStore
 from tokenkit.tokenizer import describe, file_identity, identity_id
-from tokenkit.wds import index_tar, iter_tar, load_index, tar_refs
+from tokenkit.wds import index_tar, iter_tar, load_index
 
 
 class TokenStore(RowStore):
@@ -154,7 +155,7 @@ class TokenStore(RowStore):
             return
         buf = []
         for tar, index in zip(self.tar_paths(), self.tar_indexes(), strict=True):
-            for sample in iter_tar(tar, tar_refs(tar, index)):
+            for sample in iter_tar(tar, load_index(index)):
                 buf.append(sample)
                 if len(buf) == size:
                     yield _stack(buf)
@@ -312,17 +313,28 @@ def verify_sources(
 def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -> list[str]:
     """Every problem found in the store at `path`, one line each (empty when it is sound).
 
-    Recomputes every shard file's sha256, re-reads each tar (keys, counts), checks the codebook against the
-    manifest, the per-shard counts, and key uniqueness. part "zarr" or "wds" checks only that format's files
-    and contents (what a reader of that format reads), None both. With world > 1, shard files and tars are
-    split over the ranks (shard i on rank i % world; the union of the ranks' findings is the whole check,
-    except duplicate keys across tars of different ranks, which only a single-process verify sees).
+    Trusts nothing it has not checked: the manifest against its own checksum (on open), every zarr metadata
+    file (dtype, byte order, shape, chunking, codecs) and shard file against the sha256 the manifest
+    records, the tokenizer file against the manifest's tokenizer id; then every stored value against its
+    meaning: token ids < K, crop boxes with x, y >= 0 and width, height >= 1, flip 0 or 1, labels in [-1,
+    classes), status 0 or 1, the per-shard and total counts of samples, codes and labels, and key
+    uniqueness (zarr and across tars). part "zarr" or "wds" checks only that format's files and contents
+    (what a reader of that format reads), None both. With world > 1, shards are split over the ranks (shard
+    i on rank i % world; the union of the ranks' findings is the whole check, but for duplicate keys across
+    tars of different ranks and the store-wide totals, which only a single-process verify sees).
     """
     try:
         store = TokenStore.open(path)
     except TokenkitError as e:
         return [str(e)]
     problems = store.verify_files(store.part(part), rank, world)
+    for rel, want in store.manifest["metadata"].items():
+        if (store.has_zarr and part != "wds") and (
+            not (store.root / rel).is_file() or sha256_file(store.root / rel) != want
+        ):
+            problems.append(
+                f"{store.root / rel}: zarr metadata changed since tokenize (dtype, byte order, shape or codecs); the store is damaged"
+            )
     try:
         if (got := identity_id(file_identity(store.tokenizer_path))) != store.tokenizer_id:
             problems.append(
@@ -333,21 +345,88 @@ def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -
         problems.append(str(e))
     if problems:
         return problems  # content checks below assume the files are intact
-    m = store.manifest
+    totals = Counts(store.k, len(store.classes))
     if store.has_zarr and part != "wds":
-        status = store.status()
-        for i, shard in enumerate(m["shards"]):
-            s, e = shard["rows"]
-            if int((status[s:e] == STATUS_OK).sum()) != shard["ok"]:
-                problems.append(
-                    f"{store.root}: shard {i} holds {(status[s:e] == 0).sum()} samples, manifest says {shard['ok']}"
-                )
-        keys = store.group["keys"][:]
-        uniq, counts = np.unique(keys, return_counts=True)
-        if (counts > 1).any():
-            problems.append(f"{store.root}/keys: duplicated key '{uniq[counts > 1][0]}'")
-    seen = set()
+        problems += _verify_zarr(store, rank, world, totals)
+    problems += _verify_tars(store, part, rank, world, totals)
+    if world == 1 and not problems:
+        problems += totals.check(store)
+    return problems
+
+
+class Counts:
+    """Per-code and per-label counts of the stored samples, to compare with the manifest's."""
+
+    def __init__(self, k: int, classes: int):
+        self.codes, self.labels = np.zeros(k, np.int64), np.zeros(classes + 1, np.int64)
+        self.filled = False
+
+    def add(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+        if self.filled:
+            return  # both formats hold the same samples: count them once
+        self.codes += np.bincount(tokens.ravel(), minlength=len(self.codes))[: len(self.codes)]
+        self.labels += np.bincount(labels + 1, minlength=len(self.labels))[: len(self.labels)]
+
+    def check(self, store: TokenStore) -> list[str]:
+        m, out = store.manifest, []
+        if self.codes.tolist() != m["code_counts"]:
+            out.append(
+                f"{store.root}/manifest.json: code_counts differ from the stored tokens'; the store is damaged"
+            )
+        if self.labels.tolist() != m["label_counts"]:
+            out.append(
+                f"{store.root}/manifest.json: label_counts differ from the stored labels'; the store is damaged"
+            )
+        return out
+
+
+def _values(
+    where: str, k: int, classes: int, tokens: np.ndarray, views: np.ndarray, labels: np.ndarray
+) -> list[str]:
+    """What is wrong with a block of stored values: tokens (b, V, G, G), views (b, V, 5), labels (b,)."""
+    out = []
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= k):
+        out.append(f"{where}: token id {int(tokens.max())} out of [0, K={k}); the store is damaged")
+    x, y, w, h, flip = (views[..., i] for i in range(5))
+    if views.size and ((x < 0) | (y < 0) | (w < 1) | (h < 1) | ((flip != 0) & (flip != 1))).any():
+        out.append(
+            f"{where}: a crop box outside the image (x, y < 0, or width, height < 1) or a flip not 0 / 1"
+        )
+    if labels.size and ((labels < -1) | (labels >= classes)).any():
+        out.append(f"{where}: label {int(labels.max())} out of [-1, {classes}) for {classes} classes")
+    return out
+
+
+def _verify_zarr(store: TokenStore, rank: int, world: int, totals: Counts) -> list[str]:
+    m, g, problems = store.manifest, store.group, []
+    status = store.status()
+    if not np.isin(status, (STATUS_OK, 1)).all():
+        problems.append(f"{store.root}/status: values other than 0 (stored) and 1 (skipped)")
+    classes = len(store.classes)
     for i, shard in enumerate(m["shards"]):
+        s, e = shard["rows"]
+        ok = status[s:e] == STATUS_OK
+        if int(ok.sum()) != shard["ok"]:
+            problems.append(
+                f"{store.root}: shard {i} holds {int(ok.sum())} samples, manifest says {shard['ok']}"
+            )
+        if i % world != rank and world > 1:
+            continue
+        tokens, labels = g["tokens"][s:e][ok].astype(np.int64), g["labels"][s:e][ok]
+        problems += _values(f"{store.root}: shard {i}", store.k, classes, tokens, g["views"][s:e][ok], labels)
+        if not problems:
+            totals.add(tokens, labels)
+    totals.filled = world == 1
+    keys = g["keys"][:]
+    uniq, counts = np.unique(keys, return_counts=True)
+    if (counts > 1).any():
+        problems.append(f"{store.root}/keys: duplicated key '{uniq[counts > 1][0]}'")
+    return problems
+
+
+def _verify_tars(store: TokenStore, part: str | None, rank: int, world: int, totals: Counts) -> list[str]:
+    problems, seen, classes = [], set(), len(store.classes)
+    for i, shard in enumerate(store.manifest["shards"]):
         if "tar" not in shard or part == "zarr" or i % world != rank:
             continue
         p = store.root / shard["tar"]["path"]
@@ -363,10 +442,14 @@ def verify(path: Path, part: str | None = None, rank: int = 0, world: int = 1) -
                 if sample["key"] in seen:
                     problems.append(f"{p}: key '{sample['key']}' also appears in an earlier shard")
                 seen.add(sample["key"])
-                if sample["tokens"].max(initial=0) >= store.k:
-                    problems.append(f"{p}: sample '{sample['key']}' has token ids >= K={store.k}")
+                tokens, label = sample["tokens"].astype(np.int64), np.array([sample["label"]])
+                problems += _values(
+                    f"{p}: sample '{sample['key']}'", store.k, classes, tokens, sample["views"], label
+                )
+                totals.add(tokens, label)
             if n != shard["tar"]["samples"]:
                 problems.append(f"{p}: {n} samples, manifest says {shard['tar']['samples']}")
         except TokenkitError as e:
             problems.append(str(e))
+    totals.filled = totals.filled or world == 1
     return problems

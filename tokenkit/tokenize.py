@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenkit.errors import ConfigError, job_size_checks, require
+from tokenkit.errors import ConfigError, job_size_checks, require, seed_check
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION, sha256_file
-from tokenkit.loader import ViewDataset
+from tokenkit.loader import ViewDataset, resolve_precision
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
 from tokenkit.tokenizer import Tokenizer, load_tokenizer
@@ -27,6 +27,8 @@ from tokenkit.views import ViewConfig
 from tokenkit.wds import pack_record, write_tar
 
 FORMATS = ("zarr", "wds", "both")
+MAX_VIEWS = 1024  # stored views per image (the paper stores 1; 8-10 bring geometric augmentation back)
+MAX_BATCH_GIB = 4  # the uint8 views of one batch, decoded in the workers and held until tokenized
 TOKENIZER_FILE = "tokenizer.safetensors"
 
 
@@ -41,10 +43,24 @@ class TokenizeConfig:
     device: str = "auto"
     precision: str = "auto"
 
-    def validate(self) -> None:
+    def validate(self, view_side: int | None = None) -> None:
+        """view_side: the tokenizer's view size S, to bound a batch's pixels (B x V x S x S x 3 bytes)."""
         v = self.views
-        if v.views < 1:
-            raise ConfigError(f"--views {v.views}: must be >= 1")
+        require(
+            (
+                ("--views", v.views, 1 <= v.views <= MAX_VIEWS, f"in [1, {MAX_VIEWS}]"),
+                ("--scale", v.scale, 0 < v.scale[0] <= v.scale[1] <= 1, "MIN MAX with 0 < MIN <= MAX <= 1"),
+                (
+                    "--ratio",
+                    v.ratio,
+                    1e-3 <= v.ratio[0] <= v.ratio[1] <= 1e3,
+                    "MIN MAX with 1e-3 <= MIN <= MAX <= 1e3",
+                ),
+                ("--flip", v.flip, 0 <= v.flip <= 1, "in [0, 1]"),
+                seed_check(v.seed),
+                *job_size_checks(self),
+            )
+        )
         if v.mode not in ("center", "random"):
             raise ConfigError(f"--view {v.mode}: choose center or random")
         if v.mode == "center" and v.views > 1:
@@ -52,17 +68,18 @@ class TokenizeConfig:
                 f"--views {v.views} with --view center: every view would be the same central square; pass "
                 "--views 1 or --view random"
             )
-        if (
-            not (0 < v.scale[0] <= v.scale[1] <= 1)
-            or not (0 < v.ratio[0] <= v.ratio[1])
-            or not 0 <= v.flip <= 1
-        ):
-            raise ConfigError(f"--scale {v.scale} / --ratio {v.ratio} / --flip {v.flip}: out of range")
         if self.format not in FORMATS:
             raise ConfigError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"--on-error {self.on_error}: choose skip or raise")
-        require(job_size_checks(self))
+        if (
+            view_side is not None
+            and (gib := self.batch_size * v.views * view_side**2 * 3 / 2**30) > MAX_BATCH_GIB
+        ):
+            raise ConfigError(
+                f"--batch-size {self.batch_size} x --views {v.views} at {view_side} px: {gib:.1f} GiB of pixels a "
+                f"batch (at most {MAX_BATCH_GIB}); lower --batch-size"
+            )
 
     def job_fields(self) -> dict:
         return {
@@ -70,7 +87,6 @@ class TokenizeConfig:
             "format": self.format,
             "shard_size": self.shard_size,
             "on_error": self.on_error,
-            "precision": self.precision,
         }
 
 
@@ -98,6 +114,7 @@ def tokenize(
     cfg.validate()
     out, tokenizer_path = Path(out), Path(tokenizer_path)
     tok = load_tokenizer(tokenizer_path, cfg.device, cfg.precision)
+    cfg.validate(tok.image_size)
     source = list_source(images)
     n, G, V, K = len(source), tok.grid, cfg.views.views, tok.k
     tok_dtype = token_dtype(K)
@@ -107,6 +124,8 @@ def tokenize(
         "tokenizer_id": tok.id,
         "tokenizer": tok.identity,
         "config": cfg.job_fields(),
+        # what the tokens are computed with: a resume on another kind of device or precision is refused
+        "compute": {"device": tok.device.type, "precision": resolve_precision(tok.device, cfg.precision)},
         "source": source.fingerprint(),
     }
     zarr_out, wds_out = cfg.format in ("zarr", "both"), cfg.format in ("wds", "both")
@@ -150,7 +169,7 @@ def tokenize(
             "n": n,
             "n_ok": sum(r["ok"] for r in records),
             "shards": [{k: r[k] for k in ("rows", "ok", "sha256", "tar") if k in r} for r in records],
-            "skipped": [s for r in records for s in r["skipped"]],
+            "skipped": [*map(list, source.unlisted), *(s for r in records for s in r["skipped"])],
             "code_counts": np.sum([r["code_counts"] for r in records], axis=0).tolist(),
             "label_counts": np.sum([r["label_counts"] for r in records], axis=0).tolist(),
         }

@@ -134,12 +134,6 @@ def load_index(path: Path | str) -> list[SampleRef]:
         ) from e
 
 
-def tar_refs(tar: Path | str, index: Path | str | None) -> list[SampleRef]:
-    """A tar's samples from its saved index (one small read), or from its member headers when it has none
-    (stores written before 2026-11-26)."""
-    return load_index(index) if index else index_tar(tar)
-
-
 def index_tar(path: Path | str, fileobj: BinaryIO | None = None) -> list[SampleRef]:
     """The samples of one token shard, in order, from its member headers alone (no payload is read).
 

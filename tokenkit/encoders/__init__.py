@@ -13,6 +13,7 @@ from torch import nn
 from tokenkit.encoders import clip, hog, pixels, timm_backbone
 from tokenkit.encoders.hog import HOGConfig
 from tokenkit.encoders.spec import EncoderSpec
+from tokenkit.errors import MAX_SIDE, require, seed_check
 
 
 def resolve_spec(
@@ -25,6 +26,18 @@ def resolve_spec(
     hog_cfg: HOGConfig | None = None,
 ) -> EncoderSpec:
     """`model`: an open_clip name (ViT-B-16, RN50x64, ...), `timm:NAME[.TAG]`, `hog`, or `pixels`."""
+    require(
+        (
+            ("--grid", grid, 1 <= grid <= 512, "in [1, 512]"),
+            (
+                "--image-size",
+                image_size,
+                image_size is None or 1 <= image_size <= MAX_SIDE,
+                f"in [1, {MAX_SIDE}]",
+            ),
+            seed_check(seed),
+        )
+    )
     if model == "hog":
         return hog.resolve(grid, image_size, hog_cfg or HOGConfig())
     if model == "pixels":
