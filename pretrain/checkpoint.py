@@ -23,6 +23,10 @@ from tokenkit.journal import atomic_write_bytes, format_mismatch, fsync_dir
 FORMAT_VERSION = 2  # 2: the store is named by its tokenizer id
 KIND = "mapet-checkpoint"
 FINETUNE_KIND = "mapet-finetune"  # pretrain/finetune.py's OUT/last.pt
+FIELDS = {  # kind: the fields every reader of it relies on
+    KIND: ("objective", "vit", "train", "store", "step", "epoch", "model", "optimizer"),
+    FINETUNE_KIND: ("vit", "num_classes", "config", "epoch", "model", "optimizer"),
+}
 _WHAT = {  # kind: (what to pass, the command that writes it, its name in errors)
     KIND: ("RUN/last.pt", "mapet pretrain", "mapet"),
     FINETUNE_KIND: ("OUT/last.pt", "mapet finetune", "'mapet finetune'"),
@@ -55,7 +59,7 @@ def load_checkpoint(path: Path, map_location="cpu", kind: str | tuple[str, ...] 
         raise StoreError(f"{path}: checkpoint not found; pass {where} of a '{cmd}' run")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - any bytes may arrive here; torch's unpickler raises many kinds
         what = (
             "" if isinstance(e, pickle.UnpicklingError) else "unreadable checkpoint, truncated or corrupt: "
         )
@@ -66,4 +70,9 @@ def load_checkpoint(path: Path, map_location="cpu", kind: str | tuple[str, ...] 
         raise StoreError(f"{path}: not a {name} checkpoint; pass {where} of a '{cmd}' run")
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{path}: {format_mismatch(ckpt.get('format_version'), FORMAT_VERSION)}")
+    missing = [f for f in FIELDS[ckpt["kind"]] if f not in ckpt]
+    if missing:
+        raise StoreError(
+            f"{path}: a {name} checkpoint without {', '.join(missing)}; it is damaged, re-create it with '{cmd}'"
+        )
     return ckpt

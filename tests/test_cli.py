@@ -108,7 +108,10 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
             ["tokenize", "{photos}", "{cb}", "{tmp}/t", "--views", "2", "--view", "center"],
             "--views 2 with --view center: every view would be the same",
         ),
-        (["tokenize", "{photos}", "{cb}", "{tmp}/t", "--workers", "-1"], "--workers -1: must be in [0, 1024]"),
+        (
+            ["tokenize", "{photos}", "{cb}", "{tmp}/t", "--workers", "-1"],
+            "--workers -1: must be in [0, 1024]",
+        ),
         (["encode", "{cb}", "{photos}/even/astronaut.jpg", "--size", "0"], "--size 0: must be in [1, 4096]"),
         (["features", "{photos}", "{tmp}/f", "--shard-size", "0"], "--shard-size 0: must be in [1, 2^20]"),
         (["features", "{photos}", "{tmp}/f", "--image-size", "0"], "--image-size 0: must be in [1, 8192]"),

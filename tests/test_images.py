@@ -137,3 +137,54 @@ def test_tar_source_reads_images_labels_and_refuses_hostile_members(tmp_path):
         list_tars(str(tmp_path / "dup.tar"))
     with pytest.raises(SourceError, match="not found"):
         list_tars(str(tmp_path / "s-{0..5}.tar"))
+
+
+def test_folders_are_read_as_a_careful_user_expects(tmp_path):
+    """Hidden folders are skipped like hidden files (a hidden folder would be class 0 and shift every label); a
+    link loop is read once; a stray image beside the class folders is named, not allowed to drop every label;
+    a file name that is not valid UTF-8 is skipped and listed (it cannot be a key)."""
+    png = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG")
+    for rel in ("cats/a.png", "dogs/b.png", ".ipynb_checkpoints/c.png", "cats/.thumbs/d.png"):
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(png)
+    (tmp_path / "src" / "dogs" / "loop").symlink_to(tmp_path / "src" / "dogs")  # a folder linking to itself
+    (tmp_path / "src" / "cats" / "self").symlink_to(tmp_path / "src" / "cats" / "self")  # a link to itself
+    os_name = b"cats/caf\xe9.png"  # Latin-1, not UTF-8
+    with open(bytes(tmp_path / "src") + b"/" + os_name, "wb") as f:
+        f.write(png)
+    src = list_folder(tmp_path / "src")
+    assert src.classes == ("cats", "dogs") and list(src.keys) == ["cats/a", "dogs/b"]
+    assert src.labels.tolist() == [0, 1]
+    assert src.unlisted == (("cats/caf\\xe9.png", "file name is not valid UTF-8; rename it"),)
+    (tmp_path / "src" / "stray.png").write_bytes(png)
+    with pytest.raises(
+        SourceError, match=r"'stray.png' \(1 images in all\) sits beside the class folders \(cats, dogs"
+    ):
+        list_folder(tmp_path / "src")
+
+
+def test_tar_keys_differing_only_in_case_and_out_of_range_labels_are_refused(tmp_path):
+    png = encode(Image.new("RGB", (8, 8)), "PNG")
+    make_tar(tmp_path / "case.tar", [("Img1.png", png), ("img1.png", png)])
+    with pytest.raises(SourceError, match="'img1' differs only in case from 'Img1'"):
+        list_tars(str(tmp_path / "case.tar"))
+    for raw in (b"-1", str(2**66).encode(), b"2000000000"):
+        make_tar(tmp_path / "cls.tar", [("a.png", png), ("a.cls", raw)])
+        with pytest.raises(SourceError, match=r"labels must be in \[0, 1048576\)"):
+            list_tars(str(tmp_path / "cls.tar"))
+
+
+def test_wide_modes_are_read_by_their_real_range_or_refused():
+    """A float TIFF in [0, 1] is not black, one in [0, 255] not white; 32-bit integers holding 8- or 16-bit
+    values are scaled by that range; negative or huge values have no range to read them by: refused."""
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    for values, top in ((ramp, 1.0), (ramp * 255, 255.0)):
+        img = decode_image(encode(Image.fromarray(values, "F"), "TIFF"), "f.tif")
+        got = np.asarray(img)[..., 0].astype(int)
+        assert np.abs(got - np.round(values / top * 255)).max() <= 1
+    big = np.arange(64, dtype=np.int32).reshape(8, 8) * 1000  # up to 63000: a 16-bit range
+    got = np.asarray(decode_image(encode(Image.fromarray(big, "I"), "TIFF"), "i.tif"))[..., 0]
+    assert got[-1, -1] == round(63000 / 65535 * 255) and got[0, 0] == 0
+    for bad in (big - 5000, big * 100):
+        with pytest.raises(ImageError, match=r"^bad.tif: I-mode image with values in \["):
+            decode_image(encode(Image.fromarray(bad, "I"), "TIFF"), "bad.tif")

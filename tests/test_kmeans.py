@@ -93,7 +93,10 @@ def test_bad_configs():
     for k in (1, 0, 2**31):
         with pytest.raises(ConfigError, match="--k"):
             KMeansConfig(k=k).validate()
-    for bad, msg in ((dict(niter=0), "--niter 0: must be >= 1"), (dict(seed=-1), "--seed -1: must be >= 0")):
+    for bad, msg in (
+        (dict(niter=0), r"--niter 0: must be in \[1, 10\^5\]"),
+        (dict(seed=-1), r"--seed -1: must be in \[0, 2\^31 - 1\]"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             KMeansConfig(**bad).validate()
     with pytest.raises(ConfigError, match="only 10 feature vectors"):

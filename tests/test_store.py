@@ -31,6 +31,52 @@ def test_pristine_store_verifies(pristine):
     assert verify(pristine) == []
 
 
+def rewrite_consistently(store, shard: int, name: str, change) -> None:
+    """Change array `name` in `shard` through zarr, then update every checksum (the shard file's, the
+    manifest's own) as a buggy writer would: only the values' checks can find it."""
+    import zarr
+
+    from tokenkit.journal import manifest_sha256, sha256_file
+
+    a = zarr.open_array(str(store / name), mode="r+")
+    s, e = shard * 4, shard * 4 + 4
+    a[s:e] = change(a[s:e])
+    m = json.loads((store / "manifest.json").read_text())
+    rel = f"{name}/c/{shard}" + "/0" * (a.ndim - 1)
+    m["shards"][shard]["sha256"][rel] = sha256_file(store / rel)
+    m["manifest_sha256"] = manifest_sha256(m)
+    (store / "manifest.json").write_text(json.dumps(m))
+
+
+def test_verify_checks_metadata_manifest_and_values(store, pristine, tmp_path):
+    """The zarr metadata (a byte order flipped: ids read back as 256 x larger), the manifest (classes
+    reversed: every label would mean the other class) and the stored values themselves."""
+    meta = store / "tokens" / "zarr.json"
+    m = json.loads(meta.read_text())
+    m["codecs"][0]["configuration"]["codecs"][0]["configuration"]["endian"] = "big"
+    meta.write_text(json.dumps(m))
+    (msg,) = verify(store)
+    assert "tokens/zarr.json: zarr metadata changed since tokenize" in msg
+    for name, change, want in (
+        ("tokens", lambda t: t + 1000, "token id 10"),
+        ("views", lambda v: v * np.array([1, 1, 0, 1, 1], np.int32), "a crop box outside the image"),
+        ("labels", lambda y: y + 5, "out of [-1, 2) for 2 classes"),
+    ):
+        root = tmp_path / name
+        shutil.copytree(pristine, root)
+        rewrite_consistently(root, 1, name, change)
+        problems = verify(root)
+        assert any(want in p for p in problems), (name, problems)
+    bad = tmp_path / "classes"
+    shutil.copytree(pristine, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["source"]["classes"] = m["source"]["classes"][::-1]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="manifest.json: its content does not match its checksum"):
+        TokenStore.open(bad)
+    assert "does not match its checksum" in verify(bad)[0]
+
+
 def test_flipped_byte(store):
     p = store / "tokens/c/1/0/0/0"
     b = bytearray(p.read_bytes())

@@ -198,7 +198,7 @@ def test_codebook_of_another_model_is_refused(tmp_path, photos, codebook_path):
 
 
 def test_output_folder_holding_another_store_is_refused(tmp_path, photos, codebook_path, store_path):
-    with pytest.raises(StoreError, match="different job"):
+    with pytest.raises(StoreError, match="made by another job"):
         tokenize(photos, codebook_path, store_path, TokenizeConfig(shard_size=4, workers=0), progress=False)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
@@ -251,7 +251,9 @@ def test_killed_job_resumes_to_a_byte_identical_store(tmp_path, photos, codebook
     assert verify(out) == []
 
 
-def test_sigterm_stops_after_the_shard_in_flight_and_resumes_byte_identical(tmp_path, photos, codebook_path):
+def test_sigterm_stops_after_the_shard_in_flight_and_resumes_byte_identical(
+    tmp_path, photos, codebook_path, capsys
+):
     """A preempted tokenize job (SIGTERM to every process, as SLURM sends it) finishes and commits the shard in
     flight (6 one-image batches: more than its one worker had prefetched, so the signalled worker must keep
     serving), exits 143 with one line, and --resume completes the store an uninterrupted job writes."""
@@ -265,7 +267,12 @@ def test_sigterm_stops_after_the_shard_in_flight_and_resumes_byte_identical(tmp_
     assert rc == 143, err[-2000:]
     assert f"tokenkit: stopped by SIGTERM after work shard 0: {out} resumes with --resume" in err
     assert "Traceback" not in err and not (out / "manifest.json").exists()
-    assert main([*args, "--workers", "0", "--resume"]) == 0
+    # what changes the bytes is the job's identity: a resume at another precision is refused, naming it ...
+    before = tree_bytes(out)
+    assert main([*args, "--workers", "0", "--resume", "--precision", "bf16"]) == 2
+    assert 'compute.precision: "fp32" -> "bf16"' in capsys.readouterr().err and tree_bytes(out) == before
+    # ... what does not (batch size, workers) may change: the store is the uninterrupted job's, byte for byte
+    assert main([*args[:-2], "4", "--quiet", "--workers", "0", "--resume"]) == 0
     assert tree_bytes(out) == tree_bytes(ref)
 
 

@@ -160,7 +160,11 @@ def image_files(root: str) -> tuple[list[str], list[str]]:
                 if e.name.startswith("."):
                     continue
                 path = f"{rel}/{e.name}" if rel else e.name
-                if e.is_dir():
+                try:
+                    is_dir = e.is_dir()
+                except OSError:  # a link to itself (ELOOP): skipped, as broken links are
+                    continue
+                if is_dir:
                     try:
                         ino = e.stat().st_ino  # follows the link: a loop is the same folder again
                     except OSError:

@@ -147,32 +147,31 @@ def _state_dict(obj, src: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_checkpoint(src: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """The state dict in `src`: weights-only loading, or with `trust_pickle` unpickling a pickled object."""
+    unreadable = f"{src}: not a readable checkpoint ({{}}); pass the released file"
     try:
         return _state_dict(torch.load(src, map_location="cpu", weights_only=True), src)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # no pickled object: junk or a damaged file
-            raise ConfigError(
-                f"{src}: not a readable checkpoint ({load_failure(e)}); pass the released file"
-            ) from e
+            raise ConfigError(unreadable.format(load_failure(e))) from e
         if not trust_pickle:
             raise ConfigError(
                 f"{src}: a pickled object, not a plain state dict (DALL-E's encoder.pkl is one); loading it runs "
                 "code from the file: pass --trust-pickle if you trust its source"
             ) from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ConfigError(
-            f"{src}: not a readable checkpoint ({load_failure(e)}); pass the released file"
-        ) from e
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any bytes may arrive here; torch's unpickler raises many kinds
+        raise ConfigError(unreadable.format(load_failure(e))) from e
     try:
-        return _state_dict(torch.load(src, map_location="cpu", weights_only=False), src)
+        obj = torch.load(src, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
         raise ConfigError(
             f"{src}: unpickling needs the module '{e.name}' (for encoder.pkl: pip install DALL-E)"
         ) from e
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, AttributeError) as e:
-        raise ConfigError(
-            f"{src}: not a readable checkpoint ({load_failure(e)}); pass the released file"
-        ) from e
+    except Exception as e:  # noqa: BLE001 - a trusted pickle can still be damaged
+        raise ConfigError(unreadable.format(load_failure(e))) from e
+    return _state_dict(obj, src)
 
 
 def convert(

@@ -38,6 +38,8 @@ def resolve_spec(
             seed_check(seed),
         )
     )
+    if hog_cfg is not None:
+        hog_cfg.check_ranges()
     if model == "hog":
         return hog.resolve(grid, image_size, hog_cfg or HOGConfig())
     if model == "pixels":

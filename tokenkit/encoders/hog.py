@@ -17,7 +17,6 @@ Written in torch, so it runs where the images are, CPU or GPU; in the input's dt
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,16 +40,14 @@ class HOGConfig:
     window: int = 16  # Gaussian weighting tiled every `window` px, sd window / 2 (MaskFeat: 16); 0: off
     eps: float = 1e-5  # L2 normalisation: h / sqrt(|h|^2 + eps^2), as scikit-image
 
-    def validate(self, patch: int) -> None:
+    def check_ranges(self) -> None:
+        """The settings' own ranges, whatever the model (a bad --hog-* flag is refused even when unused)."""
         require(
             (
-                (
-                    "--hog-cell",
-                    self.cell,
-                    self.cell >= 1 and patch % self.cell == 0,
-                    f"a divisor of the {patch}-px patch",
-                ),
+                ("--hog-cell", self.cell, 1 <= self.cell <= 512, "in [1, 512]"),
                 ("--hog-bins", self.bins, 2 <= self.bins <= 360, "in [2, 360]"),
+                ("--hog-window", self.window, 0 <= self.window <= 8192, "in [0, 8192] (0: off)"),
+                ("--hog-eps", self.eps, 0 < self.eps <= 1e3, "in (0, 1e3]"),
                 (
                     "--hog-gradient",
                     self.gradient,
@@ -58,10 +55,13 @@ class HOGConfig:
                     f"one of {', '.join(GRADIENTS)}",
                 ),
                 ("--hog-channels", self.channels, self.channels in CHANNELS, f"one of {', '.join(CHANNELS)}"),
-                ("--hog-window", self.window, self.window >= 0, ">= 0 (0: off)"),
-                ("--hog-eps", self.eps, math.isfinite(self.eps) and self.eps > 0, "finite and > 0"),
             )
         )
+
+    def validate(self, patch: int) -> None:
+        self.check_ranges()
+        if patch % self.cell:
+            raise ConfigError(f"--hog-cell {self.cell}: must be a divisor of the {patch}-px patch")
 
 
 def resolve(grid: int, image_size: int | None, cfg: HOGConfig) -> EncoderSpec:
