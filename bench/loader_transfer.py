@@ -4,8 +4,8 @@
 
 Workers return ready-made tensors (no decoding, nothing else), so the figure is the transfer alone: every
 tensor a worker returns crosses into the main process through its own shared-memory segment. Two ways:
-- per image, float32 (3, S, S): one segment per image, 602 KB each at 224 px (this project's loaders until
-  2026-11-25);
+- per image, float32 (3, S, S): one segment per image, 602 KB each at 224 px (what a loader that ships
+  normalised images does);
 - per batch, uint8 (B, S, S, 3): one segment per batch, 4x fewer bytes (the loaders now: tokenkit.loader,
   pretrain.data, evaluation, fine-tuning), normalised on the model's device afterwards.
 Prints images/s for each: the ceiling the transfer puts on a job, whatever the model's speed.

@@ -34,7 +34,8 @@ from step_timing import TrainStep, interleave, ratio, step_flops
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
 from pretrain.mapet import MaPeT, default_context, random_orders, visibility_mask
-from pretrain.train import Objective, adamw, compiled, param_groups
+from pretrain.optim import adamw, param_groups
+from pretrain.train import Objective, compiled
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 
 OFFICIAL_CPU = {"tiny": 1.10, "small": 2.79}  # s/step, fp32, batch 8, 2 threads (official aimagelab/MaPeT)

@@ -4,17 +4,16 @@
 
 The trainer's per-sample work (pretrain.data.make_sample): decode the JPEG, render the stored view (crop box
 + flip, one bicubic resize to the student's size), to uint8, draw the colour jitter (applied to the whole
-batch on the trainer's device since 2026-11-26; its cost per sample on the CPU is printed too) and the
-objective's draws (a MaPeT order or a BEiT mask, and drop path: in the worker since 2026-11-27; the whole
-sample is MaPeT's). Images: scikit-image's colour
+batch on the trainer's device; its cost per sample on the CPU is printed too) and the objective's draws (a
+MaPeT order or a BEiT mask, and drop path, drawn in the worker; the whole sample is MaPeT's). Images: scikit-image's colour
 photos resized to an ImageNet-like long side (500 px, JPEG quality 90, in memory), each with 8 stored
 random-resized views as `tokenkit tokenize --views 8` draws them. Prints ms per sample for each part and
 for the whole, and images/s per worker; with --step-img-s (one GPU's training images/s, e.g. MaPeT-S at
 batch 128 on the H200: 128 / 0.080 s, docs/benchmarks.md) the number of worker cores one GPU needs.
 
 Also the token store's share: a random batch read from a zarr store written by tokenkit's own writer
-(--store-rows rows, V 8, 14 x 14 tokens, ImageNet-like keys), reading every per-row array from zarr (as the
-trainer did before 2026-11-26) against reading only the tokens with the rest held in memory
+(--store-rows rows, V 8, 14 x 14 tokens, ImageNet-like keys), reading every per-row array from zarr (what a
+trainer without it would do) against reading only the tokens with the rest held in memory
 (`TokenStore.meta`, the trainer now); and the same rows from webdataset shards as `--data wds` streams
 them (each tar's sample index, from its member headers or its saved `.idx.npy`, then the sample's two
 members read by offset).

@@ -33,7 +33,8 @@ from pretrain.evaluate import (
 from pretrain.export import export as export_model
 from pretrain.finetune import FinetuneConfig, classifier_of, validate
 from pretrain.finetune import finetune as run_finetune
-from pretrain.train import COMPILE_MODES, TrainConfig
+from pretrain.run import COMPILE_MODES
+from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
 from tokenkit.errors import MAX_BATCH, MAX_WORKERS, require, seed_check
@@ -364,6 +365,7 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
             resume == "auto",
             dist.rank,
             dist.world,
+            dist.barrier,
         )
     if dist.rank == 0:
         click.echo(

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import click
 import torch
 
-from tokenkit.errors import ConfigError, TokenkitError
+from tokenkit.device import pick_device
+from tokenkit.errors import TokenkitError
 from tokenkit.stopsignal import Stopped
 
 
@@ -28,18 +29,11 @@ class Dist:
             torch.distributed.barrier()
 
     def device(self, device: str) -> str:
-        """--device resolved and checked: auto is cuda:LOCAL_RANK when CUDA is present, else cpu."""
-        if device == "auto":
-            return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError) as e:
-            raise ConfigError(f"--device {device}: not a device; pass auto, cpu, cuda or cuda:N") from e
-        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; pass cpu or auto"
-            )
-        return device
+        """--device resolved and checked (tokenkit.device.pick_device): under torchrun, auto is this rank's
+        GPU, cuda:LOCAL_RANK, when CUDA is present."""
+        if device == "auto" and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return str(pick_device(device))
 
 
 def init_distributed() -> Dist:

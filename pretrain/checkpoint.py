@@ -1,10 +1,12 @@
 """Checkpoints: one self-describing dict, written atomically, loaded without executing code.
 
-    {format_version, kind: "mapet-checkpoint", objective, vit (ViTConfig), train (TrainConfig as a dict),
-     store {tokenizer_id, k, grid, num_views}, step, epoch, model, optimizer, scaler, metrics}
+    {format_version, kind: "mapet-checkpoint", objective, vit (ViTConfig), config (TrainConfig as a dict),
+     store {tokenizer_id, k, grid, num_views}, store_files, world, step, epoch, model, optimizer, scaler}
+    {format_version, kind: "mapet-finetune", vit, num_classes, classes, config (FinetuneConfig), world, step,
+     epoch, history, model, optimizer, scaler, [result | in_epoch]}
 
 RUN/ckpt-SSSSSSSS.pt for the last `keep` steps and RUN/last.pt (a hard link to the newest), each written to a
-temporary name, fsynced and renamed. There is no RNG state: every random draw of step s is seeded by
+temporary name, fsynced and renamed; pre-training and fine-tuning runs alike. There is no RNG state: every random draw of step s is seeded by
 (seed, s), so restoring model, optimizer and step resumes the exact run.
 """
 
@@ -24,8 +26,8 @@ FORMAT_VERSION = 2  # 2: the store is named by its tokenizer id
 KIND = "mapet-checkpoint"
 FINETUNE_KIND = "mapet-finetune"  # pretrain/finetune.py's OUT/last.pt
 FIELDS = {  # kind: the fields every reader of it relies on
-    KIND: ("objective", "vit", "train", "store", "step", "epoch", "model", "optimizer"),
-    FINETUNE_KIND: ("vit", "num_classes", "config", "epoch", "model", "optimizer"),
+    KIND: ("objective", "vit", "config", "store", "step", "epoch", "model", "optimizer"),
+    FINETUNE_KIND: ("vit", "num_classes", "config", "step", "epoch", "model", "optimizer"),
 }
 _WHAT = {  # kind: (what to pass, the command that writes it, its name in errors)
     KIND: ("RUN/last.pt", "mapet pretrain", "mapet"),
@@ -33,10 +35,12 @@ _WHAT = {  # kind: (what to pass, the command that writes it, its name in errors
 }
 
 
-def save_checkpoint(run: Path, ckpt: dict, keep: int = 2) -> Path:
+def save_checkpoint(run: Path, ckpt: dict, keep: int = 2, kind: str = KIND) -> Path:
+    """Write RUN/ckpt-SSSSSSSS.pt (SSSSSSSS: ckpt["step"]), move RUN/last.pt to it in one rename, and keep the
+    newest `keep` checkpoints."""
     run = Path(run)
     buf = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, "kind": KIND, **ckpt}, buf)
+    torch.save({"format_version": FORMAT_VERSION, "kind": kind, **ckpt}, buf)
     path = run / f"ckpt-{ckpt['step']:08d}.pt"
     atomic_write_bytes(path, buf.getvalue())
     tmp = run / f".last.pt.tmp-{os.getpid()}"

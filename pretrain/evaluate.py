@@ -23,8 +23,7 @@ from tqdm import tqdm
 from pretrain.checkpoint import load_checkpoint
 from pretrain.data import to_input
 from pretrain.export import load_timm
-from pretrain.train import size_checks
-from pretrain.vit import PRESETS, VisionTransformer, ViTConfig, at_image_size
+from pretrain.vit import PRESETS, VisionTransformer, ViTConfig, at_image_size, size_checks
 from tokenkit.errors import ConfigError, ImageError, SourceError, StoreError, require
 from tokenkit.images import SampleIndex, decode_image, list_source, source_from_manifest
 from tokenkit.store import TokenStore, verify

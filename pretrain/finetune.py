@@ -16,10 +16,9 @@ Runs under torchrun as DDP; bf16 autocast on CUDA.
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,11 +29,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pretrain.checkpoint import FINETUNE_KIND, FORMAT_VERSION, load_checkpoint
+from pretrain.checkpoint import FINETUNE_KIND
 from pretrain.data import IMAGENET_MEAN, EpochSampler, to_input
 from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
-from pretrain.train import adamw, check_split, compile_checks, loop_checks, lr_at
+from pretrain.optim import adamw, layer_decay_groups, lr_at, set_lr
+from pretrain.run import Run, compile_checks, loop_checks
 from pretrain.vit import VisionTransformer, ViTConfig, drop_path_draws
+from tokenkit.device import autocast
 from tokenkit.errors import ConfigError, DivergedError, SourceError, require
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.journal import atomic_write_bytes
@@ -61,10 +62,15 @@ class FinetuneConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     seed: int = 0
+    clip_grad: float | None = (
+        None  # the gradient norm's cap; None: no clipping (BEiT's and MAE's fine-tuning)
+    )
+    keep: int = 2  # checkpoints kept
     workers: int = 2
     device: str = "cpu"
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     grad_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
-    compile: str | None = None  # a torch.compile mode for the training step (pretrain.train.COMPILE_MODES)
+    compile: str | None = None  # a torch.compile mode for the training step (pretrain.run.COMPILE_MODES)
 
     def validate(self) -> None:
         require(
@@ -124,30 +130,6 @@ def classifier_of(ckpt: dict) -> Classifier:
     net = Classifier(VisionTransformer(ViTConfig(**ckpt["vit"])), ckpt["num_classes"])
     net.load_state_dict(ckpt["model"])
     return net.eval()
-
-
-def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
-    """One group per (depth, decay?): lr scale layer_decay ** (depth + 1 - layer id)."""
-    depth = len(model.encoder.blocks)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if name.startswith("encoder.blocks."):
-            layer = int(name.split(".")[2]) + 1
-        elif name.startswith("encoder."):
-            layer = 0  # patch embedding, CLS, positions
-        else:
-            layer = depth + 1  # fc_norm, head
-        no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
-        g = groups.setdefault(
-            (layer, no_decay),
-            {
-                "params": [],
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_scale": layer_decay ** (depth + 1 - layer),
-            },
-        )
-        g["params"].append(p)
-    return list(groups.values())
 
 
 class RandAugment:
@@ -258,13 +240,6 @@ def accuracy(
     return top1 / max(total, 1), top5 / max(total, 1), int(total)
 
 
-def bf16_on_cuda(device: torch.device):
-    """The autocast of fine-tuning and validation: bf16 on CUDA, none elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 def validate(
     ckpt: dict,
     val: SampleIndex,
@@ -277,10 +252,11 @@ def validate(
 ) -> dict:
     """Top-1 / top-5 of the fine-tuned classifier in a loaded `mapet finetune` checkpoint on `val`, each image
     read as fine-tuning validates it (Resize(S / crop_pct) + CenterCrop(S)): `mapet validate`, as BEiT's and
-    MAE's `--eval`; with every image's label and prediction, as k-NN and the linear probe give them. Val labels are matched by name to the class names the checkpoint records (runs before
-    2026-11-26 record none: labels taken as they are). name: the checkpoint, for errors."""
+    MAE's `--eval`; with every image's label and prediction, as k-NN and the linear probe give them. Val
+    labels are matched by name to the class names the checkpoint records. name: the checkpoint, for
+    errors."""
     net = classifier_of(ckpt)
-    val = in_classes(val, tuple(ckpt.get("classes", ())), f"{name}'s")
+    val = in_classes(val, tuple(ckpt["classes"]), f"{name}'s")
     if len(val) and int(val.labels.max()) >= ckpt["num_classes"]:
         raise SourceError(
             f"{val.root or val.tars[0]}: label {int(val.labels.max())} but {name} has {ckpt['num_classes']} "
@@ -296,7 +272,9 @@ def validate(
         pin_memory=dev.type == "cuda",
     )
     answers: list[tuple[int, int]] = []
-    top1, top5, n = accuracy(net.to(dev), loader, dev, bf16_on_cuda(dev), progress=progress, answers=answers)
+    top1, top5, n = accuracy(
+        net.to(dev), loader, dev, autocast(dev, "auto"), progress=progress, answers=answers
+    )
     count_readable(val, n, "validate")
     return {
         "top1": top1,
@@ -311,7 +289,7 @@ def validate(
 
 
 # settings that may change on resume; batch_size and accum_steps with the ranks keep their product (check_split)
-RESUME_FREE = ("workers", "device", "grad_checkpointing", "compile", "batch_size", "accum_steps")
+RESUME_FREE = ("workers", "device", "grad_checkpointing", "compile", "batch_size", "accum_steps", "keep")
 STOP_EVERY = 10  # optimizer steps between the ranks' checks for a SIGTERM under torchrun (one all-reduce)
 
 
@@ -325,6 +303,7 @@ def finetune(
     resume: bool = False,
     rank: int = 0,
     world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> dict:
     """Fine-tune on `train`, validate on `val` each epoch; checkpoint OUT/last.pt after every epoch.
 
@@ -334,199 +313,78 @@ def finetune(
     checkpoints it and raises Stopped. Under torchrun (world > 1) the model is wrapped in DDP, each rank trains
     on its split of every epoch's permutation and validates its share of `val`.
     """
+    # prepare the run: settings, the checkpoint to resume, the data
     cfg.validate()
     compile_checks(cfg, world)
-    out = Path(out)
-    if not resume and (out / "last.pt").exists():
-        raise ConfigError(
-            f"{out}: holds a fine-tuning run; pass --resume auto to continue it or choose another --out"
-        )
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)  # the same head init on every rank
+    run = Run(out, FINETUNE_KIND, cfg, resume, (rank, world, barrier), RESUME_FREE, progress)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    if run.ckpt is not None and run.ckpt["num_classes"] != num_classes:
+        raise ConfigError(
+            f"{run.out}/last.pt: fine-tuned on {run.ckpt['num_classes']} classes, not {num_classes}"
+        )
+    data = FinetuneData(train, val, encoder, cfg, num_classes, rank, world)
+    # build the classifier and its optimizer
     for blk, rate in zip(
         encoder.blocks, torch.linspace(0, cfg.drop_path, len(encoder.blocks)).tolist(), strict=True
     ):
         blk.drop_path = rate
     encoder.grad_checkpointing = cfg.grad_checkpointing
-    net = Classifier(encoder, num_classes).to(device)
+    torch.manual_seed(cfg.seed)  # the same head init on every rank
+    net = Classifier(encoder, num_classes).to(run.device)
     opt = adamw(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     history, start, in_epoch = [], 0, {"steps": 0, "step_loss_sum": 0.0}
-    if resume and (out / "last.pt").exists():
-        ckpt = load_checkpoint(out / "last.pt", kind=FINETUNE_KIND)
-        was = {k: v for k, v in ckpt["config"].items() if k not in RESUME_FREE}
-        now = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
-        if was != now or ckpt["num_classes"] != num_classes:
-            diff = ", ".join(
-                f"{k} {was.get(k)} -> {now.get(k)}" for k in {**was, **now} if was.get(k) != now.get(k)
-            )
-            raise ConfigError(
-                f"{out}/last.pt: fine-tuned with other settings ({diff or 'classes'}); resume with the same flags"
-            )
-        check_split(f"{out}/last.pt", ckpt["config"], ckpt.get("world", world), cfg, world)
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        history, start = ckpt["history"], ckpt["epoch"] + 1
-        in_epoch = ckpt.get("in_epoch", in_epoch)  # stopped mid-epoch: the steps of epoch `start` it took
-    step_net = torch.compile(net, mode=cfg.compile) if cfg.compile else net  # validation runs `net`, eager
-    model = (
-        nn.parallel.DistributedDataParallel(
-            step_net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        if world > 1
-        else step_net
-    )
-    autocast = bf16_on_cuda(device)
-    size = encoder.cfg.image_size
-    train_ds = TrainDataset(train, size, cfg.randaug, len(encoder.blocks), cfg.seed, cfg.crop_scale)
-    steps = len(train_ds) // (cfg.batch_size * world) // cfg.accum_steps  # optimizer steps per epoch
-    if steps == 0:
-        raise ConfigError(
-            f"{train.root or train.tars[0]}: {len(train_ds)} images cannot fill one step of "
-            f"{cfg.batch_size * cfg.accum_steps * world} (--batch-size {cfg.batch_size} x --accum-steps "
-            f"{cfg.accum_steps} x {world} ranks); lower them"
-        )
-    sampler = EpochSampler(len(train_ds), cfg.batch_size, rank, world, cfg.seed)
-    val_loader = DataLoader(
-        Subset(CenterCropDataset(val, size, cfg.crop_pct), range(rank, len(val), world)),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.workers,
-        worker_init_fn=ignore_sigterm,
-    )
-    mix = []
-    if cfg.mixup > 0:
-        mix.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
-    if cfg.cutmix > 0:
-        mix.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
-    mixer = v2.RandomChoice(mix) if mix else None
-    total, warmup = cfg.epochs * steps, round(cfg.warmup_epochs * steps)
-    if progress and rank == 0:
-        params = sum(p.numel() for p in net.parameters())
-        print(
-            f"finetune: {params / 1e6:.1f}M parameters, {len(train_ds)} train / {len(val)} val images, "
-            f"{num_classes} classes; global batch {cfg.batch_size * cfg.accum_steps * world} ({cfg.batch_size} "
-            f"x {cfg.accum_steps} x {world} ranks), {steps} steps per epoch, {cfg.epochs} epochs, lr {cfg.lr:g}, "
-            f"layer decay {cfg.layer_decay:g} on {device}"
-            + (
-                f"; resuming at epoch {start} step {in_epoch['steps']}"
-                if history or in_epoch["steps"]
-                else ""
-            )
-        )
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
+    if run.ckpt is not None:
+        net.load_state_dict(run.ckpt["model"])
+        opt.load_state_dict(run.ckpt["optimizer"])
+        history, start = run.ckpt["history"], run.ckpt["epoch"] + 1
+        in_epoch = run.ckpt.get("in_epoch", in_epoch)  # stopped mid-epoch: the steps of epoch `start` it took
+    model = run.wrap(
+        torch.compile(net, mode=cfg.compile) if cfg.compile else net
+    )  # validation runs `net`, eager
+    run.say(data.banner(net, cfg, run, start, in_epoch))
+    run.start()
+    state = {"vit": asdict(encoder.cfg), "num_classes": num_classes, "classes": list(train.classes),
+             "config": asdict(cfg)}  # fmt: skip
     with StopSignal() as stop:
         for epoch in range(start, cfg.epochs):
-            model.train()
-            # the steps of this epoch that a checkpoint made on a SIGTERM holds
-            skip = in_epoch["steps"] if epoch == start else 0
-            train_ds.set_epoch(epoch)
-            sampler.set_epoch(epoch, skip * cfg.accum_steps)  # the batches already trained on are not read
-            loader = DataLoader(
-                train_ds,
-                batch_size=cfg.batch_size,
-                sampler=sampler,
-                drop_last=True,
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-                worker_init_fn=ignore_sigterm,
-            )
-            # the sum of the epoch's step losses (each the mean of its micro-batches on all ranks: the same for
-            # any split of the global batch), on the device, read back once per epoch; a resumed epoch goes on
-            # from the sum its checkpoint holds (checkpoints before 2026-11-27 summed micro-batch losses)
-            share = cfg.accum_steps * world  # micro-batch losses in one step
-            loss_start = 0.0
-            if skip and rank == 0:
-                loss_start = in_epoch.get("step_loss_sum", in_epoch.get("loss_sum", 0.0) / share)
-            loss_sum = torch.tensor(loss_start, dtype=torch.float64, device=device)
-            with worker_batches(loader) as it:  # its workers end with the block, also on an error
-                bar = tqdm(
-                    it,
-                    total=(steps - skip) * cfg.accum_steps,
-                    desc=f"finetune {epoch}",
-                    unit="batch",
-                    disable=not progress or rank > 0,
-                    leave=False,
-                )
-                batches = iter(bar)
-                step = first = epoch * steps + skip
-                end = (epoch + 1) * steps
-                while step < end:
-                    lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-                    for group in opt.param_groups:
-                        group["lr"] = lr * group["lr_scale"]
-                    for micro in range(cfg.accum_steps):
-                        x, y, drop = next(batches)  # (B, S, S, 3) uint8, (B,), (B, depth, 2)
-                        x, y = to_input(x, device), y.to(device, non_blocking=True)
-                        drop = drop.to(device, non_blocking=True)
-                        # erasing and mixup / cutmix: keyed, so a resumed run draws the same
-                        torch.manual_seed(
-                            int(keyed_rng("finetune", cfg.seed, step, micro, rank).integers(2**62))
-                        )
-                        if cfg.reprob > 0:  # per sample, before mixup (as timm's loader does)
-                            x = random_erase(x, cfg.reprob)
-                        last = world == 1 or micro == cfg.accum_steps - 1
-                        if cfg.compile == "reduce-overhead":
-                            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
-                        with nullcontext() if last else model.no_sync():  # all-reduce once per optimizer step
-                            with autocast:
-                                loss = _loss(model, x, y, drop, mixer, cfg.label_smoothing, num_classes)
-                            (loss / cfg.accum_steps).backward()
-                        loss_sum += loss.detach() / share
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    if not bar.disable and step % STOP_EVERY == 0:  # a host sync per 10 steps, for the bar
-                        mean = (float(loss_sum) - loss_start) * world / (step - first)  # this rank's
-                        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    if step < end and _agreed_stop(stop, step, world, device):
-                        break
-                bar.close()
-            sums = torch.stack(
-                [loss_sum, torch.tensor(float(stop.signum is not None), device=device).double()]
-            )
-            if world > 1:  # every rank's sum and signal: the same NaN and stop verdicts on every rank
-                torch.distributed.all_reduce(sums)
-            loss_total, stopping = sums.tolist()
-            if step < end:  # stopped by a signal mid-epoch: checkpoint the steps it took (and their loss)
+            skip = (
+                in_epoch["steps"] if epoch == start else 0
+            )  # the steps a checkpoint made on a SIGTERM holds
+            carried = in_epoch["step_loss_sum"] if skip and rank == 0 else 0.0
+            step, loss_total, stopping = train_epoch(run, model, net, opt, data, epoch, skip, carried, stop)
+            if step < (epoch + 1) * data.steps:  # stopped by a signal mid-epoch: checkpoint the steps it took
                 if rank == 0:
-                    taken = {"steps": step - epoch * steps, "step_loss_sum": loss_total}
-                    _save(
-                        out / "last.pt",
-                        encoder,
-                        net,
-                        opt,
-                        cfg,
-                        world,
-                        train.classes,
-                        epoch - 1,
-                        history,
-                        in_epoch=taken,
+                    taken = {"steps": step - epoch * data.steps, "step_loss_sum": loss_total}
+                    run.save(
+                        checkpoint(state, net, opt, run, epoch - 1, history, in_epoch=taken), step, cfg.keep
                     )
-                _stopped(stop, f"in epoch {epoch} at step {step - epoch * steps} of {steps}", out, world)
-            top1, top5, n_val = accuracy(net, val_loader, device, autocast, world)  # eager: no recompiles
+                raise run.stopped(
+                    stop, f"in epoch {epoch} at step {step - epoch * data.steps} of {data.steps}"
+                )
+            top1, top5, n_val = accuracy(net, data.val_loader, run.device, run.autocast(), world)  # eager
             rec = {
                 "epoch": epoch,
-                "loss": loss_total / steps,
+                "loss": loss_total / data.steps,
                 "val_top1": top1,
                 "val_top5": top5,
                 "n_val": n_val,
             }
             if not math.isfinite(rec["loss"]):
                 raise DivergedError(
-                    f"epoch {epoch}: loss is {rec['loss']}; {out}/last.pt, the last checkpoint, holds the weights from "
-                    "before; start again with a lower --lr (another --out)"
+                    f"epoch {epoch}: loss is {rec['loss']}; {run.out}/last.pt, the last checkpoint, holds the weights "
+                    "from before; start again with a lower --lr (another --out)"
                 )
             history.append(rec)
             if rank == 0:  # the metrics first, then the checkpoint that makes the epoch count as done
                 atomic_write_bytes(
-                    out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
+                    run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
                 )
-                _save(out / "last.pt", encoder, net, opt, cfg, world, train.classes, epoch, history)
+                run.save(checkpoint(state, net, opt, run, epoch, history), step, cfg.keep)
             if stopping and epoch < cfg.epochs - 1:
-                _stopped(stop, f"after epoch {epoch}", out, world)
+                raise run.stopped(stop, f"after epoch {epoch}")
     result = {
         "top1": history[-1]["val_top1"],
-        "top5": history[-1].get("val_top5"),  # None: a run finished before top-5 was recorded
+        "top5": history[-1]["val_top5"],
         "best_top1": max(r["val_top1"] for r in history),
         "epochs": cfg.epochs,
         "n_val": history[-1]["n_val"],
@@ -534,9 +392,128 @@ def finetune(
         "num_classes": num_classes,
     }
     if rank == 0:
-        _save(out / "last.pt", encoder, net, opt, cfg, world, train.classes, cfg.epochs - 1, history, result)
-        atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
+        final = checkpoint(state, net, opt, run, cfg.epochs - 1, history, result=result)
+        run.save(final, cfg.epochs * data.steps, cfg.keep)
+        atomic_write_bytes(run.out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def train_epoch(run: Run, model, net, opt, data, epoch: int, skip: int, carried: float, stop) -> tuple:
+    """One epoch's optimizer steps from step `skip` of it (the ones a SIGTERM's checkpoint holds are not
+    read again). Returns (the global step reached, the sum of the epoch's step losses over the ranks, whether
+    a rank was signalled). A step's loss is the mean of its micro-batches on all ranks (the same for any split
+    of the global batch), summed on the device from `carried` (a resumed epoch's sum) and read back once."""
+    cfg, steps, world = data.cfg, data.steps, run.world
+    share = cfg.accum_steps * world  # micro-batch losses in one step
+    loss_sum = torch.tensor(carried, dtype=torch.float64, device=run.device)
+    step = first = epoch * steps + skip
+    end, total, warmup = (epoch + 1) * steps, cfg.epochs * steps, round(cfg.warmup_epochs * steps)
+    model.train()
+    with worker_batches(data.loader(epoch, skip, run.device)) as it:  # its workers end with the block
+        bar = tqdm(it, total=(steps - skip) * cfg.accum_steps, desc=f"finetune {epoch}", unit="batch",
+                   disable=not run.progress, leave=False)  # fmt: skip
+        batches = iter(bar)
+        while step < end:
+            set_lr(opt, lr := lr_at(step, total, warmup, cfg.lr, cfg.min_lr))
+            micro = [next(batches) for _ in range(cfg.accum_steps)]
+            outs = run.accumulate(model, micro, lambda b, i, s=step: micro_loss(model, b, i, s, data, run))
+            for loss, _ in outs:
+                loss_sum += loss / share
+            run.optimizer_step(opt, net.parameters(), cfg.clip_grad)
+            step += 1
+            if not bar.disable and step % STOP_EVERY == 0:  # a host sync per 10 steps, for the bar
+                mean = (float(loss_sum) - carried) * world / (step - first)  # this rank's
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step < end and agreed_stop(run, stop, step):
+                break
+        bar.close()
+    (loss_total,), stopping = run.agree([loss_sum], stop)
+    return step, loss_total, stopping
+
+
+def micro_loss(model, batch, micro: int, step: int, data, run: Run) -> tuple[torch.Tensor, None]:
+    """One micro-batch's loss: (B, S, S, 3) uint8 images, (B,) labels, (B, depth, 2) drop-path draws; random
+    erasing and mixup / cutmix drawn from a generator keyed by (seed, step, micro-step, rank), so a resumed
+    run draws the same."""
+    cfg = data.cfg
+    x, y, drop = batch
+    x, y, drop = (
+        to_input(x, run.device),
+        y.to(run.device, non_blocking=True),
+        drop.to(run.device, non_blocking=True),
+    )
+    torch.manual_seed(int(keyed_rng("finetune", cfg.seed, step, micro, run.rank).integers(2**62)))
+    if cfg.reprob > 0:  # per sample, before mixup (as timm's loader does)
+        x = random_erase(x, cfg.reprob)
+    if cfg.compile == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
+    return _loss(model, x, y, drop, data.mixer, cfg.label_smoothing, data.num_classes), None
+
+
+def agreed_stop(run: Run, stop: StopSignal, steps_done: int) -> bool:
+    """Whether to stop after `steps_done` optimizer steps: this process's SIGTERM flag; under torchrun only
+    every STOP_EVERY steps, agreed by the ranks so that every rank stops after the same step."""
+    if run.world == 1:
+        return stop.signum is not None
+    return steps_done % STOP_EVERY == 0 and run.agree([], stop)[1]
+
+
+def checkpoint(state: dict, net, opt, run: Run, epoch: int, history: list, **extra) -> dict:
+    """A fine-tuning checkpoint: `state` (vit, classes, config), the last finished epoch and its history, the
+    weights and the optimizer; `extra`: the final result, or the steps of an epoch stopped midway."""
+    return {**state, "epoch": epoch, "history": history, "model": net.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": run.scaler.state_dict(), **extra}  # fmt: skip
+
+
+class FinetuneData:
+    """The training images (augmented, keyed), their per-epoch sampler, the validation loader and the mixer."""
+
+    def __init__(
+        self, train: SampleIndex, val: SampleIndex, encoder, cfg, num_classes: int, rank: int, world: int
+    ):
+        self.cfg, self.num_classes, self.rank, self.world = cfg, num_classes, rank, world
+        size = encoder.cfg.image_size
+        self.train = TrainDataset(train, size, cfg.randaug, len(encoder.blocks), cfg.seed, cfg.crop_scale)
+        self.steps = (
+            len(self.train) // (cfg.batch_size * world) // cfg.accum_steps
+        )  # optimizer steps per epoch
+        if self.steps == 0:
+            raise ConfigError(
+                f"{train.root or train.tars[0]}: {len(self.train)} images cannot fill one step of "
+                f"{cfg.batch_size * cfg.accum_steps * world} (--batch-size {cfg.batch_size} x --accum-steps "
+                f"{cfg.accum_steps} x {world} ranks); lower them"
+            )
+        self.sampler = EpochSampler(len(self.train), cfg.batch_size, rank, world, cfg.seed)
+        self.n_val = len(val)
+        self.val_loader = DataLoader(
+            Subset(CenterCropDataset(val, size, cfg.crop_pct), range(rank, len(val), world)),
+            batch_size=cfg.batch_size, num_workers=cfg.workers, worker_init_fn=ignore_sigterm,
+        )  # fmt: skip
+        mix = [v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []
+        mix += [v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else []
+        self.mixer = v2.RandomChoice(mix) if mix else None
+
+    def loader(self, epoch: int, skip: int, device: torch.device) -> DataLoader:
+        """This epoch's training batches, from its `skip`-th optimizer step on."""
+        self.train.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, skip * self.cfg.accum_steps)
+        return DataLoader(
+            self.train, batch_size=self.cfg.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=self.cfg.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm,
+        )  # fmt: skip
+
+    def banner(self, net, cfg, run: Run, start: int, in_epoch: dict) -> str:
+        params = sum(p.numel() for p in net.parameters())
+        resumed = (
+            f"; resuming at epoch {start} step {in_epoch['steps']}" if start or in_epoch["steps"] else ""
+        )
+        return (
+            f"finetune: {params / 1e6:.1f}M parameters, {len(self.train)} train / {self.n_val} val images, "
+            f"{self.num_classes} classes; global batch {cfg.batch_size * cfg.accum_steps * self.world} "
+            f"({cfg.batch_size} x {cfg.accum_steps} x {self.world} ranks), {self.steps} steps per epoch, "
+            f"{cfg.epochs} epochs, lr {cfg.lr:g}, layer decay {cfg.layer_decay:g}, {run.precision} on {run.device}"
+            + resumed
+        )
 
 
 def _loss(model, x, y, drop, mixer, label_smoothing: float, num_classes: int) -> torch.Tensor:
@@ -548,45 +525,3 @@ def _loss(model, x, y, drop, mixer, label_smoothing: float, num_classes: int) ->
     x, soft = mixer(x, y)  # soft (B, classes)
     soft = soft * (1 - label_smoothing) + label_smoothing / num_classes
     return torch.sum(-soft * F.log_softmax(model(x, drop).float(), dim=-1), dim=-1).mean()
-
-
-def _agreed_stop(stop: StopSignal, steps_done: int, world: int, device) -> bool:
-    """Whether to stop after `steps_done` optimizer steps: this process's SIGTERM flag; under torchrun only
-    every STOP_EVERY steps, all-reduced so that every rank stops after the same step."""
-    if world == 1:
-        return stop.signum is not None
-    if steps_done % STOP_EVERY:
-        return False
-    flag = torch.tensor(float(stop.signum is not None), device=device)
-    torch.distributed.all_reduce(flag)
-    return bool(flag > 0)
-
-
-def _stopped(stop: StopSignal, where: str, out: Path, world: int) -> None:
-    """After a checkpoint made on a SIGTERM: every rank waits for it, then raises Stopped."""
-    if world > 1:
-        torch.distributed.barrier()
-    raise stop.checkpointed(where, out / "last.pt")
-
-
-def _save(path, encoder, net, opt, cfg, world, classes, epoch, history, result=None, in_epoch=None) -> None:
-    buf = io.BytesIO()
-    ckpt = {
-        "kind": FINETUNE_KIND,
-        "format_version": FORMAT_VERSION,
-        "vit": asdict(encoder.cfg),
-        "num_classes": net.head.out_features,
-        "classes": list(classes),  # the class names behind the head's outputs (empty: integer labels)
-        "config": asdict(cfg),
-        "world": world,  # ranks: a resume may split the global batch another way (check_split)
-        "epoch": epoch,
-        "history": history,
-        "model": net.state_dict(),
-        "optimizer": opt.state_dict(),
-    }
-    if result is not None:
-        ckpt["result"] = result
-    if in_epoch is not None:  # stopped in epoch + 1: its steps taken and the sum of their losses
-        ckpt["in_epoch"] = in_epoch
-    torch.save(ckpt, buf)
-    atomic_write_bytes(path, buf.getvalue())

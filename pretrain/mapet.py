@@ -1,6 +1,6 @@
 """MaPeT: permuted visual-token prediction with two-stream attention and auxiliary positions.
 
-The fast formulation (shared/design/ARCHITECTURE.md). Each sample is gathered into its factorisation order
+The fast formulation (docs/pipeline.md). Each sample is gathered into its factorisation order
 (CLS first, then a random permutation of the patches); positions enter only through the gathered position
 embeddings, so the visibility mask is the same for every sample: one static boolean mask, built once. With
 c context tokens (CLS + 25% of the patches) and P = N - c predicted patches, the rows of a block are laid out

@@ -2,15 +2,19 @@
 
 AdamW without decay on norms, biases, LayerScale, position embeddings, CLS and mask tokens; a per-step
 cosine schedule with linear warmup; gradient clipping; gradient accumulation; bf16 autocast on CUDA;
-optional torch.compile; DDP under torchrun. Every random draw of a sample (its view, jitter, factorisation
-order or BEiT mask, drop path) is keyed by (seed, epoch, sample key) and drawn in the loader
-(pretrain.data.SampleDraws), and the data order by (seed, epoch), so `--resume auto` replays the
-uninterrupted run exactly on CPU, and a run is the same function of its seed for any split of its global
-batch over ranks and accumulation steps (floating-point summation order aside; streamed shards: over
-accumulation steps, as each rank streams its own draw of shards): resumed on other GPUs with the same global
-batch (check_split), it goes on as it would have. Metrics go to RUN/metrics.jsonl, one per logged step.
-SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a job) makes the run checkpoint at its
-next logged step and raise `Stopped` (tokenkit.stopsignal), so a preempted run loses no finished step.
+optional torch.compile; DDP under torchrun (the lifecycle all of this shares with fine-tuning:
+pretrain/run.py). Every random draw of a sample (its view, jitter, factorisation order or BEiT mask, drop
+path) is keyed by (seed, epoch, sample key) and drawn in the loader (pretrain.data.SampleDraws), and the data
+order by (seed, epoch), so `--resume auto` replays the uninterrupted run exactly on CPU, and a run is the
+same function of its seed for any split of its global batch over ranks and accumulation steps
+(floating-point summation order aside; streamed shards: over accumulation steps, as each rank streams its own
+draw of shards): resumed on other GPUs with the same global batch, it goes on as it would have. Metrics go
+to RUN/metrics.jsonl, one per logged step. SIGTERM (what SLURM, Kubernetes and torchrun send before they kill
+a job) makes the run checkpoint at its next logged step and raise `Stopped` (tokenkit.stopsignal), so a
+preempted run loses no finished step.
+
+The steps, as `pretrain` runs them: prepare the run (settings, resume, the store verified) -> build the model
+-> for each optimizer step: accumulate its micro-batches, step -> log and checkpoint where due.
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,26 +31,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pretrain.beit import BEiT
-from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.beit import BEiT, default_num_masked
+from pretrain.checkpoint import KIND
 from pretrain.data import EpochSampler, SampleDraws, StoreDataset, StreamDataset, to_input
 from pretrain.mapet import MaPeT
-from pretrain.vit import PRESETS, ViTConfig
-from tokenkit.errors import (
-    MAX_BATCH,
-    MAX_SIDE,
-    MAX_WORKERS,
-    ConfigError,
-    DivergedError,
-    StoreError,
-    require,
-    seed_check,
-)
+from pretrain.optim import adamw, lr_at, param_groups, set_lr
+from pretrain.run import Run, compile_checks, loop_checks
+from pretrain.vit import PRESETS, ViTConfig, size_checks
+from tokenkit.errors import ConfigError, DivergedError, StoreError, require
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.stopsignal import StopSignal, ignore_sigterm, worker_batches
 from tokenkit.store import TokenStore, verify
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes --compile takes
 
 
 @dataclass(frozen=True)
@@ -110,10 +104,8 @@ class TrainConfig:
         require(
             (
                 *loop_checks(self),
-                ("--accum-steps", self.accum_steps, 1 <= self.accum_steps <= 4096, "in [1, 4096]"),
                 ("--clip-grad", self.clip_grad, 1e-6 <= self.clip_grad <= 1e6, "in [1e-6, 1e6]"),
                 ("--jitter", self.jitter, 0 <= self.jitter <= 1, "in [0, 1]"),
-                ("--keep", self.keep, 1 <= self.keep <= 10**6, "in [1, 10^6]"),
                 ("--log-every", self.log_every, 1 <= self.log_every <= 10**9, "in [1, 10^9]"),
                 (
                     "--ckpt-every",
@@ -137,8 +129,8 @@ class TrainConfig:
         if self.compile and self.attn_backend == "flex":
             raise ConfigError(
                 f"--attn-backend flex with --compile {self.compile}: FlexAttention inside the compiled step trained "
-                "away from eager on an H100 under torch 2.11 (docs/benchmarks.md); use --attn-backend auto (SDPA "
-                "inside the graph) or drop --compile"
+                "away from eager on the GPU (docs/benchmarks.md); use --attn-backend auto (SDPA inside the graph) or "
+                "drop --compile"
             )
         n = self.vit().num_patches + 1  # N: CLS + patches
         if self.num_context is not None and self.objective != "mapet":
@@ -152,107 +144,29 @@ class TrainConfig:
             )
 
 
-def compile_checks(cfg, world: int = 1) -> None:
-    """--compile MODE settings that cannot run (pre-training and fine-tuning): a one-line ConfigError."""
-    if cfg.compile not in (None, *COMPILE_MODES):
-        raise ConfigError(f"--compile {cfg.compile}: choose one of {', '.join(COMPILE_MODES)}")
-    if cfg.compile != "reduce-overhead":
-        return
-    if cfg.accum_steps > 1:
-        raise ConfigError(
-            f"--compile reduce-overhead with --accum-steps {cfg.accum_steps}: CUDA graphs reuse the memory of "
-            "the gradients being accumulated (pytorch/pytorch#169545); use --compile (default mode)"
-        )
-    if world > 1:
-        raise ConfigError(
-            "--compile reduce-overhead under torchrun: CUDA graphs with DDP's gradient hooks are not tested "
-            "here; use --compile (default mode), whose launch savings matter less at training batch sizes"
-        )
-
-
-def check_split(where: str, was: dict, was_world: int, cfg, world: int) -> None:
-    """A resume may split the run's global batch (--batch-size x --accum-steps x ranks) another way: more GPUs,
-    or fewer with more accumulation. It may not change it: the schedule counts optimizer steps, and an epoch's
-    permutation gives each step the same images under any split of the same global batch (EpochSampler), each
-    with the same draws (SampleDraws).
-    `was`: the checkpoint's config; was_world: its ranks. A one-line ConfigError naming both and the fix."""
-    old, new = was["batch_size"] * was["accum_steps"] * was_world, cfg.batch_size * cfg.accum_steps * world
-    if old == new:
-        return
-    per = cfg.batch_size * world  # one micro-step of this launch
-    fix = f"--accum-steps {old // per}" if old % per == 0 else f"--batch-size x --accum-steps x ranks = {old}"
-    raise ConfigError(
-        f"{where}: the run's global batch is {old} (--batch-size {was['batch_size']} x --accum-steps "
-        f"{was['accum_steps']} x {was_world} ranks), this launch's {new} ({cfg.batch_size} x {cfg.accum_steps} "
-        f"x {world}); keep it: {fix}"
-    )
-
-
-def size_checks(image_size: int | None, patch_size: int | None) -> tuple:
-    """require() entries for --image-size / --patch-size: left out (None: the preset's or the weights') or in
-    [1, 8192]."""
-    return (
-        (
-            "--image-size",
-            image_size,
-            image_size is None or 1 <= image_size <= MAX_SIDE,
-            f"in [1, {MAX_SIDE}]",
-        ),
-        (
-            "--patch-size",
-            patch_size,
-            patch_size is None or 1 <= patch_size <= MAX_SIDE,
-            f"in [1, {MAX_SIDE}]",
-        ),
-    )
-
-
-def loop_checks(cfg) -> tuple:
-    """require() entries for the settings every training loop here has (pre-training and fine-tuning): each
-    finite and in a range far beyond any real recipe, so a typo fails here, not hours in."""
-    return (
-        ("--epochs", cfg.epochs, 1 <= cfg.epochs <= 10**6, "in [1, 10^6]"),
-        ("--batch-size", cfg.batch_size, 1 <= cfg.batch_size <= MAX_BATCH, f"in [1, {MAX_BATCH}]"),
-        ("--lr", cfg.lr, 1e-12 <= cfg.lr <= 10, "in [1e-12, 10]"),
-        ("--min-lr", cfg.min_lr, 0 <= cfg.min_lr <= cfg.lr, "in [0, --lr]"),
-        ("--warmup-epochs", cfg.warmup_epochs, 0 <= cfg.warmup_epochs <= 10**6, "in [0, 10^6]"),
-        ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay <= 10, "in [0, 10]"),
-        ("--drop-path", cfg.drop_path, 0 <= cfg.drop_path < 1, "in [0, 1)"),
-        ("--workers", cfg.workers, 0 <= cfg.workers <= MAX_WORKERS, f"in [0, {MAX_WORKERS}]"),
-        seed_check(cfg.seed),
-    )
+# settings that may change on resume: they do not change the computation
+RESUME_FREE = {
+    "tokens",
+    "out",
+    "workers",
+    "device",
+    "batch_size",  # with accum_steps and the ranks: only their product counts (run.check_split)
+    "accum_steps",
+    "max_steps",
+    "ckpt_every",
+    "keep",
+    "log_every",
+    "compile",
+    "attn_backend",  # the same attention by another kernel: a GPU run (FlexAttention) may go on on the CPU
+    "grad_checkpointing",
+    "source_root",
+}
 
 
 def build_model(cfg: TrainConfig, vit: ViTConfig, k: int) -> nn.Module:
     net = MaPeT(vit, k, cfg.num_context, cfg.attn_backend) if cfg.objective == "mapet" else BEiT(vit, k)
     net.encoder.grad_checkpointing = cfg.grad_checkpointing
     return net
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-d parameters (norms, biases, LayerScale) nor on position / CLS / mask tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel on CPU and CUDA: one pass over all parameters instead of a loop of
-    small ops per tensor (about half the optimizer time of a ViT-T/S step on CPU; same update)."""
-    device = next(p for g in groups for p in g["params"]).device
-    return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kw)
-
-
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from 0, then cosine from lr to min_lr, per step."""
-    if step < warmup:
-        return lr * step / max(warmup, 1)
-    t = (step - warmup) / max(total - warmup, 1)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 class Objective(nn.Module):
@@ -286,278 +200,255 @@ def pretrain(
     progress: bool = True,
 ) -> Path:
     """Train, checkpoint and log into cfg.out. Returns the path of the last checkpoint."""
+    # prepare the run: settings, the checkpoint to resume, the store it reads
     cfg.validate()
     compile_checks(cfg, world)
-    run = Path(cfg.out)
-    store = TokenStore.open(cfg.tokens)
-    if cfg.data == "zarr" and not store.has_zarr:
-        raise ConfigError(
-            f"--data zarr: {cfg.tokens} holds only webdataset shards; pass --data wds (or auto) or tokenize "
-            "again with --format zarr"
-        )
-    use_wds = cfg.data == "wds" or (cfg.data == "auto" and not store.has_zarr)
-    part = "wds" if use_wds else "zarr"  # the files this run reads
-    ckpt = load_checkpoint(run / "last.pt") if resume and (run / "last.pt").exists() else None
-    store_files = store.file_stats(store.part(part))
-    if ckpt is None or ckpt.get("store_files") != store_files:  # hashed at the start; again if rewritten
-        problems = verify(cfg.tokens, part, rank, world)  # checksums, counts, tokenizer: before step 0
-        if world > 1:  # each rank hashed its share of the shards; every rank refuses on any rank's finding
-            found = [None] * world
+    run = Run(cfg.out, KIND, cfg, resume, (rank, world, barrier), RESUME_FREE, progress)
+    data = RunData(cfg, run)
+    run.start()
+    # build the model, its optimizer and the schedule
+    vit = cfg.vit()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    net = build_model(cfg, vit, data.store.k).to(run.device)
+    opt = adamw(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    if run.ckpt is not None:
+        net.load_state_dict(run.ckpt["model"])
+        opt.load_state_dict(run.ckpt["optimizer"])
+    model = run.wrap(compiled(Objective(net), run.device, cfg.compile) if cfg.compile else Objective(net))
+    spe = data.steps_per_epoch
+    total, warmup = cfg.epochs * spe, round(cfg.warmup_epochs * spe)
+    last = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    step = run.ckpt["step"] if run.ckpt is not None else 0
+    run.say(data.banner(cfg, net, world, total, warmup, run, step))
+    log = MetricsLog(run, cfg, step, last)
+    state = {"objective": cfg.objective, "vit": asdict(vit), "config": asdict(cfg), **data.identity()}
+    net.train()
+    with StopSignal() as stop:  # a SIGTERM is acted on at the next logged step
+        for epoch, micro_batches in data.steps(step, last, run.device, log):
+            set_lr(opt, lr := lr_at(step, total, warmup, cfg.lr, cfg.min_lr))
+            outs = run.accumulate(
+                model, micro_batches, lambda b, _: forward(model, b, run.device, cfg.compile)
+            )
+            loss_sum, acc_sum = sum_outputs(outs, run.device)
+            grad_norm = run.optimizer_step(opt, net.parameters(), cfg.clip_grad)
+            step += 1
+            end_of_epoch = step % spe == 0
+            save = end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            if not (save or log.due(step)):
+                continue  # no host-device sync on this step: the GPU runs ahead
+            (loss, acc), stopping = run.agree([loss_sum, acc_sum], stop)
+            loss, acc = loss / (cfg.accum_steps * world), acc / (cfg.accum_steps * world)
+            if not math.isfinite(loss):  # checked before any checkpoint could keep the weights
+                raise DivergedError(
+                    f"step {step}: loss is {loss}; {run.out}/last.pt, the last checkpoint, holds the weights "
+                    "from before; start again with a lower --lr (another --out), or check the store"
+                )
+            log.write(step, epoch, loss, acc, lr, grad_norm)
+            if (save or stopping) and rank == 0:  # a signal: checkpoint this step, then stop
+                state.update(epoch=step // spe, model=net.state_dict(), optimizer=opt.state_dict())
+                run.save({**state, "scaler": run.scaler.state_dict()}, step, cfg.keep)
+            if end_of_epoch or step == last or stopping:
+                barrier()
+            if stopping and step < last:
+                log.close()
+                raise stop.checkpointed(f"at step {step}", run.out / "last.pt")
+    log.close()
+    return run.out / "last.pt"
+
+
+def forward(model: nn.Module, batch, device: torch.device, compile_mode: str | None):
+    """One micro-batch's (loss, token top-1): (B, S, S, 3) uint8 pixels, (B, G*G) targets, (B, 3, 2) jitter,
+    (B, G*G) orders or masks and (B, depth, 2) drop-path draws, as the loader ships them."""
+    pixels, targets, jitter, aux, drop = batch
+    images = to_input(pixels, device, jitter)  # colour jitter on the device
+    targets, aux, drop = (t.to(device, non_blocking=True) for t in (targets, aux, drop))
+    if compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
+    return model(images, targets, aux, drop)
+
+
+def sum_outputs(outs: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batches' losses and token top-1s summed, on the device (read back only when logged)."""
+    loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    for loss, acc in outs:
+        loss_sum += loss.float()
+        acc_sum += acc.detach().float()
+    return loss_sum, acc_sum
+
+
+class RunData:
+    """The store a run trains on, checked before step 0, and its batches: a zarr store read by random access
+    (an epoch's permutation, split over the ranks) or webdataset shards streamed."""
+
+    def __init__(self, cfg: TrainConfig, run: Run):
+        self.cfg, self.rank, self.world = cfg, run.rank, run.world
+        self.store = store = TokenStore.open(cfg.tokens)
+        if cfg.data == "zarr" and not store.has_zarr:
+            raise ConfigError(
+                f"--data zarr: {cfg.tokens} holds only webdataset shards; pass --data wds (or auto) or tokenize "
+                "again with --format zarr"
+            )
+        self.wds = cfg.data == "wds" or (cfg.data == "auto" and not store.has_zarr)
+        self.part = "wds" if self.wds else "zarr"  # the files this run reads
+        self.files = store.file_stats(store.part(self.part))
+        if (
+            run.ckpt is None or run.ckpt.get("store_files") != self.files
+        ):  # hashed at the start; again if rewritten
+            self.verify()
+        if not self.wds and len(
+            store
+        ):  # images come from the recorded source: fail now if it moved or changed
+            store.block_source(store.read([0]), 0, cfg.source_root)
+        vit, world = cfg.vit(), run.world
+        if vit.grid != store.grid:
+            raise StoreError(
+                f"{cfg.tokens}: store grid {store.grid} != model grid {vit.grid} "
+                f"({vit.image_size}/{vit.patch_size}); pass --image-size {store.grid * vit.patch_size}"
+            )
+        self.batches = (
+            (len(store) // (cfg.batch_size * world)) // cfg.accum_steps * cfg.accum_steps
+        )  # per epoch
+        if self.batches == 0:
+            raise ConfigError(
+                f"{cfg.tokens}: {len(store)} images cannot fill one step of {cfg.batch_size * cfg.accum_steps * world} "
+                f"(--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps} x {world} ranks); lower them"
+            )
+        if run.ckpt is not None and run.ckpt["store"]["tokenizer_id"] != store.tokenizer_id:
+            raise StoreError(
+                f"{cfg.tokens}: tokenizer {store.tokenizer_id[:16]} != the run's "
+                f"{run.ckpt['store']['tokenizer_id'][:16]}; resume with the original token store"
+            )
+        self.steps_per_epoch = self.batches // cfg.accum_steps
+
+    def verify(self) -> None:
+        """Checksums, values, counts, tokenizer: before step 0, each rank its share of the shards; every rank
+        refuses on any rank's finding."""
+        problems = verify(self.cfg.tokens, self.part, self.rank, self.world)
+        if self.world > 1:
+            found = [None] * self.world
             torch.distributed.all_gather_object(found, problems)
             problems = [p for ps in found for p in ps]
         if problems:
             raise StoreError(
                 f"{problems[0]} (refusing to train on it; 'tokenkit verify' lists every problem)"
             )
-    if not use_wds and len(store):  # images come from the recorded source: fail now if it moved or changed
-        store.block_source(store.read([0]), 0, cfg.source_root)
-    vit = cfg.vit()
-    if vit.grid != store.grid:
-        raise StoreError(
-            f"{cfg.tokens}: store grid {store.grid} != model grid {vit.grid} "
-            f"({vit.image_size}/{vit.patch_size}); pass --image-size {store.grid * vit.patch_size}"
-        )
-    per_step = cfg.batch_size * cfg.accum_steps * world
-    batches_per_epoch = (len(store) // (cfg.batch_size * world)) // cfg.accum_steps * cfg.accum_steps
-    if batches_per_epoch == 0:
-        raise ConfigError(
-            f"{cfg.tokens}: {len(store)} images cannot fill one step of {per_step} "
-            f"(--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps} x {world} ranks); lower them"
-        )
-    if ckpt is not None:
-        was, now = _math_fields(ckpt["train"]), _math_fields(asdict(cfg))
-        if was != now:
-            diff = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now.get(k))
-            raise ConfigError(
-                f"{run}/last.pt: the run was trained with other settings ({diff}); resume with the same flags"
-            )
-        check_split(f"{run}/last.pt", ckpt["train"], ckpt.get("world", world), cfg, world)
-        if ckpt["store"]["tokenizer_id"] != store.tokenizer_id:
-            raise StoreError(
-                f"{cfg.tokens}: tokenizer {store.tokenizer_id[:16]} != the run's "
-                f"{ckpt['store']['tokenizer_id'][:16]}; resume with the original token store"
-            )
-    elif (run / "last.pt").exists():
-        raise ConfigError(f"{run}: holds a run; pass --resume auto to continue it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        for tmp in run.glob(".*.tmp-*"):  # torn writes of a killed run; never valid
-            tmp.unlink()
 
-    device = torch.device(
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    net = build_model(cfg, vit, store.k).to(device)
-    opt = adamw(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-    model = compiled(Objective(net), device, cfg.compile) if cfg.compile else Objective(net)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision in ("bf16", "fp16")
-        else nullcontext()
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if ckpt is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+    def identity(self) -> dict:
+        """What a checkpoint records of the store: what was verified (a resume re-hashes only if it changed)
+        and which tokens."""
+        s = self.store
+        return {
+            "store_files": self.files,
+            "store": {"tokenizer_id": s.tokenizer_id, "k": s.k, "grid": s.grid, "num_views": s.num_views},
+        }
 
-    steps_per_epoch = batches_per_epoch // cfg.accum_steps
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    last = total if cfg.max_steps is None else min(total, cfg.max_steps)
-    step = ckpt["step"] if ckpt is not None else 0
-    if progress and rank == 0:
+    def banner(self, cfg, net, world, total, warmup, run, step) -> str:
         params = sum(p.numel() for p in net.parameters())
-        print(
-            f"{cfg.objective} {cfg.model}: {params / 1e6:.1f}M parameters, K {store.k}, {len(store)} images x "
-            f"{store.num_views} views ({part}); global batch {per_step} ({cfg.batch_size} x {cfg.accum_steps} "
-            f"x {world} ranks), {steps_per_epoch} steps per epoch, {total} steps, warmup {warmup}, "
-            f"lr {cfg.lr:g}, {precision} on {device}" + (f"; resuming at step {step}" if step else "")
+        s = self.store
+        return (
+            f"{cfg.objective} {cfg.model}: {params / 1e6:.1f}M parameters, K {s.k}, {len(s)} images x "
+            f"{s.num_views} views ({self.part}); global batch {cfg.batch_size * cfg.accum_steps * world} "
+            f"({cfg.batch_size} x {cfg.accum_steps} x {world} ranks), {self.steps_per_epoch} steps per epoch, "
+            f"{total} steps, warmup {warmup}, lr {cfg.lr:g}, {run.precision} on {run.device}"
+            + (f"; resuming at step {step}" if step else "")
         )
 
-    draws = SampleDraws(cfg.objective, vit.depth, net.num_masked if cfg.objective == "beit" else 0)
-    if use_wds:
-        dataset = StreamDataset(
-            cfg.tokens,
-            vit.image_size,
-            cfg.batch_size,
-            batches_per_epoch,
-            draws,
-            rank,
-            world,
-            cfg.seed,
-            cfg.jitter,
+    def _dataset(self):
+        cfg, vit = self.cfg, self.cfg.vit()
+        draws = SampleDraws(
+            cfg.objective, vit.depth, default_num_masked(vit.num_patches) if cfg.objective == "beit" else 0
         )
-        loader_kw = dict(batch_size=None)
-    else:
-        dataset = StoreDataset(store, vit.image_size, draws, cfg.seed, cfg.jitter, cfg.source_root)
-        sampler = EpochSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
-        loader_kw = dict(batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
-    metrics_path = run / "metrics.jsonl"
-    if rank == 0:
-        if step == 0:
-            atomic_write_bytes(run / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
-        _truncate_metrics(metrics_path, step)  # a killed run may have logged past its last checkpoint
-    bar = tqdm(total=last, initial=step, unit="step", disable=not progress or rank != 0, desc=cfg.objective)
-    meta = {
-        "objective": cfg.objective,
-        "vit": asdict(vit),
-        "train": asdict(cfg),
-        "world": world,  # ranks: a resume may split the global batch another way (check_split)
-        "store_files": store_files,  # what was verified: a resume re-hashes only if these changed
-        "store": {
-            "tokenizer_id": store.tokenizer_id,
-            "k": store.k,
-            "grid": store.grid,
-            "num_views": store.num_views,
-        },
-    }
-    t0, seen = time.perf_counter(), 0
-    waited, t_log = 0.0, t0  # seconds blocked on the data loader since the last log, and when that was
-    net.train()
-    with StopSignal() as stop:  # a SIGTERM is acted on at the next logged step
+        if self.wds:
+            ds = StreamDataset(
+                cfg.tokens, vit.image_size, cfg.batch_size, self.batches, draws, self.rank, self.world, cfg.seed,
+                cfg.jitter,
+            )  # fmt: skip
+            return ds, None
+        ds = StoreDataset(self.store, vit.image_size, draws, cfg.seed, cfg.jitter, cfg.source_root)
+        return ds, EpochSampler(len(ds), cfg.batch_size, self.rank, self.world, cfg.seed)
+
+    def steps(
+        self, step: int, last: int, device: torch.device, log: MetricsLog
+    ) -> Iterator[tuple[int, list]]:
+        """(epoch, its micro-batches) of each optimizer step from `step` to `last`: one DataLoader an epoch,
+        which skips the batches a resumed epoch already trained on; the time spent waiting for batches goes to
+        `log`."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        ds, sampler = self._dataset()
+        kw = (
+            dict(batch_size=None)
+            if sampler is None
+            else dict(batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+        )
         while step < last:
-            epoch, start = divmod(step, steps_per_epoch)
-            if use_wds:
-                dataset.set_epoch(epoch, start * cfg.accum_steps)  # skips the batches already trained on
+            epoch, start = divmod(step, spe)
+            if sampler is None:
+                ds.set_epoch(epoch, start * cfg.accum_steps)
             else:
-                dataset.set_epoch(epoch)
+                ds.set_epoch(epoch)
                 sampler.set_epoch(epoch, start * cfg.accum_steps)
             loader = DataLoader(
-                dataset,
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-                worker_init_fn=ignore_sigterm,
-                **loader_kw,
-            )
+                ds, num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                worker_init_fn=ignore_sigterm, **kw,
+            )  # fmt: skip
             with worker_batches(loader) as it:  # its workers end with the block, also on an error
-                while step < last and step // steps_per_epoch == epoch:
-                    lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
-                    acc_sum = torch.zeros((), device=device)
-                    for micro in range(cfg.accum_steps):
-                        t_wait = time.perf_counter()
-                        # (B, S, S, 3) uint8, (B, G*G), (B, 3, 2), (B, G*G) orders or masks, (B, depth, 2)
-                        pixels, targets, jitter, aux, drop = next(it)
-                        waited += time.perf_counter() - t_wait
-                        images = to_input(pixels, device, jitter)  # colour jitter on the device
-                        targets, aux, drop = (t.to(device, non_blocking=True) for t in (targets, aux, drop))
-                        sync = (
-                            nullcontext() if (world == 1 or micro == cfg.accum_steps - 1) else model.no_sync()
-                        )
-                        if cfg.compile == "reduce-overhead":
-                            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
-                        with sync:
-                            with autocast:
-                                loss, acc = model(images, targets, aux, drop)
-                            scaler.scale(loss / cfg.accum_steps).backward()
-                        loss_sum += loss.detach().float()
-                        acc_sum += acc.detach().float()
-                    scaler.unscale_(opt)
-                    grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
+                while step < last and step // spe == epoch:
+                    t = time.perf_counter()
+                    micro = [next(it) for _ in range(cfg.accum_steps)]
+                    log.waited += time.perf_counter() - t
+                    yield epoch, micro
                     step += 1
-                    seen += per_step
-                    bar.update(1)
-                    end_of_epoch = step % steps_per_epoch == 0
-                    save = end_of_epoch or step == last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-                    log = step % cfg.log_every == 0 or step == last or step == 1
-                    if not (log or save):
-                        continue  # no host-device sync on this step: the GPU runs ahead
-                    signalled = torch.tensor(float(stop.signum is not None), device=device)
-                    sums = torch.stack([loss_sum, acc_sum, signalled])
-                    # every rank's mean and signal: the same NaN and stop verdicts on every rank
-                    if world > 1:
-                        torch.distributed.all_reduce(sums)
-                    loss_v, acc_v, stopping = sums.tolist()
-                    loss_v, acc_v = loss_v / (cfg.accum_steps * world), acc_v / (cfg.accum_steps * world)
-                    save = save or stopping > 0  # a signal: checkpoint this step, then stop
-                    if not math.isfinite(loss_v):  # checked before any checkpoint could keep the weights
-                        raise DivergedError(
-                            f"step {step}: loss is {loss_v}; {run}/last.pt, the last checkpoint, holds the weights "
-                            "from before; start again with a lower --lr (another --out), or check the store"
-                        )
-                    if log and rank == 0:
-                        now = time.perf_counter()
-                        ips = seen / (now - t0)
-                        data_wait = waited / (now - t_log)  # > ~0.1: the loader is the bottleneck (--workers)
-                        waited, t_log = 0.0, now
-                        rec = {
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": loss_v,
-                            "token_acc": acc_v,
-                            "lr": lr,
-                            "grad_norm": float(grad_norm),
-                            "img_per_s": ips,
-                            "data_wait": data_wait,
-                        }
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        bar.set_postfix(
-                            loss=f"{loss_v:.4f}",
-                            acc=f"{acc_v:.3f}",
-                            ips=f"{ips:.1f}",
-                            wait=f"{100 * data_wait:.0f}%",
-                        )
-                    if save and rank == 0:
-                        save_checkpoint(
-                            run,
-                            {
-                                **meta,
-                                "step": step,
-                                "epoch": step // steps_per_epoch,
-                                "model": net.state_dict(),
-                                "optimizer": opt.state_dict(),
-                                "scaler": scaler.state_dict(),
-                            },
-                            cfg.keep,
-                        )
-                    if end_of_epoch or step == last or stopping:
-                        barrier()
-                    if stopping and step < last:
-                        bar.close()
-                        raise stop.checkpointed(f"at step {step}", run / "last.pt")
-    bar.close()
-    return run / "last.pt"
 
 
-# settings that may change on resume: they do not change the computation
-RESUME_FREE = {
-    "tokens",
-    "out",
-    "workers",
-    "device",
-    "batch_size",  # with accum_steps and the ranks: only their product counts (check_split)
-    "accum_steps",
-    "max_steps",
-    "ckpt_every",
-    "keep",
-    "log_every",
-    "compile",
-    "attn_backend",  # the same attention by another kernel: a GPU run (FlexAttention) may go on on the CPU
-    "grad_checkpointing",
-    "source_root",
-}
+class MetricsLog:
+    """RUN/metrics.jsonl, one line per logged step (rank 0), and the progress bar."""
+
+    def __init__(self, run: Run, cfg: TrainConfig, step: int, last: int):
+        self.run, self.cfg, self.last = run, cfg, last
+        self.path = run.out / "metrics.jsonl"
+        if run.rank == 0:
+            if step == 0:
+                atomic_write_bytes(
+                    run.out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode()
+                )
+            truncate_metrics(self.path, step)  # a killed run may have logged past its last checkpoint
+        self.bar = tqdm(total=last, initial=step, unit="step", disable=not run.progress, desc=cfg.objective)
+        self.t0 = self.t_log = time.perf_counter()
+        self.seen, self.waited = (
+            0,
+            0.0,
+        )  # images since the start; seconds blocked on the loader since the last line
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.last or step == 1
+
+    def write(self, step: int, epoch: int, loss: float, acc: float, lr: float, grad_norm) -> None:
+        """Called at every step that logs or checkpoints (after the ranks agreed); writes a line if one is due."""
+        cfg = self.cfg
+        self.seen += cfg.batch_size * cfg.accum_steps * self.run.world * (step - self.bar.n)
+        self.bar.update(step - self.bar.n)
+        if not self.due(step) or self.run.rank != 0:
+            return
+        now = time.perf_counter()
+        ips, wait = (
+            self.seen / (now - self.t0),
+            self.waited / (now - self.t_log),
+        )  # wait > ~0.1: more --workers
+        self.waited, self.t_log = 0.0, now
+        rec = {"step": step, "epoch": epoch, "loss": loss, "token_acc": acc, "lr": lr, "grad_norm": float(grad_norm),
+               "img_per_s": ips, "data_wait": wait}  # fmt: skip
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", acc=f"{acc:.3f}", ips=f"{ips:.1f}", wait=f"{100 * wait:.0f}%"
+        )
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def _math_fields(d: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in RESUME_FREE}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (logged by a run killed before its next checkpoint)."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tokenkit.errors import MAX_SIDE
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -246,3 +248,22 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def size_checks(image_size: int | None, patch_size: int | None) -> tuple:
+    """require() entries for --image-size / --patch-size: left out (None: the preset's or the weights') or in
+    [1, 8192]."""
+    return (
+        (
+            "--image-size",
+            image_size,
+            image_size is None or 1 <= image_size <= MAX_SIDE,
+            f"in [1, {MAX_SIDE}]",
+        ),
+        (
+            "--patch-size",
+            patch_size,
+            patch_size is None or 1 <= patch_size <= MAX_SIDE,
+            f"in [1, {MAX_SIDE}]",
+        ),
+    )

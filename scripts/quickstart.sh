@@ -30,14 +30,8 @@ fi
 mkdir -p "$RUN/eval"
 echo "$SETTINGS" > "$RUN/settings"
 : > "$RUN/timings.txt"
-stage() {  # stage NAME DONE_FILE CMD...: run CMD unless DONE_FILE exists, print and record its time
-  local name=$1 done=$2 t0=$SECONDS
-  shift 2
-  if [ -e "$done" ]; then echo "[quickstart] $name: reused"; echo "$name: reused" >> "$RUN/timings.txt"; return; fi
-  "$@"
-  echo "[quickstart] $name: $((SECONDS - t0)) s"
-  echo "$name: $((SECONDS - t0)) s" >> "$RUN/timings.txt"
-}
+TAG=quickstart TIMINGS="$RUN/timings.txt"
+source scripts/stages.sh
 T0=$SECONDS
 ELPV="$RUN/elpv"
 stage export "$ELPV/split.json" python scripts/export_elpv.py "$ELPV" ${LIMIT:+--limit "$LIMIT"}

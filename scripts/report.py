@@ -124,6 +124,11 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
+def majority(labels: list[int]) -> float:
+    """The share of the most common label: what a classifier that learned nothing reaches."""
+    return float(np.bincount(labels).max() / max(len(labels), 1))
+
+
 def finetune_section(ft: dict, cfg: dict, labelled: int, unlabelled: int) -> list[str]:
     """The fine-tuning table and its three verdicts: each pre-training against scratch, MaPeT against BEiT.
     ft[encoder]: `mapet validate`'s JSON of its fine-tuned classifier; cfg: the fine-tuning config;
@@ -144,6 +149,7 @@ def finetune_section(ft: dict, cfg: dict, labelled: int, unlabelled: int) -> lis
         "| encoder | fine-tuned top-1 |",
         "|---|---|",
         *[f"| {names[enc]} | {100 * ft[enc]['top1']:.1f}% |" for enc in ("random", "beit", "mapet")],
+        f"| (the majority class) | {100 * majority(ft['random']['labels']):.1f}% |",
         "",
         f"- {compared(ft['mapet'], ft['random'], 'MaPeT', 'scratch')}.",
         f"- {compared(ft['beit'], ft['random'], 'BEiT', 'scratch')}.",

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import pretrain.checkpoint
+import pretrain.run
 import pretrain.train
 import tokenkit.codebook
 import tokenkit.features
@@ -115,14 +116,14 @@ def _install(hook: str, on_call) -> None:
 
         torch.optim.AdamW.step = step
     elif hook == "ckpt":
-        real_ck = pretrain.train.save_checkpoint
+        real_ck = pretrain.run.save_checkpoint
 
         def ckpt(*a, **k):
             path = real_ck(*a, **k)
             on_call(lambda: None)
             return path
 
-        pretrain.train.save_checkpoint = ckpt
+        pretrain.run.save_checkpoint = ckpt
 
 
 def run_with_kill(job: str, args: dict, hook: str, n: int, resume: bool) -> None:

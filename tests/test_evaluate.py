@@ -412,8 +412,8 @@ def test_finetune_resumes_mid_epoch_on_another_split_of_the_same_global_batch(tm
     ]
     assert main([*resumed, "--resume", "auto"]) == 0
     assert (
-        "classes; global batch 8 (4 x 2 x 1 ranks), 2 steps per epoch, 2 epochs, lr 0.001, layer decay 0.65 on "
-        "cpu; resuming at epoch 1 step 1\n"
+        "classes; global batch 8 (4 x 2 x 1 ranks), 2 steps per epoch, 2 epochs, lr 0.001, layer decay 0.65, "
+        "fp32 on cpu; resuming at epoch 1 step 1\n"
     ) in capsys.readouterr().out
     ref, got = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "ref", run))
     for k in ref["model"]:
@@ -726,7 +726,8 @@ def test_layer_decay_scales_are_beits():
     """BEiT's layer-wise lr decay: patch embedding, CLS and positions at layer 0, block i at layer i + 1,
     fc_norm and head at depth + 1; scale decay ** (depth + 1 - layer). No weight decay on norms, biases,
     CLS and positions."""
-    from pretrain.finetune import Classifier, layer_decay_groups
+    from pretrain.finetune import Classifier
+    from pretrain.optim import layer_decay_groups
     from pretrain.vit import PRESETS, VisionTransformer, ViTConfig
 
     net = Classifier(VisionTransformer(ViTConfig(**PRESETS["mapet_micro"])), 3)

@@ -130,7 +130,7 @@ def test_damaged_files_are_one_line(world, tmp_path, capsys, content):
 
 def test_checkpoint_dicts_missing_their_fields_are_one_line(world, tmp_path, capsys):
     ckpt = torch.load(world["ckpt"], weights_only=True)
-    for drop in ("model", "vit", "train", "objective"):
+    for drop in ("model", "vit", "config", "objective"):
         broken = {k: v for k, v in ckpt.items() if k != drop}
         torch.save(broken, tmp_path / f"no-{drop}.pt")
         rc = mapet_main(

@@ -16,7 +16,8 @@ from cli.mapet import main
 from pretrain.checkpoint import load_checkpoint
 from pretrain.data import EpochSampler, SampleDraws, StoreDataset, to_input
 from pretrain.mapet import MaPeT, random_orders
-from pretrain.train import Objective, TrainConfig, lr_at, param_groups, pretrain
+from pretrain.optim import lr_at, param_groups
+from pretrain.train import Objective, TrainConfig, pretrain
 from pretrain.vit import VisionTransformer, ViTConfig
 from tests.preempt import preempt_script, run_preempted
 from tokenkit.errors import ConfigError, DivergedError, StoreError
@@ -163,9 +164,10 @@ def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(store, tm
 
 KILLER = """
 import os, signal, sys
+import pretrain.run as r
 import pretrain.train as t
 from pretrain.train import TrainConfig
-real = t.save_checkpoint
+real = r.save_checkpoint
 n = [0]
 def dying(*a, **k):
     path = real(*a, **k)
@@ -173,7 +175,7 @@ def dying(*a, **k):
     if n[0] == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return path
-t.save_checkpoint = dying
+r.save_checkpoint = dying
 cfg = TrainConfig(tokens=sys.argv[1], out=sys.argv[2], model="mapet_micro", image_size=64, patch_size=16,
                   batch_size=4, epochs=4, warmup_epochs=1, lr=1e-3, workers=0, log_every=1, seed=0,
                   ckpt_every=2, objective=sys.argv[3])

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenkit.device import autocast, pick_device, resolve_precision
 from tokenkit.encoders import EncoderSpec, load_encoder
 from tokenkit.errors import ConfigError, job_size_checks, require, seed_check
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION
-from tokenkit.loader import ViewDataset, autocast, pick_device, resolve_precision
+from tokenkit.loader import ViewDataset
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, RowStore, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
 from tokenkit.views import ViewConfig, keyed_rng, normalize

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from contextlib import nullcontext
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tokenkit.errors import ConfigError, ImageError
+from tokenkit.errors import ImageError
 from tokenkit.images import SampleIndex, decode_image
 from tokenkit.stopsignal import ignore_sigterm, worker_batches
 from tokenkit.views import ViewConfig, draw_views, render_view, to_uint8
@@ -92,28 +91,3 @@ def iter_shard_batches(
     with worker_batches(loader) as batches:  # its workers end with the job, also on an error
         for (sid, _, last), (items, pixels) in zip(plan, batches, strict=True):
             yield sid, items, pixels, last
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is visible; pass --device cpu")
-    return torch.device(device)
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """--precision as it runs: auto is bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA (the default there is bf16), plain fp32 elsewhere."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenkit.device import resolve_precision
 from tokenkit.errors import ConfigError, job_size_checks, require, seed_check
 from tokenkit.images import list_source
 from tokenkit.journal import FORMAT_VERSION, sha256_file
-from tokenkit.loader import ViewDataset, resolve_precision
+from tokenkit.loader import ViewDataset
 from tokenkit.rowstore import STATUS_OK, STATUS_SKIPPED, create_arrays, write_shard
 from tokenkit.shardjob import run_shards
 from tokenkit.tokenizer import Tokenizer, load_tokenizer

@@ -22,11 +22,11 @@ import torch
 from PIL import Image, ImageOps
 
 from tokenkit.codebook import Codebook
+from tokenkit.device import autocast, pick_device
 from tokenkit.encoders import load_encoder
 from tokenkit.errors import CodebookError
 from tokenkit.images import to_rgb
 from tokenkit.kmeans import assign
-from tokenkit.loader import autocast, pick_device
 from tokenkit.quantizer import Quantizer, read_header
 from tokenkit.views import center_box, normalize, render_view, to_uint8, to_unit
 
