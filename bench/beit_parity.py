@@ -60,13 +60,13 @@ def weight_plan(depth: int, dim: int) -> Plan:
             ("norm1", "norm1"),
             ("norm2", "norm2"),
             ("attn.proj", "attn.proj"),
-            ("mlp.fc1", "mlp.0"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
         ]:
             pairs += [(f"{t}{a}.{leaf}", f"{o}{b}.{leaf}") for leaf in ("weight", "bias")]
-        pairs += [(f"{t}mlp.fc2.{leaf}", f"{o}mlp.2.{leaf}") for leaf in ("weight", "bias")]
         pairs += [
-            (f"{t}gamma_1", f"{o}gamma1"),
-            (f"{t}gamma_2", f"{o}gamma2"),
+            (f"{t}gamma_1", f"{o}ls1.gamma"),
+            (f"{t}gamma_2", f"{o}ls2.gamma"),
             (f"{t}attn.q_bias", f"{o}attn.q.bias"),
         ]
     plan = [(a, ALL, b, ALL) for a, b in pairs]

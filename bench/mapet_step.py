@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from step_timing import TrainStep, interleave, ratio, step_flops
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
-from pretrain.mapet import MaPeT, default_context, random_orders, visibility_mask
+from pretrain.data import random_orders
+from pretrain.mapet import MaPeT, default_context, visibility_mask
 from pretrain.optim import adamw, param_groups
 from pretrain.train import Objective, compiled
 from pretrain.vit import PRESETS, VisionTransformer, ViTConfig

@@ -52,15 +52,15 @@ def weight_plan(depth: int) -> Plan:
         "attn.q": "attn.q",
         "attn.kv": "attn.kv",
         "attn.proj": "attn.proj",
-        "mlp.fc1": "mlp.0",
-        "mlp.fc2": "mlp.2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
     }
     for i in range(depth):
         for theirs, ours in per_block.items():
             for leaf in ("weight", "bias"):
                 out[f"blocks.{i}.{theirs}.{leaf}"] = f"encoder.blocks.{i}.{ours}.{leaf}"
-        out[f"blocks.{i}.ls1.gamma"] = f"encoder.blocks.{i}.gamma1"
-        out[f"blocks.{i}.ls2.gamma"] = f"encoder.blocks.{i}.gamma2"
+        out[f"blocks.{i}.ls1.gamma"] = f"encoder.blocks.{i}.ls1.gamma"
+        out[f"blocks.{i}.ls2.gamma"] = f"encoder.blocks.{i}.ls2.gamma"
     return [(a, ALL, b, ALL) for a, b in out.items()]
 
 

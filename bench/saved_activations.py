@@ -16,7 +16,8 @@ import argparse
 import torch
 
 from pretrain.beit import BEiT, default_num_masked
-from pretrain.mapet import MaPeT, random_orders
+from pretrain.data import random_orders
+from pretrain.mapet import MaPeT
 from pretrain.vit import PRESETS, ViTConfig
 
 

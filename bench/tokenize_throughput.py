@@ -36,7 +36,7 @@ from tokenkit.codebook import Codebook
 from tokenkit.encoders import load_encoder, resolve_spec
 from tokenkit.images import decode_image, list_folder
 from tokenkit.loader import ViewDataset, iter_shard_batches
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig, center_box, render_view, to_tensor
 
 

@@ -26,17 +26,18 @@ from pretrain.evaluate import (
     labelled_pair,
     labelled_source,
     linear_probe,
-    load_encoder,
+    load_vit,
     majority_baseline,
     top1,
 )
 from pretrain.export import export as export_model
-from pretrain.finetune import FinetuneConfig, classifier_of, validate
+from pretrain.finetune import FinetuneConfig, classifier_of, validate_classifier
 from pretrain.finetune import finetune as run_finetune
 from pretrain.run import COMPILE_MODES
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
+from tokenkit.device import PRECISIONS
 from tokenkit.errors import MAX_BATCH, MAX_WORKERS, require, seed_check
 from tokenkit.journal import atomic_write_json
 from tokenkit.lock import OutputLock
@@ -65,7 +66,7 @@ GRAD_CHECKPOINTING = click.option(
 ACCUM_STEPS = click.option(
     "--accum-steps",
     type=int,
-    default=1,
+    default=TrainConfig.accum_steps,
     show_default=True,
     help="Micro-steps per optimizer step. With --batch-size and the ranks it may change on resume if the "
     "global batch (their product) stays.",
@@ -90,33 +91,47 @@ def cli():
 @cli.command()
 @click.option("--tokens", required=True, type=EXISTING, help="Token store written by 'tokenkit tokenize'.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
-@click.option("--model", type=click.Choice(list(PRESETS)), default="mapet_small", show_default=True)
-@click.option("--objective", type=click.Choice(["mapet", "beit"]), default="mapet", show_default=True)
-@click.option("--epochs", type=int, default=300, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Per rank and micro-step.")
+@click.option("--model", type=click.Choice(list(PRESETS)), default=TrainConfig.model, show_default=True)
+@click.option(
+    "--objective", type=click.Choice(["mapet", "beit"]), default=TrainConfig.objective, show_default=True
+)
+@click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=TrainConfig.batch_size,
+    show_default=True,
+    help="Per rank and micro-step.",
+)
 @ACCUM_STEPS
-@click.option("--lr", type=float, default=1.5e-3, show_default=True)
-@click.option("--min-lr", type=float, default=1e-5, show_default=True)
-@click.option("--warmup-epochs", type=float, default=10.0, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--clip-grad", type=float, default=3.0, show_default=True)
-@click.option("--drop-path", type=float, default=0.1, show_default=True)
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
+@click.option("--min-lr", type=float, default=TrainConfig.min_lr, show_default=True)
+@click.option("--warmup-epochs", type=float, default=TrainConfig.warmup_epochs, show_default=True)
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option("--clip-grad", type=float, default=TrainConfig.clip_grad, show_default=True)
+@click.option("--drop-path", type=float, default=TrainConfig.drop_path, show_default=True)
 @click.option("--image-size", type=int, default=None, help="Student input size (default: the preset's).")
 @click.option("--patch-size", type=int, default=None, help="Student patch size (default: the preset's).")
 @click.option("--num-context", type=int, default=None, help="MaPeT context tokens c (default CLS + 25%).")
-@click.option("--jitter", type=float, default=0.4, show_default=True, help="Colour jitter on the input only.")
-@click.option("--data", type=click.Choice(["auto", "zarr", "wds"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=4, show_default=True)
-@click.option("--device", default="auto", show_default=True)
 @click.option(
-    "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True
+    "--jitter",
+    type=float,
+    default=TrainConfig.jitter,
+    show_default=True,
+    help="Colour jitter on the input only.",
 )
+@click.option(
+    "--data", type=click.Choice(["auto", "zarr", "wds"]), default=TrainConfig.data, show_default=True
+)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--workers", type=int, default=TrainConfig.workers, show_default=True)
+@click.option("--device", default=TrainConfig.device, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True)
 @COMPILE
 @click.option(
     "--attn-backend",
     type=click.Choice(["auto", "sdpa", "flex"]),
-    default="auto",
+    default=TrainConfig.attn_backend,
     show_default=True,
     help="MaPeT's masked attention. auto: FlexAttention on CUDA, SDPA on the CPU and inside a --compile'd step "
     "(flex with --compile is refused: docs/benchmarks.md). May change on resume.",
@@ -124,10 +139,14 @@ def cli():
 @GRAD_CHECKPOINTING
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
 @click.option(
-    "--ckpt-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: per epoch)."
+    "--ckpt-every",
+    type=int,
+    default=TrainConfig.ckpt_every,
+    show_default=True,
+    help="Steps between checkpoints (0: per epoch).",
 )
-@click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints kept.")
-@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--keep", type=int, default=TrainConfig.keep, show_default=True, help="Checkpoints kept.")
+@click.option("--log-every", type=int, default=TrainConfig.log_every, show_default=True)
 @click.option("--source-root", type=str, default=None, help="Image folder, when it moved since tokenize.")
 @resume_option("RUN")
 @click.option("--quiet", is_flag=True)
@@ -209,7 +228,7 @@ def _setup(kw, *checks):
         (*loader_checks(kw["batch_size"], kw["workers"], kw["crop_pct"]), seed_check(kw["seed"]), *checks)
     )
     device = Dist().device(kw["device"])
-    enc = load_encoder(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
+    enc = load_vit(kw["checkpoint"], kw["model"], kw["image_size"], kw["patch_size"], kw["seed"])
     kw["crop_pct"] = kw["crop_pct"] or default_crop_pct(enc.cfg.image_size)  # the one used, for the JSON
     return enc, *labelled_pair(kw["train_dir"], kw["val_dir"]), device
 
@@ -314,16 +333,28 @@ def linprobe(pool, l2, max_iter, **kw):
 )
 @click.option("--image-size", type=int, default=None, help=IMAGE_SIZE_HELP)
 @click.option("--patch-size", type=int, default=None, help=RANDOM_PATCH_HELP)
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Per rank and micro-step.")
+@click.option("--epochs", type=int, default=FinetuneConfig.epochs, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=FinetuneConfig.batch_size,
+    show_default=True,
+    help="Per rank and micro-step.",
+)
 @ACCUM_STEPS
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--min-lr", type=float, default=1e-6, show_default=True, help="The cosine schedule's floor.")
-@click.option("--warmup-epochs", type=float, default=5.0, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--layer-decay", type=float, default=0.65, show_default=True)
-@click.option("--drop-path", type=float, default=0.1, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--lr", type=float, default=FinetuneConfig.lr, show_default=True)
+@click.option(
+    "--min-lr",
+    type=float,
+    default=FinetuneConfig.min_lr,
+    show_default=True,
+    help="The cosine schedule's floor.",
+)
+@click.option("--warmup-epochs", type=float, default=FinetuneConfig.warmup_epochs, show_default=True)
+@click.option("--weight-decay", type=float, default=FinetuneConfig.weight_decay, show_default=True)
+@click.option("--layer-decay", type=float, default=FinetuneConfig.layer_decay, show_default=True)
+@click.option("--drop-path", type=float, default=FinetuneConfig.drop_path, show_default=True)
+@click.option("--label-smoothing", type=float, default=FinetuneConfig.label_smoothing, show_default=True)
 @click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP)
 @click.option(
     "--crop-scale",
@@ -334,13 +365,35 @@ def linprobe(pool, l2, max_iter, **kw):
 )
 @click.option("--randaug", is_flag=True, help="RandAugment, timm's rand-m9-mstd0.5.")
 @click.option(
-    "--reprob", type=float, default=0.0, show_default=True, help="Random erasing probability (BEiT: 0.25)."
+    "--reprob",
+    type=float,
+    default=FinetuneConfig.reprob,
+    show_default=True,
+    help="Random erasing probability (BEiT: 0.25).",
 )
-@click.option("--mixup", type=float, default=0.0, show_default=True, help="Mixup alpha (paper: 0.8).")
-@click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix alpha (paper: 1.0).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option(
+    "--mixup", type=float, default=FinetuneConfig.mixup, show_default=True, help="Mixup alpha (paper: 0.8)."
+)
+@click.option(
+    "--cutmix",
+    type=float,
+    default=FinetuneConfig.cutmix,
+    show_default=True,
+    help="CutMix alpha (paper: 1.0).",
+)
+@click.option("--seed", type=int, default=FinetuneConfig.seed, show_default=True)
+@click.option("--workers", type=int, default=FinetuneConfig.workers, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--precision", type=click.Choice(PRECISIONS), default=FinetuneConfig.precision, show_default=True
+)
+@click.option(
+    "--clip-grad",
+    type=float,
+    default=FinetuneConfig.clip_grad,
+    help="Cap on the gradient norm (default: none, as BEiT's and MAE's fine-tuning).",
+)
+@click.option("--keep", type=int, default=FinetuneConfig.keep, show_default=True, help="Checkpoints kept.")
 @GRAD_CHECKPOINTING
 @COMPILE
 @resume_option("OUT")
@@ -354,7 +407,7 @@ def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size,
     kw["device"] = dist.device(kw["device"])
     cfg = FinetuneConfig(**kw)
     cfg.validate()  # before the encoder and the image lists are loaded
-    enc = load_encoder(checkpoint, model, image_size, patch_size, kw["seed"])
+    enc = load_vit(checkpoint, model, image_size, patch_size, kw["seed"])
     with OutputLock(Path(out)) if dist.rank == 0 else nullcontext():  # one writer per run folder
         res = run_finetune(
             enc,
@@ -393,7 +446,7 @@ def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device,
     require(loader_checks(batch_size, workers, crop_pct))
     device = Dist().device(device)
     ckpt = load_checkpoint(checkpoint, kind=FINETUNE_KIND)
-    res = validate(
+    res = validate_classifier(
         ckpt, labelled_source(val_dir), crop_pct, batch_size, workers, device, not quiet, str(checkpoint)
     )
     res.update({"eval": "validate", "checkpoint": str(checkpoint), "val": str(val_dir)})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -22,6 +23,7 @@ import numpy as np
 
 from cli.runtime import apply_preset, init_distributed, run_cli, with_options
 from tokenkit.codebook import Codebook, build_codebook, read_header
+from tokenkit.device import PRECISIONS
 from tokenkit.encoders import resolve_spec
 from tokenkit.encoders.hog import CHANNELS, GRADIENTS, HOGConfig
 from tokenkit.errors import MAX_SIDE, require
@@ -37,8 +39,8 @@ from tokenkit.render import code_gallery, save_sheet
 from tokenkit.render import show as show_tokens
 from tokenkit.store import TokenStore, verify_sources
 from tokenkit.store import verify as verify_store
-from tokenkit.tokenize import TokenizeConfig
-from tokenkit.tokenize import tokenize as tokenize_images
+from tokenkit.tokenize_job import TokenizeConfig
+from tokenkit.tokenize_job import tokenize as tokenize_images
 from tokenkit.tokenizer import describe, identity_id, load_tokenizer
 from tokenkit.views import ViewConfig, center_box
 
@@ -51,31 +53,46 @@ def cli():
     """Visual tokenizers (k-means over CLIP, timm or HOG features; VQ-KD; DALL-E) and the offline token cache."""
 
 
-job_options = with_options(
-    [
-        click.option(
-            "--shard-size", default=1024, show_default=True, help="Images per work shard / zarr shard."
-        ),
-        click.option("--batch-size", default=32, show_default=True, help="Images per CLIP forward."),
-        click.option("--workers", default=4, show_default=True, help="DataLoader decoding workers."),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
-        click.option(
-            "--precision",
-            default="auto",
-            show_default=True,
-            help="auto (bf16 on CUDA) | fp32 | bf16 | fp16.",
-        ),
-        click.option(
-            "--on-error",
-            type=click.Choice(["skip", "raise"]),
-            default="skip",
-            show_default=True,
-            help="Bad images: skip and list them in the manifest, or stop.",
-        ),
-        click.option("--resume", is_flag=True, help="Continue an unfinished job in OUT."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]
-)
+def job_options(config):
+    """The options every sharded job (features, tokenize) shares, their defaults taken from its `config`."""
+    return with_options(
+        [
+            click.option(
+                "--shard-size",
+                default=config.shard_size,
+                show_default=True,
+                help="Images per work shard / zarr shard.",
+            ),
+            click.option(
+                "--batch-size",
+                default=config.batch_size,
+                show_default=True,
+                help="Images per forward (each with its --views).",
+            ),
+            click.option(
+                "--workers", default=config.workers, show_default=True, help="DataLoader decoding workers."
+            ),
+            click.option(
+                "--device", default=config.device, show_default=True, help="auto | cpu | cuda | cuda:N."
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(PRECISIONS),
+                default=config.precision,
+                show_default=True,
+                help="auto: bf16 on CUDA, fp32 elsewhere.",
+            ),
+            click.option(
+                "--on-error",
+                type=click.Choice(["skip", "raise"]),
+                default=config.on_error,
+                show_default=True,
+                help="Bad images: skip and list them in the manifest, or stop.",
+            ),
+            click.option("--resume", is_flag=True, help="Continue an unfinished job in OUT."),
+            click.option("--quiet", is_flag=True, help="No progress bar."),
+        ]
+    )
 
 
 @cli.command()
@@ -105,9 +122,13 @@ job_options = with_options(
     "--layer", type=int, default=-1, show_default=True, help="ViT block whose patch tokens are used."
 )
 @click.option(
-    "--max-patches", type=int, default=4_194_304, show_default=True, help="Patch features kept in all."
+    "--max-patches",
+    type=int,
+    default=FeaturesConfig.max_patches,
+    show_default=True,
+    help="Patch features kept in all.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=FeaturesConfig.seed, show_default=True)
 @click.option(
     "--hog-cell", type=int, default=HOGConfig.cell, show_default=True, help="HOG: pixels per cell side."
 )
@@ -135,7 +156,7 @@ job_options = with_options(
     show_default=True,
     help="HOG: Gaussian window (0: off).",
 )
-@job_options
+@job_options(FeaturesConfig)
 @click.pass_context
 def features(ctx, images, out, preset, **kw):
     """Extract patch features of IMAGES (folder or tar shards) into the float16 zarr store OUT: CLIP
@@ -154,16 +175,8 @@ def features(ctx, images, out, preset, **kw):
     spec = resolve_spec(
         kw["model"], kw["pretrained"], kw["grid"], kw["image_size"], kw["layer"], kw["seed"], hog_cfg
     )
-    cfg = FeaturesConfig(
-        max_patches=kw["max_patches"],
-        shard_size=kw["shard_size"],
-        seed=kw["seed"],
-        on_error=kw["on_error"],
-        batch_size=kw["batch_size"],
-        workers=kw["workers"],
-        device=dist.device(kw["device"]),
-        precision=kw["precision"],
-    )
+    kw["device"] = dist.device(kw["device"])
+    cfg = FeaturesConfig(**{f.name: kw[f.name] for f in fields(FeaturesConfig)})
     extract_features(
         images, out, spec, cfg, kw["resume"], dist.rank, dist.world, dist.barrier, not kw["quiet"]
     )
@@ -175,19 +188,32 @@ def features(ctx, images, out, preset, **kw):
 @click.argument("features_store", metavar="FEATURES", type=EXISTING)
 @click.argument("out", type=PATH)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None)
-@click.option("--k", type=int, default=8192, show_default=True, help="Codebook size K.")
-@click.option("--niter", type=int, default=20, show_default=True)
-@click.option("--nredo", type=int, default=5, show_default=True, help="Restarts; the best objective is kept.")
+@click.option("--k", type=int, default=KMeansConfig.k, show_default=True, help="Codebook size K.")
+@click.option("--niter", type=int, default=KMeansConfig.niter, show_default=True)
+@click.option(
+    "--nredo",
+    type=int,
+    default=KMeansConfig.nredo,
+    show_default=True,
+    help="Restarts; the best objective is kept.",
+)
 @click.option(
     "--metric",
     type=click.Choice(["l2", "cosine"]),
-    default="l2",
+    default=KMeansConfig.metric,
     show_default=True,
     help="cosine = spherical k-means.",
 )
-@click.option("--max-points-per-centroid", type=int, default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True)
+@click.option(
+    "--max-points-per-centroid", type=int, default=KMeansConfig.max_points_per_centroid, show_default=True
+)
+@click.option("--seed", type=int, default=KMeansConfig.seed, show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "faiss", "torch"]),
+    default=KMeansConfig.backend,
+    show_default=True,
+)
 @click.option("--resume", is_flag=True, help="Continue the unfinished fit kept in OUT.progress.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -198,15 +224,7 @@ def codebook(ctx, features_store, out, preset, resume, quiet, **kw):
     the iteration in flight (faiss: restart) and exits 143; --resume continues to the uninterrupted result.
     Under torchrun (--backend torch) each GPU holds and assigns 1/N of the sample."""
     kw = apply_preset(ctx, PRESETS, preset, kw)
-    cfg = KMeansConfig(
-        k=kw["k"],
-        niter=kw["niter"],
-        nredo=kw["nredo"],
-        metric=kw["metric"],
-        max_points_per_centroid=kw["max_points_per_centroid"],
-        seed=kw["seed"],
-        backend=kw["backend"],
-    )
+    cfg = KMeansConfig(**kw)
     dist = init_distributed()
     cb = build_codebook(
         features_store, out, cfg, None, not quiet, resume, dist.rank, dist.world, dist.barrier
@@ -262,7 +280,9 @@ def convert(family, checkpoint, out, trust_pickle, image_size):
 @click.argument("images", type=str)
 @click.argument("tokenizer_path", metavar="TOKENIZER", type=EXISTING)
 @click.argument("out", type=PATH)
-@click.option("--views", type=int, default=1, show_default=True, help="Stored views per image (V).")
+@click.option(
+    "--views", type=int, default=ViewConfig.views, show_default=True, help="Stored views per image (V)."
+)
 @click.option(
     "--view",
     "view_mode",
@@ -271,14 +291,26 @@ def convert(family, checkpoint, out, trust_pickle, image_size):
     help="center: the paper's central square; random: RandomResizedCrop boxes. "
     "Default: center for --views 1, random otherwise.",
 )
-@click.option("--scale", type=(float, float), default=(0.2, 1.0), show_default=True)
-@click.option("--ratio", type=(float, float), default=(0.75, 4 / 3), show_default=True)
-@click.option("--flip", type=float, default=0.5, show_default=True, help="Probability of a mirrored view.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the views with each sample key.")
+@click.option("--scale", type=(float, float), default=ViewConfig.scale, show_default=True)
+@click.option("--ratio", type=(float, float), default=ViewConfig.ratio, show_default=True)
 @click.option(
-    "--format", "fmt", type=click.Choice(["zarr", "wds", "both"]), default="zarr", show_default=True
+    "--flip", type=float, default=ViewConfig.flip, show_default=True, help="Probability of a mirrored view."
 )
-@job_options
+@click.option(
+    "--seed",
+    type=int,
+    default=ViewConfig.seed,
+    show_default=True,
+    help="Seeds the views with each sample key.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["zarr", "wds", "both"]),
+    default=TokenizeConfig.format,
+    show_default=True,
+)
+@job_options(TokenizeConfig)
 def tokenize(images, tokenizer_path, out, views, view_mode, scale, ratio, flip, seed, fmt, **kw):
     """Tokenize IMAGES with TOKENIZER (a codebook from `tokenkit codebook`, or a quantizer from `tokenkit
     convert`) into the token store OUT (zarr and/or webdataset shards).
@@ -474,7 +506,11 @@ def show(ctx, store, key, code, limit, out, size, source):
 @click.option("--size", type=int, default=224, show_default=True, help="Rendered view size in the PNG.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option(
-    "--precision", default="auto", show_default=True, help="auto (bf16 on CUDA) | fp32 | bf16 | fp16."
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 on CUDA.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="One JSON object (image, grid, tokens) instead of rows."

@@ -315,3 +315,9 @@ class StreamDataset(IterableDataset):
                         )
                     )
                 yield tuple(torch.stack(t) for t in zip(*pairs, strict=True))
+
+
+def random_orders(batch: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, G*G) int64: a fresh uniform permutation of the patch indices per sample, from a torch generator
+    (tests and benchmarks; the trainer's loader draws each sample's order keyed by the sample: SampleDraws)."""
+    return torch.rand(batch, num_patches, generator=generator).argsort(dim=1)

@@ -30,7 +30,7 @@ from tokenkit.store import TokenStore, verify
 from tokenkit.views import to_uint8
 
 
-def load_encoder(
+def load_vit(
     checkpoint: str,
     model: str = "mapet_small",
     image_size: int | None = None,

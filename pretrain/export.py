@@ -26,14 +26,8 @@ from pretrain.vit import VisionTransformer, ViTConfig
 from tokenkit.errors import StoreError
 from tokenkit.journal import atomic_write_bytes
 
-# per block: (our name, timm's name) of the layers whose weight and bias carry over unchanged
-_SAME = (
-    ("norm1", "norm1"),
-    ("norm2", "norm2"),
-    ("attn.proj", "attn.proj"),
-    ("mlp.0", "mlp.fc1"),
-    ("mlp.2", "mlp.fc2"),
-)
+# per block: the layers whose weight and bias carry over unchanged (the same names as timm's)
+_SAME = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2")
 # every key of timm's plain VisionTransformer (class token, learned positions, no pooling norm); head.* is dropped
 _TIMM_KEY = re.compile(
     r"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|head\..*"
@@ -67,10 +61,10 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         b = f"blocks.{i}."  # the same block prefix in both
         out[b + "attn.qkv.weight"] = torch.cat([s[b + "attn.q.weight"], s[b + "attn.kv.weight"]])  # (3D, D)
         out[b + "attn.qkv.bias"] = torch.cat([s[b + "attn.q.bias"], s[b + "attn.kv.bias"]])  # (3D,)
-        for ours, theirs in _SAME:
+        for name in _SAME:
             for t in ("weight", "bias"):
-                out[f"{b}{theirs}.{t}"] = s[f"{b}{ours}.{t}"]
-        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = s[b + "gamma1"], s[b + "gamma2"]
+                out[f"{b}{name}.{t}"] = s[f"{b}{name}.{t}"]
+        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = s[b + "ls1.gamma"], s[b + "ls2.gamma"]
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
@@ -165,11 +159,11 @@ def load_timm(path: Path) -> VisionTransformer:
             bias = s.pop(b + "attn.qkv.bias", torch.zeros(3 * D))
             state[b + "attn.q.weight"], state[b + "attn.kv.weight"] = w[:D], w[D:]
             state[b + "attn.q.bias"], state[b + "attn.kv.bias"] = bias[:D], bias[D:]
-            for mine, theirs in _SAME:
+            for name in _SAME:
                 for t in ("weight", "bias"):
-                    state[f"{b}{mine}.{t}"] = s.pop(f"{b}{theirs}.{t}")
-            for mine, theirs in (("gamma1", "ls1.gamma"), ("gamma2", "ls2.gamma")):
-                state[b + mine] = s.pop(b + theirs, torch.ones(D))
+                    state[f"{b}{name}.{t}"] = s.pop(f"{b}{name}.{t}")
+            for name in ("ls1.gamma", "ls2.gamma"):
+                state[b + name] = s.pop(b + name, torch.ones(D))
     except KeyError as e:
         raise StoreError(f"{path}: no {e.args[0]}; not a complete timm ViT state dict") from e
     wrong = [k for k, v in state.items() if v.shape != ours[k].shape]

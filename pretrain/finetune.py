@@ -240,7 +240,7 @@ def accuracy(
     return top1 / max(total, 1), top5 / max(total, 1), int(total)
 
 
-def validate(
+def validate_classifier(
     ckpt: dict,
     val: SampleIndex,
     crop_pct: float | None = None,

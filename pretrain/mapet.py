@@ -20,10 +20,13 @@ streams share every weight. Loss: cross-entropy of all P query outputs (-> Layer
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.masked_attention import MaskedAttention
 from pretrain.token_loss import token_loss
 from pretrain.vit import (
     Block,
@@ -32,7 +35,6 @@ from pretrain.vit import (
     add_drop_path,
     block_draws,
     compute_dtype,
-    mlp,
     run_block,
     scaled,
 )
@@ -58,32 +60,37 @@ def visibility_mask(c: int, P: int) -> torch.Tensor:
     return m
 
 
-def random_orders(batch: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, G*G) int64: a fresh uniform permutation of the patch indices per sample."""
-    return torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
+class Rows(NamedTuple):
+    """How a block's c + 3P rows split: the first `dense` (context and content mask tokens, c + P) attend
+    densely to their own keys; the first `keys` (c + 2P) are the keys and values; the last `queries` (P) are
+    the query stream."""
+
+    dense: int
+    keys: int
+    queries: int
 
 
 def two_stream_block(
     blk: Block,
     x: torch.Tensor,
-    groups: tuple[int, int, int],
+    rows: Rows,
     masks,
     flex=None,
     last: bool = False,
     u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One shared-weight block over both streams. x (B, c+3P, D) in the layout above -> (B, c+3P, D), or
-    (B, P, D) query rows only when `last`. groups = (c + P dense rows, c + 2P key rows, P);
+    (B, P, D) query rows only when `last`; rows: the layout's row groups (Rows);
     masks = (group-B mask (2P, c+2P), query mask (P, c+2P)): bool tensors, or BlockMasks with `flex`;
     u (B, 2): the sample's drop-path draws, shared by its two streams (or None: pretrain.vit.add_drop_path)."""
-    a, s, P = groups
+    a, s, P = rows
     attn = blk.attn
     B, L, D = x.shape
     H, Dh = attn.heads, attn.dh
     y = compute_dtype(blk.norm1(x))  # (B, L, D)
     k, v = attn.kv(y[:, :s]).view(B, s, 2, H, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, c+2P, Dh)
     sdpa = F.scaled_dot_product_attention if flex is None else flex
-    w, b = scaled(attn.proj, blk.gamma1)  # LayerScale folded into the output projection
+    w, b = scaled(attn.proj, blk.ls1.gamma)  # LayerScale folded into the output projection
 
     def proj(o):  # (B, H, n, Dh) -> (B, n, D); per attention call, so no concatenated copy is kept
         return F.linear(o.transpose(1, 2).reshape(B, -1, D), w, b)
@@ -100,7 +107,7 @@ def two_stream_block(
         o = torch.cat([proj(o_a), proj(o_b)], dim=1)  # (B, L, D)
     u1, u2 = (None, None) if u is None else u.unbind(1)
     x = add_drop_path(x, o, blk.drop_path, blk.training, u1)
-    return add_drop_path(x, mlp(blk.mlp, blk.norm2(x), blk.gamma2), blk.drop_path, blk.training, u2)
+    return add_drop_path(x, blk.mlp(blk.norm2(x), blk.ls2), blk.drop_path, blk.training, u2)
 
 
 class MaPeT(nn.Module):
@@ -122,48 +129,11 @@ class MaPeT(nn.Module):
         # the first c + P rows attend densely to exactly the first c + P keys: no mask needed there
         assert mask[: c + P, : c + P].all() and not mask[: c + P, c + P :].any()
         self.register_buffer("mask_b", mask[c + P :], persistent=False)  # (2P, c+2P)
-        self.attn_backend = attn_backend
-        self._flex = None  # (device, compiled flex_attention, BlockMasks, flex_attention), built on first use
+        self.attention = MaskedAttention(attn_backend)
 
     def attention_args(self, device: torch.device) -> tuple:
-        """(masks, flex): BlockMasks + compiled FlexAttention on CUDA, boolean masks for SDPA elsewhere and
-        inside a compiled model ("auto"). The BlockMasks are built on the first call and cached.
-
-        Inside a compiled training step (--compile) "auto" is SDPA: FlexAttention traced into the step's graph
-        trained away from eager on an H100 under torch 2.11 (same losses, gradient norm 10% off after 6 steps
-        and 1000x off after 10, in both compile modes; docs/benchmarks.md), while its eager calls match the
-        dense reference. An explicit "flex" is still honoured there (the trainer refuses it with --compile)."""
-        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" name one device: one cache
-            device = torch.device("cuda", torch.cuda.current_device())
-        backend = self.attn_backend
-        if backend == "auto":
-            backend = "flex" if device.type == "cuda" and not torch.compiler.is_compiling() else "sdpa"
-        P = self.num_predict
-        if backend == "sdpa":
-            return (self.mask_b, self.mask_b[P:]), None
-        if self._flex is None or self._flex[0] != device:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            def block_mask(dense):
-                def mask_mod(b, h, q_idx, kv_idx):
-                    return dense[q_idx, kv_idx]
-
-                return create_block_mask(
-                    mask_mod, B=None, H=None, Q_LEN=dense.shape[0], KV_LEN=dense.shape[1], device=device
-                )
-
-            dense = self.mask_b.to(device)
-            self._flex = (
-                device,
-                torch.compile(flex_attention, dynamic=False),
-                (block_mask(dense), block_mask(dense[P:].contiguous())),
-                flex_attention,
-            )
-        # inside a compiled model (explicit "flex" only) the plain function: Dynamo traces it into the graph. The
-        # compiled wrapper there split the graph at every attention call on CUDA (torch 2.11: 15 graphs for a
-        # 4-block model, so CUDA graphs gained nothing); eager calls need the wrapper (uncompiled, FlexAttention
-        # materialises the scores)
-        return self._flex[2], self._flex[3 if torch.compiler.is_compiling() else 1]
+        """(masks, flex) of the masked attention calls on `device` (pretrain.masked_attention)."""
+        return self.attention(self.mask_b, self.num_predict, device)
 
     def features(
         self,
@@ -188,7 +158,7 @@ class MaPeT(nn.Module):
         # (B, c+3P, D): context | mask tokens | targets | queries (= the mask tokens again)
         x = torch.cat([cls, patches[:, : c - 1], masks, patches[:, c - 1 :], masks], dim=1)
         attn_masks, flex = self.attention_args(images.device)
-        groups = (c + P, c + 2 * P, P)
+        rows = Rows(dense=c + P, keys=c + 2 * P, queries=P)
         last = len(enc.blocks) - 1
         for i, blk in enumerate(enc.blocks):
             x = run_block(
@@ -196,7 +166,7 @@ class MaPeT(nn.Module):
                 two_stream_block,
                 blk,
                 x,
-                groups,
+                rows,
                 attn_masks,
                 flex,
                 last=i == last,

@@ -186,7 +186,7 @@ def compiled(objective: Objective, device: torch.device, mode: str | None = None
     model compiles twice); "auto" runs SDPA inside the graph (MaPeT.attention_args). With mode
     "reduce-overhead" (CUDA graphs) call torch.compiler.cudagraph_mark_step_begin() before each step: the
     graphs' outputs of the step before are then dead and their memory reused."""
-    if isinstance(objective.net, MaPeT) and objective.net.attn_backend == "flex":
+    if isinstance(objective.net, MaPeT) and objective.net.attention.backend == "flex":
         objective.net.attention_args(device)
     return torch.compile(objective, mode=mode)
 

@@ -111,10 +111,26 @@ def scaled(lin: nn.Linear, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return gamma[:, None] * lin.weight, gamma * lin.bias
 
 
-def mlp(seq: nn.Sequential, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """gamma * MLP(x) (Linear, GELU, Linear; gamma: LayerScale) with the GELU recomputed in backward
-    (see _GeluLinear) and gamma folded into the second linear (see scaled)."""
-    return _GeluLinear.apply(seq[0](x), *scaled(seq[2], gamma))
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT), initialised at `init`. Its user folds it into
+    the branch's last linear layer (see scaled) rather than multiplying the branch's output."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+
+class Mlp(nn.Module):
+    """ls(fc2(gelu(fc1(x)))), with the GELU recomputed in backward (its 4D-wide output is not stored:
+    _GeluLinear) and the LayerScale folded into fc2 (see scaled)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, ls: LayerScale) -> torch.Tensor:
+        return _GeluLinear.apply(self.fc1(x), *scaled(self.fc2, ls.gamma))
 
 
 class Attention(nn.Module):
@@ -126,36 +142,38 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D) -> gamma * proj(attention) (B, N, D), every token attending to every token (fused
-        SDPA); gamma (LayerScale) is folded into the projection (see scaled)."""
+    def forward(self, x: torch.Tensor, ls: LayerScale) -> torch.Tensor:
+        """x (B, N, D) -> ls(proj(attention)) (B, N, D), every token attending to every token (fused SDPA);
+        the LayerScale is folded into the projection (see scaled)."""
         B, N, D = x.shape
         x = compute_dtype(x)
         q = self.q(x).view(B, N, self.heads, self.dh).transpose(1, 2)  # (B, H, N, Dh)
         k, v = self.kv(x).view(B, N, 2, self.heads, self.dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, Dh)
         o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
-        return F.linear(o.transpose(1, 2).reshape(B, N, D), *scaled(self.proj, gamma))  # (B, N, D)
+        return F.linear(o.transpose(1, 2).reshape(B, N, D), *scaled(self.proj, ls.gamma))  # (B, N, D)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, drop_path_rate: float):
         super().__init__()
         D = cfg.dim
+        # the LayerScales first: the parameters' order sets the gradient norm's summation order, kept as it was
+        self.ls1 = LayerScale(D, cfg.layer_scale)
+        self.ls2 = LayerScale(D, cfg.layer_scale)
         self.norm1 = nn.LayerNorm(D, eps=cfg.eps)
         self.attn = Attention(D, cfg.heads)
         self.norm2 = nn.LayerNorm(D, eps=cfg.eps)
-        hidden = int(D * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, D))
-        self.gamma1 = nn.Parameter(torch.full((D,), cfg.layer_scale))
-        self.gamma2 = nn.Parameter(torch.full((D,), cfg.layer_scale))
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
         self.drop_path = drop_path_rate
 
     def forward(self, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D); u (B, 2) the drop-path draws of the attention and MLP branches (or None,
         see add_drop_path). MaPeT runs the same weights through pretrain.mapet.two_stream_block."""
         u1, u2 = (None, None) if u is None else u.unbind(1)
-        x = add_drop_path(x, self.attn(self.norm1(x), self.gamma1), self.drop_path, self.training, u1)
-        return add_drop_path(x, mlp(self.mlp, self.norm2(x), self.gamma2), self.drop_path, self.training, u2)
+        x = add_drop_path(
+            x, self.attn(self.norm1(x), self.ls1), self.drop_path, self.training, u1
+        )  # x + dp(ls1(attn))
+        return add_drop_path(x, self.mlp(self.norm2(x), self.ls2), self.drop_path, self.training, u2)
 
 
 def block_draws(drop: torch.Tensor | None, i: int) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ fast path (pretrain/mapet.py) must match it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pretrain.mapet import MaPeT
 
@@ -60,7 +61,7 @@ def reference_logits(
             s = s.masked_fill(~m, float("-inf"))
             o = (s.softmax(-1) @ v).transpose(0, 1).reshape(x.shape[0], -1)  # (L, D)
             s1, s2 = (1.0, 1.0) if branch_scales is None else branch_scales[i, :, b]
-            x = x + s1 * blk.gamma1 * a.proj(o)
-            x = x + s2 * blk.gamma2 * blk.mlp(blk.norm2(x))
+            x = x + s1 * blk.ls1.gamma * a.proj(o)
+            x = x + s2 * blk.ls2.gamma * blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
         out.append(model.head(enc.norm(x[N + P :])))
     return torch.stack(out)

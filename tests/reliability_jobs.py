@@ -26,13 +26,13 @@ import tokenkit.codebook
 import tokenkit.features
 import tokenkit.journal
 import tokenkit.shardjob
-import tokenkit.tokenize
+import tokenkit.tokenize_job
 import tokenkit.wds
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from tokenkit.encoders import resolve_spec
 from tokenkit.features import FeaturesConfig, extract_features
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig
 
 WRITERS = [tokenkit.journal, tokenkit.wds, tokenkit.codebook, pretrain.checkpoint, pretrain.train]
@@ -90,14 +90,14 @@ def _install(hook: str, on_call) -> None:
             if hasattr(m, "atomic_write_bytes"):
                 m.atomic_write_bytes = write
     elif hook == "shard":
-        real_ws = tokenkit.tokenize.write_shard
+        real_ws = tokenkit.tokenize_job.write_shard
 
         def shard(root, sid, start, data):
             first = next(iter(data))
             on_call(lambda: real_ws(root, sid, start, {first: data[first]}))
             return real_ws(root, sid, start, data)
 
-        tokenkit.tokenize.write_shard = tokenkit.features.write_shard = shard
+        tokenkit.tokenize_job.write_shard = tokenkit.features.write_shard = shard
     elif hook == "batch":
         real_it = tokenkit.shardjob.iter_shard_batches
 

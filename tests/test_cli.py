@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, photos, features_store, code
 
 
 def test_store_of_a_newer_format_is_refused_by_every_command(tmp_path, photos, codebook_path, capsys):
-    from tokenkit.tokenize import TokenizeConfig, tokenize
+    from tokenkit.tokenize_job import TokenizeConfig, tokenize
 
     out = tokenize(
         photos, codebook_path, tmp_path / "tok", TokenizeConfig(shard_size=6, workers=0), progress=False

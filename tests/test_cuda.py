@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.mapet import MaPeT, random_orders
+from pretrain.data import random_orders
+from pretrain.mapet import MaPeT
 from pretrain.train import TrainConfig, pretrain
 from pretrain.vit import ViTConfig
 from tests.mapet_reference import reference_logits
 from tokenkit.kmeans import KMeansConfig, assign, fit
 from tokenkit.store import TokenStore
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,7 +49,7 @@ def test_flex_path_matches_the_dense_reference_and_sdpa_gradients():
     torch.testing.assert_close(flex, ref, rtol=1e-4, atol=1e-4)
     params = [p for p in model.parameters() if p.requires_grad]
     g_flex = torch.autograd.grad(torch.nn.functional.cross_entropy(flex.flatten(0, 1), y.flatten()), params)
-    model.attn_backend = "sdpa"
+    model.attention.backend = "sdpa"
     sdpa, _ = model(images, targets, orders)
     g_sdpa = torch.autograd.grad(torch.nn.functional.cross_entropy(sdpa.flatten(0, 1), y.flatten()), params)
     for a, b in zip(g_flex, g_sdpa, strict=True):

@@ -100,7 +100,7 @@ def test_documented_bench_flags_exist():
 def test_the_python_api_block_runs(tmp_path, photos, codebook_path, monkeypatch):
     """docs/pipeline.md's Python API block runs as shown, on a tiny codebook and store, with the smallest
     preset in place of mapet_small; its MaPeT loss backpropagates into every weight but BEiT's."""
-    from tokenkit.tokenize import TokenizeConfig, tokenize
+    from tokenkit.tokenize_job import TokenizeConfig, tokenize
 
     text = (ROOT / "docs" / "pipeline.md").read_text()
     code = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)

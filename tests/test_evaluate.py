@@ -11,13 +11,13 @@ from PIL import Image
 
 from cli.mapet import main
 from pretrain.checkpoint import load_checkpoint
-from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_encoder, mcnemar
+from pretrain.evaluate import ProbeConfig, knn_classify, linear_probe, load_vit, mcnemar
 from pretrain.export import export
 from pretrain.train import TrainConfig, pretrain
 from tests.preempt import ROOT, preempt_script, run_preempted
 from tests.tars import make_tar
 from tokenkit.errors import ConfigError, StoreError
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 
 
 def separable_folder(root, n_per_class=12, seed=0):
@@ -199,7 +199,7 @@ def test_export_loads_into_timm_and_matches(run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    enc = load_encoder(str(run))
+    enc = load_vit(str(run))
     path = export(enc, tmp_path / "enc.safetensors")
     with safe_open(str(path), "pt") as f:
         args = json.loads(f.metadata()["timm_args"])
@@ -498,8 +498,8 @@ def test_two_rank_finetune_resumes_a_one_process_run_and_validates_every_sample_
 
 
 def test_exported_encoder_loads_back_for_evaluation(run, tmp_path):
-    enc = load_encoder(str(run))
-    back = load_encoder(str(export(enc, tmp_path / "enc.safetensors")))
+    enc = load_vit(str(run))
+    back = load_vit(str(export(enc, tmp_path / "enc.safetensors")))
     assert back.cfg.heads == enc.cfg.heads and back.cfg.grid == enc.cfg.grid
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -519,7 +519,7 @@ def test_a_timm_vit_is_judged_by_the_same_protocol(tmp_path, capsys):
         p.data.add_(0.02 * torch.randn_like(p))
     path = tmp_path / "timm-vit.safetensors"
     save_file(ref.state_dict(), str(path))
-    enc = load_encoder(str(path))
+    enc = load_vit(str(path))
     assert (enc.cfg.image_size, enc.cfg.dim, enc.cfg.depth, enc.cfg.heads) == (64, 128, 2, 2)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -536,17 +536,17 @@ def test_a_timm_vit_is_judged_by_the_same_protocol(tmp_path, capsys):
 
 def test_checkpoint_at_another_image_size(run, tmp_path):
     """--image-size with a checkpoint resamples its positions (not ignored); --patch-size cannot change."""
-    enc = load_encoder(str(run), image_size=96)
+    enc = load_vit(str(run), image_size=96)
     assert enc.cfg.image_size == 96 and enc.pos_embed.shape[1] == 1 + 36
     with pytest.raises(ConfigError, match="patch size 16"):
-        load_encoder(str(run), patch_size=8)
+        load_vit(str(run), patch_size=8)
     with pytest.raises(ConfigError, match="not a multiple"):
-        load_encoder(str(run), image_size=100)
+        load_vit(str(run), image_size=100)
     for checkpoint in (str(run), "random"):  # 0 is refused, not taken for "the default"
         with pytest.raises(ConfigError, match=r"--image-size 0: must be in \[1, 8192\]"):
-            load_encoder(checkpoint, "mapet_micro", image_size=0)
+            load_vit(checkpoint, "mapet_micro", image_size=0)
         with pytest.raises(ConfigError, match=r"--patch-size 0: must be in \[1, 8192\]"):
-            load_encoder(checkpoint, "mapet_micro", patch_size=0)
+            load_vit(checkpoint, "mapet_micro", patch_size=0)
 
 
 def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):
@@ -609,7 +609,7 @@ def test_unreadable_images_are_left_out_and_counted_and_none_readable_is_an_erro
 
     data = separable_folder(tmp_path / "data", n_per_class=3)
     (data / "val" / "warm" / "warm_0.png").write_bytes(b"not a png")
-    enc = load_encoder("random", "mapet_micro", image_size=64)
+    enc = load_vit("random", "mapet_micro", image_size=64)
     f, y = extract(enc, list_source(data / "val"), workers=0, progress=False)
     assert len(f) == len(y) == 5 and "1 of 6 images unreadable" in capsys.readouterr().err
     for p in (data / "val").rglob("*.png"):

@@ -13,7 +13,7 @@ from cli.mapet import main as mapet_main
 from pretrain.checkpoint import FINETUNE_KIND, load_checkpoint
 from pretrain.train import TrainConfig, pretrain
 from tests.test_evaluate import separable_folder
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig
 
 RECORD = Path(__file__).with_name("golden_runs.json")

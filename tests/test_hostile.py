@@ -13,7 +13,7 @@ from cli.mapet import main as mapet_main
 from cli.tokenkit import cli as tokenkit_cli
 from cli.tokenkit import main as tokenkit_main
 from pretrain.train import TrainConfig, pretrain
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 
 FLOATS = ("nan", "inf", "-inf", "1e30", "-1e30")
 INTS = (str(2**64), str(-(2**63)), "99999999999999999999999")

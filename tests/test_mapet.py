@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from pretrain.beit import BEiT, block_mask, default_num_masked
-from pretrain.mapet import MaPeT, default_context, random_orders, visibility_mask
+from pretrain.data import random_orders
+from pretrain.mapet import MaPeT, default_context, visibility_mask
 from pretrain.vit import ViTConfig
 from tests.mapet_reference import per_sample_mask, reference_logits
 
@@ -16,8 +17,8 @@ def make(seed=0, c=6, k=11):
     model = MaPeT(CFG, vocab_size=k, num_context=c).double()
     with torch.no_grad():  # LayerScale 0.1 hides mixing; make every path count for the comparison
         for blk in model.encoder.blocks:
-            blk.gamma1.fill_(1.0)
-            blk.gamma2.fill_(1.0)
+            blk.ls1.gamma.fill_(1.0)
+            blk.ls2.gamma.fill_(1.0)
     return model
 
 
@@ -240,9 +241,9 @@ def test_flex_attention_matches_sdpa_on_cpu():
     images, orders = torch.randn(2, 3, 64, 64, generator=g), random_orders(2, 16, g)
     t = torch.zeros(2, 16, dtype=torch.long)
     with torch.no_grad():
-        model.attn_backend = "sdpa"
+        model.attention.backend = "sdpa"
         ref, _ = model(images, t, orders)
-        model.attn_backend = "flex"
+        model.attention.backend = "flex"
         out, _ = model(images, t, orders)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -259,6 +260,6 @@ def test_auto_backend_runs_sdpa_inside_a_compiled_step_and_an_explicit_flex_is_k
         masks, flex = model.attention_args(device)
         assert flex is None and masks[0] is model.mask_b
         assert torch.equal(masks[1], model.mask_b[model.num_predict :])
-    model.attn_backend = "flex"
+    model.attention.backend = "flex"
     masks, flex = model.attention_args(torch.device("cpu"))
     assert flex is flex_attention and all(isinstance(m, BlockMask) for m in masks)

@@ -7,7 +7,7 @@ from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_s
 from tokenkit.errors import StoreError
 from tokenkit.quality import compare, contingency, label_quality, partition_scores, purity
 from tokenkit.store import TokenStore
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig
 
 

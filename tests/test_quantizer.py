@@ -19,7 +19,7 @@ from tokenkit.codebook import read_header
 from tokenkit.errors import ConfigError
 from tokenkit.quantizer import convert
 from tokenkit.store import TokenStore, verify
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.tokenizer import QuantizerTokenizer, load_tokenizer
 from tokenkit.views import ViewConfig, to_unit
 

@@ -9,7 +9,7 @@ import pytest
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError
 from tokenkit.store import TokenStore, verify
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig
 
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.beit import BEiT
-from pretrain.mapet import MaPeT, random_orders
+from pretrain.data import random_orders
+from pretrain.mapet import MaPeT
 from pretrain.token_loss import IGNORE, token_loss
 from pretrain.vit import ViTConfig
 

@@ -17,7 +17,7 @@ from tokenkit.encoders import load_encoder
 from tokenkit.errors import CodebookError, StoreError
 from tokenkit.images import decode_image
 from tokenkit.store import TokenStore, verify
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig, center_box, render_view, to_tensor
 from tokenkit.wds import iter_tar
 
@@ -215,7 +215,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 KILLER = """
 import os, signal, sys
 import tokenkit.journal as j
-from tokenkit.tokenize import TokenizeConfig, tokenize
+from tokenkit.tokenize_job import TokenizeConfig, tokenize
 from tokenkit.views import ViewConfig
 n = int(sys.argv[4]); calls = [0]
 real = j.atomic_write_bytes
@@ -263,7 +263,9 @@ def test_sigterm_stops_after_the_shard_in_flight_and_resumes_byte_identical(
     args = ["tokenize", str(photos), str(codebook_path), str(out), "--views", "3", "--view", "random", "--seed",
             "1", "--format", "both", "--shard-size", "6", "--batch-size", "1", "--quiet"]  # fmt: skip
     # SIGTERM to the job and its loader worker while the first batch of shard 0 is encoded
-    rc, err = run_preempted("cli.tokenkit", "tokenkit.tokenize:_TokenShard.add", 1, [*args, "--workers", "1"])
+    rc, err = run_preempted(
+        "cli.tokenkit", "tokenkit.tokenize_job:_TokenShard.add", 1, [*args, "--workers", "1"]
+    )
     assert rc == 143, err[-2000:]
     assert f"tokenkit: stopped by SIGTERM after work shard 0: {out} resumes with --resume" in err
     assert "Traceback" not in err and not (out / "manifest.json").exists()

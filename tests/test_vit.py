@@ -6,9 +6,8 @@ The reference is the block written out plainly (as timm / BEiT write it) with th
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pretrain.vit import Block, ViTConfig, mlp
+from pretrain.vit import Block, LayerScale, Mlp, ViTConfig
 
 CFG = ViTConfig(image_size=32, patch_size=16, dim=16, depth=1, heads=2, drop_path=0.0, layer_scale=0.3)
 
@@ -21,8 +20,8 @@ def plain_block(blk: Block, x: torch.Tensor) -> torch.Tensor:
     q = a.q(y).view(B, N, a.heads, a.dh).transpose(1, 2)
     k, v = a.kv(y).view(B, N, 2, a.heads, a.dh).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
-    x = x + blk.gamma1 * a.proj(o)
-    return x + blk.gamma2 * blk.mlp(blk.norm2(x))
+    x = x + blk.ls1.gamma * a.proj(o)
+    return x + blk.ls2.gamma * blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
 
 
 def assert_same_values_and_grads(got_fn, want_fn, wrt, grad_rtol: float) -> None:
@@ -57,11 +56,12 @@ def per_sample_saved_bytes(forward, blk: Block) -> int:
 
 def test_mlp_equals_gamma_times_linear_gelu_linear_in_fp64():
     torch.manual_seed(0)
-    seq = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)).double()
-    gamma = nn.Parameter(torch.rand(8, dtype=torch.float64))
+    m, ls = Mlp(8, 32).double(), LayerScale(8, 0.5).double()
+    with torch.no_grad():
+        ls.gamma.uniform_()
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     assert_same_values_and_grads(
-        lambda: mlp(seq, x, gamma), lambda: gamma * seq(x), [x, gamma, *seq.parameters()], 1e-12
+        lambda: m(x, ls), lambda: ls.gamma * m.fc2(F.gelu(m.fc1(x))), [x, ls.gamma, *m.parameters()], 1e-12
     )
 
 

@@ -173,7 +173,7 @@ def _faiss():
     return faiss
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(n, 1e-12)
 
@@ -228,7 +228,7 @@ def fit(
         # x itself when small enough (faiss then subsamples no further); no copy when float32 already
         sample = _subsample(xt, cfg)[0].numpy()
         x32 = np.ascontiguousarray(sample, dtype=np.float32)
-        centroids, ran = _fit_faiss(normalize(x32) if cosine else x32, cfg, progress, journal)
+        centroids, ran = _fit_faiss(unit_rows(x32) if cosine else x32, cfg, progress, journal)
         del sample, x32
     else:
         c = _fit_torch(xt, cfg, dev, progress, journal, rank, world)
