@@ -41,7 +41,6 @@ def vqkd_reference(seed: int = 0):
         init_values=None,
         use_abs_pos_emb=True,
         use_rel_pos_bias=False,
-        use_fc_norm=True,
     ).eval()
     task = nn.Sequential(nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 32))
     codes = F.normalize(torch.randn(K, 32), dim=-1)
