@@ -215,14 +215,15 @@ def test_flex_attention_training_follows_sdpa_training(store_cuda, tmp_path):
 def test_compiled_finetune_on_cuda_follows_eager(tmp_path, mode):
     """mapet finetune --compile MODE on CUDA: the per-epoch losses and top-1 of the eager run, bf16 rounding
     apart (no drop path)."""
-    from tests.test_evaluate import _ft_args, main, separable_folder
+    from cli.mapet import main
+    from tests.runs import ft_args, separable_folder
 
     data = separable_folder(tmp_path / "data", n_per_class=16)
     flat = ("--epochs", "3", "--drop-path", "0", "--device", "cuda")
     hist = {}
     for name, extra in (("eager", ()), ("compiled", ("--compile", mode))):
         torch._dynamo.reset()
-        assert main(_ft_args(data, tmp_path / name, *flat, *extra)) == 0
+        assert main(ft_args(data, tmp_path / name, *flat, *extra)) == 0
         hist[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["history"]
     losses = {k: [r["loss"] for r in h] for k, h in hist.items()}
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=5e-2)
