@@ -323,15 +323,7 @@ def finetune(
             f"{run.out}/last.pt: fine-tuned on {run.ckpt['num_classes']} classes, not {num_classes}"
         )
     data = FinetuneData(train, val, encoder, cfg, num_classes, rank, world)
-    # build the classifier and its optimizer
-    for blk, rate in zip(
-        encoder.blocks, torch.linspace(0, cfg.drop_path, len(encoder.blocks)).tolist(), strict=True
-    ):
-        blk.drop_path = rate
-    encoder.grad_checkpointing = cfg.grad_checkpointing
-    torch.manual_seed(cfg.seed)  # the same head init on every rank
-    net = Classifier(encoder, num_classes).to(run.device)
-    opt = adamw(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
+    net, opt = build_classifier(encoder, cfg, num_classes, run)
     history, start, in_epoch = [], 0, {"steps": 0, "step_loss_sum": 0.0}
     if run.ckpt is not None:
         net.load_state_dict(run.ckpt["model"])
@@ -347,55 +339,60 @@ def finetune(
              "config": asdict(cfg)}  # fmt: skip
     with StopSignal() as stop:
         for epoch in range(start, cfg.epochs):
-            skip = (
-                in_epoch["steps"] if epoch == start else 0
-            )  # the steps a checkpoint made on a SIGTERM holds
+            skip = in_epoch["steps"] if epoch == start else 0  # the steps a SIGTERM's checkpoint holds
             carried = in_epoch["step_loss_sum"] if skip and rank == 0 else 0.0
             step, loss_total, stopping = train_epoch(run, model, net, opt, data, epoch, skip, carried, stop)
-            if step < (epoch + 1) * data.steps:  # stopped by a signal mid-epoch: checkpoint the steps it took
-                if rank == 0:
-                    taken = {"steps": step - epoch * data.steps, "step_loss_sum": loss_total}
-                    run.save(
-                        checkpoint(state, net, opt, run, epoch - 1, history, in_epoch=taken), step, cfg.keep
-                    )
-                raise run.stopped(
-                    stop, f"in epoch {epoch} at step {step - epoch * data.steps} of {data.steps}"
-                )
-            top1, top5, n_val = accuracy(net, data.val_loader, run.device, run.autocast(), world)  # eager
-            rec = {
-                "epoch": epoch,
-                "loss": loss_total / data.steps,
-                "val_top1": top1,
-                "val_top5": top5,
-                "n_val": n_val,
-            }
-            if not math.isfinite(rec["loss"]):
-                raise DivergedError(
-                    f"epoch {epoch}: loss is {rec['loss']}; {run.out}/last.pt, the last checkpoint, holds the weights "
-                    "from before; start again with a lower --lr (another --out)"
-                )
-            history.append(rec)
-            if rank == 0:  # the metrics first, then the checkpoint that makes the epoch count as done
-                atomic_write_bytes(
-                    run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode()
-                )
-                run.save(checkpoint(state, net, opt, run, epoch, history), step, cfg.keep)
+            taken = step - epoch * data.steps
+            if taken < data.steps:  # stopped by a signal mid-epoch: checkpoint the steps it took
+                partial = {"steps": taken, "step_loss_sum": loss_total}
+                save_rank0(run, (state, net, opt, epoch - 1, history), step, in_epoch=partial)
+                raise run.stopped(stop, f"in epoch {epoch} at step {taken} of {data.steps}")
+            history.append(evaluate_epoch(net, data, run, epoch, loss_total / data.steps))
+            save_rank0(run, (state, net, opt, epoch, history), step, metrics=True)
             if stopping and epoch < cfg.epochs - 1:
                 raise run.stopped(stop, f"after epoch {epoch}")
-    result = {
-        "top1": history[-1]["val_top1"],
-        "top5": history[-1]["val_top5"],
-        "best_top1": max(r["val_top1"] for r in history),
-        "epochs": cfg.epochs,
-        "n_val": history[-1]["n_val"],
-        "config": asdict(cfg),
-        "num_classes": num_classes,
-    }
+    result = {"top1": history[-1]["val_top1"], "top5": history[-1]["val_top5"],
+              "best_top1": max(r["val_top1"] for r in history), "epochs": cfg.epochs, "n_val": history[-1]["n_val"],
+              "config": asdict(cfg), "num_classes": num_classes}  # fmt: skip
+    save_rank0(run, (state, net, opt, cfg.epochs - 1, history), cfg.epochs * data.steps, result=result)
     if rank == 0:
-        final = checkpoint(state, net, opt, run, cfg.epochs - 1, history, result=result)
-        run.save(final, cfg.epochs * data.steps, cfg.keep)
         atomic_write_bytes(run.out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def build_classifier(encoder: VisionTransformer, cfg: FinetuneConfig, num_classes: int, run: Run) -> tuple:
+    """The classifier on `encoder` (drop path rising linearly over the blocks to cfg.drop_path, the same head
+    init on every rank) and its AdamW with layer-wise learning-rate decay."""
+    rates = torch.linspace(0, cfg.drop_path, len(encoder.blocks)).tolist()
+    for blk, rate in zip(encoder.blocks, rates, strict=True):
+        blk.drop_path = rate
+    encoder.grad_checkpointing = cfg.grad_checkpointing
+    torch.manual_seed(cfg.seed)
+    net = Classifier(encoder, num_classes).to(run.device)
+    return net, adamw(layer_decay_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
+
+
+def evaluate_epoch(net, data, run: Run, epoch: int, loss: float) -> dict:
+    """The epoch's record: its mean step loss and the validation top-1 / top-5 (eager `net`). A loss that is
+    not finite ends the run in one line: the last checkpoint holds the weights from before."""
+    if not math.isfinite(loss):
+        raise DivergedError(
+            f"epoch {epoch}: loss is {loss}; {run.out}/last.pt, the last checkpoint, holds the weights from "
+            "before; start again with a lower --lr (another --out)"
+        )
+    top1, top5, n_val = accuracy(net, data.val_loader, run.device, run.autocast(), run.world)
+    return {"epoch": epoch, "loss": loss, "val_top1": top1, "val_top5": top5, "n_val": n_val}
+
+
+def save_rank0(run: Run, parts: tuple, step: int, metrics: bool = False, **extra) -> None:
+    """Rank 0 writes the checkpoint of `step` from `parts` (state, net, opt, last finished epoch, history),
+    after OUT/metrics.jsonl when `metrics`: an epoch counts as done only once both are written."""
+    if run.rank != 0:
+        return
+    state, net, opt, epoch, history = parts
+    if metrics:
+        atomic_write_bytes(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+    run.save(checkpoint(state, net, opt, run, epoch, history, **extra), step, run.cfg.keep)
 
 
 def train_epoch(run: Run, model, net, opt, data, epoch: int, skip: int, carried: float, stop) -> tuple:

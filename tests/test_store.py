@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 
 from tokenkit.codebook import Codebook
 from tokenkit.errors import CodebookError, StoreError
@@ -204,3 +205,22 @@ def test_skipped_images_are_listed_and_rows_stay_aligned(tmp_path, photos, codeb
     assert sorted(k for k, _ in s.manifest["skipped"]) == ["even/empty", "odd/broken"]
     assert all(k not in ("odd/broken", "even/empty") for k in s.read(np.arange(len(s)))["keys"])
     assert verify(out) == []
+
+
+def test_webdataset_reads_the_shards_as_the_store_holds_them(pristine):
+    """The tar shards are plain webdataset: the webdataset library groups each sample's two members (the
+    image, one structured tokens.npy record) by key, and the record's fields are the zarr arrays' rows."""
+    import webdataset as wds
+
+    st = TokenStore.open(pristine)
+    g = zarr.open_group(str(pristine), mode="r")
+    rows = {str(k): i for i, k in enumerate(g["keys"][...])}
+    seen = 0
+    for sample in wds.WebDataset([str(p) for p in st.tar_paths()], shardshuffle=False).decode("rgb8"):
+        i, rec = rows[sample["__key__"]], sample["tokens.npy"]
+        assert np.array_equal(rec["tokens"], g["tokens"][i]) and np.array_equal(rec["views"], g["views"][i])
+        assert int(rec["label"]) == int(g["labels"][i])
+        (image,) = [v for k, v in sample.items() if k in ("jpg", "jpeg", "png")]  # decoded by webdataset
+        assert image.ndim == 3 and image.shape[2] == 3
+        seen += 1
+    assert seen == int((g["status"][...] == 0).sum()) > 0

@@ -1,10 +1,11 @@
-"""`tokenkit features`: CLIP grid features of an image source, streamed to a float16 zarr store.
+"""`tokenkit features`: an encoder's grid features (CLIP, timm, HOG, pixels) of an image source, streamed
+to a float16 zarr store.
 
-Each image's central square is encoded; P = min(G*G, ceil(max_patches / N)) of its G*G patch features,
+Each image's central square is encoded; Q = min(G*G, ceil(max_patches / R)) of its G*G patch features,
 chosen by a generator keyed by (seed, key), are kept, so the store holds about `max_patches` vectors for
-k-means without ever holding them in RAM. Store arrays (N rows, source order):
-  features (N, P, C) float16, patch (N, P) int16 grid index of each kept patch, keys (N,) str,
-  status (N,) uint8 (0 stored, 1 skipped).
+k-means without ever holding them in RAM. Store arrays (R rows, source order):
+  features (R, Q, C) float16, patch (R, Q) int16 grid index of each kept patch, keys (R,) str,
+  status (R,) uint8 (0 stored, 1 skipped).
 """
 
 from __future__ import annotations
@@ -83,15 +84,15 @@ class FeatureStore(RowStore):
         read shard by shard; with world > 1 only rank's share of them: rows rank, rank + world, ... (what a
         torchrun k-means fit holds per rank, tokenkit.kmeans.fit)."""
         feats = self.group["features"]
-        P = feats.shape[1]
+        Q = feats.shape[1]
         ok_rows = np.flatnonzero(self.status() == STATUS_OK)
-        total = len(ok_rows) * P
+        total = len(ok_rows) * Q
         rng = np.random.default_rng(seed)
         take = (
             np.sort(rng.choice(total, max_points, replace=False)) if total > max_points else np.arange(total)
         )
         take = take[rank::world]
-        rows, cols = ok_rows[take // P], take % P
+        rows, cols = ok_rows[take // Q], take % Q
         out = np.empty((len(take), feats.shape[2]), dtype=dtype)
         S = feats.shards[0]
         pos = 0
@@ -99,7 +100,7 @@ class FeatureStore(RowStore):
             sel = (rows >= s) & (rows < s + S)
             if not sel.any():
                 continue
-            block = feats[s : s + S]  # (S, P, C) one whole shard
+            block = feats[s : s + S]  # (shard rows, Q, C): one whole shard
             m = int(sel.sum())
             out[pos : pos + m] = block[rows[sel] - s, cols[sel]]
             pos += m
@@ -122,7 +123,7 @@ def extract_features(
     out = Path(out)
     source = list_source(images)
     n, G = len(source), spec.grid
-    P = min(G * G, math.ceil(cfg.max_patches / n))
+    Q = min(G * G, math.ceil(cfg.max_patches / n))
     device = pick_device(cfg.device)
     job = {
         "job": "features",
@@ -138,8 +139,8 @@ def extract_features(
 
     def init():
         arrays = {
-            "features": ((P, C), "float16"),
-            "patch": ((P,), "int16"),
+            "features": ((Q, C), "float16"),
+            "patch": ((Q,), "int16"),
             "keys": ((), "str"),
             "status": ((), "uint8"),
         }
@@ -153,13 +154,13 @@ def extract_features(
             "source": source.describe(),
             "n": n,
             "n_ok": sum(r["ok"] for r in records),
-            "patches_per_image": P,
+            "patches_per_image": Q,
             "dim": C,
             "shards": [{"rows": r["rows"], "ok": r["ok"], "sha256": r["sha256"]} for r in records],
             "skipped": [*map(list, source.unlisted), *(s for r in records for s in r["skipped"])],
         }
 
-    writer = _FeatureShard(out, source.keys, encoder, device, cfg, P)
+    writer = _FeatureShard(out, source.keys, encoder, device, cfg, Q)
     run_shards(out, job, init, dataset, writer, manifest, cfg, resume, (rank, world, barrier), progress)
     return out
 
@@ -167,15 +168,15 @@ def extract_features(
 class _FeatureShard:
     """Buffers one work shard of features, writes it as one zarr shard per array."""
 
-    def __init__(self, out: Path, keys, encoder, device, cfg: FeaturesConfig, P: int):
-        self.out, self.keys, self.encoder, self.device, self.cfg, self.P = out, keys, encoder, device, cfg, P
+    def __init__(self, out: Path, keys, encoder, device, cfg: FeaturesConfig, Q: int):
+        self.out, self.keys, self.encoder, self.device, self.cfg, self.Q = out, keys, encoder, device, cfg, Q
 
     def begin(self, start: int, stop: int) -> None:
         rows, C = stop - start, self.encoder.dim
         self.start = start
         self.buf = {
-            "features": np.zeros((rows, self.P, C), np.float16),
-            "patch": np.zeros((rows, self.P), np.int16),
+            "features": np.zeros((rows, self.Q, C), np.float16),
+            "patch": np.zeros((rows, self.Q), np.int16),
             "keys": np.asarray(self.keys[start:stop]),
             "status": np.full(rows, STATUS_SKIPPED, np.uint8),
         }
@@ -190,7 +191,7 @@ class _FeatureShard:
         for j, it in enumerate(items):
             r = it["index"] - self.start
             # the kept patches are keyed by (seed, key): the same whatever the batch or rank
-            pick = np.sort(keyed_rng(self.cfg.seed, self.keys[it["index"]]).choice(G2, self.P, replace=False))
+            pick = np.sort(keyed_rng(self.cfg.seed, self.keys[it["index"]]).choice(G2, self.Q, replace=False))
             self.buf["features"][r] = f[j, pick].astype(np.float16)
             self.buf["patch"][r] = pick
             self.buf["status"][r] = STATUS_OK

@@ -78,7 +78,7 @@ class SampleIndex:
     root: str
     tars: tuple[str, ...]
     keys: StrArray
-    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    labels: np.ndarray  # (R,) int64, -1 = unlabelled
     locators: StrArray
     classes: tuple[str, ...] = field(default=())
     unlisted: tuple[tuple[str, str], ...] = field(default=())  # (name, why) of files the listing skipped

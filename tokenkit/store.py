@@ -1,7 +1,7 @@
 """Reading a token store: tokens + views (+ image) by index or key, in blocks; verify; statistics.
 
 A store is the folder `tokenkit tokenize` wrote: manifest.json, tokenizer.safetensors, the zarr arrays
-(tokens (N, V, G, G), views (N, V, 5), labels, keys, locators, status) and/or wds/shard-*.tar.
+(tokens (R, V, G, G), views (R, V, 5), labels, keys, locators, status) and/or wds/shard-*.tar.
 Positions 0..len-1 address the stored (not skipped) rows in source order.
 """
 
