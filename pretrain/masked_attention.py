@@ -34,7 +34,7 @@ class MaskedAttention:
             from torch.nn.attention.flex_attention import flex_attention
 
             dense = mask_b.to(device)
-            masks = (block_mask(dense, device), block_mask(dense[P:].contiguous(), device))
+            masks = (flex_mask(dense, device), flex_mask(dense[P:].contiguous(), device))
             self._flex = (device, torch.compile(flex_attention, dynamic=False), masks, flex_attention)
         # inside a compiled model (explicit "flex" only) the plain function: Dynamo traces it into the graph,
         # where the compiled wrapper split the graph at every attention call (CUDA graphs then gained nothing);
@@ -42,7 +42,7 @@ class MaskedAttention:
         return self._flex[2], self._flex[3 if torch.compiler.is_compiling() else 1]
 
 
-def block_mask(dense: torch.Tensor, device: torch.device):
+def flex_mask(dense: torch.Tensor, device: torch.device):
     """The FlexAttention BlockMask of a dense (rows, keys) boolean mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 

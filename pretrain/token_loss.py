@@ -38,8 +38,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n = valid.sum()  # rows in the mean
         scale = valid.to(acc) / n  # (M,) d(mean loss) / d(row loss)
         target = target.clamp_min(0)  # ignored rows: any class, their terms are zeroed below
-        # every sum is built out of place: torch 2.11's compiled autograd.Function saved a tensor for backward
-        # as it was before later in-place updates (zeros), so --compile trained on zero gradients
+        # every sum is built out of place: under --compile an in-place update of a tensor saved for backward
+        # can reach backward as the value it had when saved (zeros: docs/benchmarks.md)
         loss = torch.zeros((), dtype=acc, device=x.device)
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None

@@ -11,9 +11,8 @@ keep the best of `nredo` runs, and split the largest cluster into empty ones. `m
 spherical k-means: inputs and centroids are L2-normalised here, so callers never normalise.
 
 A fit may keep its progress in a `FitJournal` (`tokenkit codebook` does, beside its output): killed or
-preempted, it resumes where it stopped and ends with the uninterrupted fit's centroids. The paper's fit (4.2M
-x 4096, K 8192, 5 restarts of 20 iterations) should take ~70 min on one H100 with the torch backend (scaled
-from docs/benchmarks.md's 3.8 s for 200k x 768 x 10 iterations).
+preempted, it resumes where it stopped and ends with the uninterrupted fit's centroids (expected times at the
+paper's scale: docs/benchmarks.md).
 
 Memory at the paper's scale (4.2M x 4096 CLIP features): the torch backend keeps the sample in the dtype it
 comes in (float16, as features are stored: 32 GiB instead of 64 on the GPU) and converts one block of rows
