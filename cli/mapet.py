@@ -4,7 +4,7 @@ mapet pretrain --tokens STORE --out RUN --model mapet_small --objective mapet|be
 torchrun --nproc_per_node 8 -m cli.mapet pretrain ...
 mapet knn | linprobe | finetune --checkpoint RUN/last.pt --train DIR --val DIR
 mapet validate --checkpoint FT/last.pt --val DIR
-mapet export RUN/last.pt encoder.safetensors
+mapet export RUN/last.pt DIR   # a folder timm loads: timm.create_model('local-dir:DIR', pretrained=True)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pretrain.evaluate import (
 from pretrain.export import export as export_model
 from pretrain.finetune import FinetuneConfig, classifier_of, validate_classifier
 from pretrain.finetune import finetune as run_finetune
+from pretrain.model_card import model_card
 from pretrain.run import COMPILE_MODES
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
@@ -165,8 +166,8 @@ def pretrain(tokens, out, resume, quiet, **kw):
 
 RANDOM_PATCH_HELP = "Patch size of a random-init encoder (--checkpoint random); a file fixes its own."
 CHECKPOINT_HELP = (
-    "RUN/last.pt of 'mapet pretrain', an encoder .safetensors with timm ViT key names ('mapet export', or "
-    "another codebase's timm ViT), or 'random' (random init)."
+    "RUN/last.pt of 'mapet pretrain', a 'mapet export' folder, a .safetensors with timm ViT key names "
+    "(another codebase's timm ViT), or 'random' (random init)."
 )
 CROP_PCT_HELP = (
     "Evaluation crop: Resize(S / crop-pct) + CenterCrop(S) [default: 0.875 below 384 px, 1.0 from 384 px]; "
@@ -462,11 +463,19 @@ def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device,
 @click.argument("checkpoint", type=EXISTING)
 @click.argument("out", type=click.Path(path_type=Path))
 def export(checkpoint, out):
-    """Write CHECKPOINT as safetensors with timm ViT key names: a pre-training run's encoder, or a fine-tuned
-    classifier (timm's VisionTransformer with global_pool="avg", fc_norm and the head)."""
+    """Write CHECKPOINT as the folder OUT that timm loads, timm.create_model("local-dir:OUT",
+    pretrained=True): model.safetensors (timm ViT key names), config.json (architecture, model_args,
+    pretrained_cfg) and a README.md model card. A pre-training run's encoder (no head, average pooling) or a
+    fine-tuned classifier (fc_norm and its head). k-NN, the linear probe and fine-tuning read the folder too."""
     ckpt = load_checkpoint(checkpoint, kind=(KIND, FINETUNE_KIND))
-    export_model(encoder_of(ckpt) if ckpt["kind"] == KIND else classifier_of(ckpt), out)
-    click.echo(f"wrote {out}")
+    size = ckpt["vit"]["image_size"]
+    if ckpt["kind"] == KIND:
+        model, crop_pct, classes = encoder_of(ckpt), default_crop_pct(size), None
+    else:
+        model, classes = classifier_of(ckpt), ckpt.get("classes")
+        crop_pct = ckpt["config"].get("crop_pct") or default_crop_pct(size)
+    export_model(model, out, model_card(ckpt, checkpoint, out), crop_pct, classes)
+    click.echo(f"wrote {out}: timm.create_model('local-dir:{out}', pretrained=True)")
 
 
 def main(argv: list[str] | None = None) -> int:

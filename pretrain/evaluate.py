@@ -37,8 +37,8 @@ def load_vit(
     patch_size: int | None = None,
     seed: int = 0,
 ) -> VisionTransformer:
-    """The encoder of a pre-training checkpoint, of a safetensors file with timm ViT key names (`mapet
-    export`, or another codebase's timm ViT: pretrain.export.load_timm), or a random-init one for
+    """The encoder of a pre-training checkpoint, of a `mapet export` folder, or of a safetensors file with timm
+    ViT key names (another codebase's timm ViT: pretrain.export.load_timm), or a random-init one for
     `checkpoint="random"`. With a file, image_size (if given) resamples its positions for that input size
     (pretrain.vit.at_image_size); its patch size is fixed by the weights."""
     require(size_checks(image_size, patch_size))
@@ -53,10 +53,11 @@ def load_vit(
         _check_multiple(cfg.image_size, cfg.patch_size)
         torch.manual_seed(seed)
         return VisionTransformer(cfg).eval()
+    path = Path(checkpoint)
     enc = (
-        load_timm(Path(checkpoint))
-        if checkpoint.endswith(".safetensors")
-        else encoder_of(load_checkpoint(Path(checkpoint)))
+        load_timm(path)
+        if path.is_dir() or path.suffix == ".safetensors"
+        else encoder_of(load_checkpoint(path))
     )
     if patch_size is not None and patch_size != enc.cfg.patch_size:
         raise ConfigError(

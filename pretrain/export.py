@@ -1,20 +1,24 @@
-"""Encoders as safetensors with timm's VisionTransformer key names, both ways.
+"""Encoders as timm models, both ways.
 
-`mapet export` writes a file that loads into `timm.models.vision_transformer.VisionTransformer(img_size,
-patch_size, embed_dim, depth, num_heads, init_values=<layer scale>, qkv_bias=True, num_classes=0)`, or for a
-fine-tuned model (`mapet finetune`'s OUT/last.pt) into the same with num_classes, global_pool="avg" and
-fc_norm=True: the classifier itself, logits and all. The timm arguments are stored in the file's metadata
-under `timm_args`. Our separate q and kv linears become timm's fused qkv. `load_timm` reads an encoder file
-back, or the state dict of any plain timm ViT with a class token (MAE's, DeiT's, an AugReg ViT's, saved as
-safetensors), so that k-NN, the linear probe and fine-tuning judge encoders from other codebases by the same
-protocol.
+`mapet export CHECKPOINT DIR` writes a folder that timm loads as it is,
+`timm.create_model("local-dir:DIR", pretrained=True)`: `model.safetensors` (timm's VisionTransformer key
+names; our separate q and kv linears become timm's fused qkv), `config.json` (the architecture, the
+`model_args` that give it our geometry, and the `pretrained_cfg` timm's data pipeline reads: input size,
+mean, std, crop_pct, interpolation) and a `README.md` model card. An encoder becomes timm's ViT with no
+head, average pooling of the final-normed patch tokens (the features k-NN and the linear probe judge); a
+fine-tuned classifier (`mapet finetune`'s OUT/last.pt) becomes the same ViT with fc_norm and its head,
+logits and all. `load_timm` reads such a folder back, or the state dict of any plain timm ViT with a class
+token (MAE's, DeiT's, an AugReg ViT's, saved as safetensors), so that k-NN, the linear probe and fine-tuning
+judge encoders from other codebases by the same protocol.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,10 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.vit import VisionTransformer, ViTConfig
-from tokenkit.errors import StoreError
-from tokenkit.journal import atomic_write_bytes
+from tokenkit.errors import ConfigError, StoreError
 
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"  # an exported folder's files
+TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}  # timm's names by width
 # per block: the layers whose weight and bias carry over unchanged (the same names as timm's)
 _SAME = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2")
 # every key of timm's plain VisionTransformer (class token, learned positions, no pooling norm); head.* is dropped
@@ -73,8 +79,8 @@ def timm_args(model: nn.Module) -> dict:
     patch tokens, fc_norm, head)."""
     enc, classifier = _split(model)
     c = enc.cfg
-    head = (
-        {}
+    head = (  # the encoder's features: the mean of the final-normed patch tokens
+        {"num_classes": 0, "global_pool": "avg", "fc_norm": False}
         if classifier is None
         else {"num_classes": classifier.head.out_features, "global_pool": "avg", "fc_norm": True}
     )
@@ -87,27 +93,73 @@ def timm_args(model: nn.Module) -> dict:
         "mlp_ratio": c.mlp_ratio,
         "init_values": c.layer_scale,
         "qkv_bias": True,
-        "num_classes": 0,
         **head,
     }
 
 
-def export(model: nn.Module, out: Path) -> Path:
-    """Write an encoder, or a fine-tuned classifier, as timm-named safetensors."""
-    meta = {"timm_args": json.dumps(timm_args(model)), "format": "pt"}
-    data = save(timm_state_dict(model), metadata=meta)
-    atomic_write_bytes(Path(out), data)
-    return Path(out)
+def timm_config(model: nn.Module, crop_pct: float, classes: list[str] | None = None) -> dict:
+    """config.json of an exported folder, as timm's local-dir loader reads it: a registered ViT name (the
+    nearest by width, patch and size; `model_args` carry the whole geometry, so the name only has to build a
+    VisionTransformer), the model arguments, and the pretrained_cfg timm's data pipeline resolves."""
+    args = timm_args(model)
+    S = args["img_size"]
+    name = f"vit_{TIMM_SIZES.get(args['embed_dim'], 'base')}_patch{args['patch_size']}_{S}"
+    cfg = {
+        "architecture": name if _timm().is_model(name) else "vit_base_patch16_224",
+        "num_classes": args["num_classes"],
+        "num_features": args["embed_dim"],
+        "global_pool": args["global_pool"],
+        "model_args": args,
+        "pretrained_cfg": {"input_size": [3, S, S], "fixed_input_size": True, "interpolation": "bicubic",
+                           "crop_pct": crop_pct, "crop_mode": "center", "mean": list(IMAGENET_MEAN),
+                           "std": list(IMAGENET_STD), "num_classes": args["num_classes"],
+                           "first_conv": "patch_embed.proj", "classifier": "head"},
+    }  # fmt: skip
+    if classes:
+        cfg["label_names"] = list(classes)
+    return cfg
+
+
+def export(model: nn.Module, out: Path, card: str, crop_pct: float, classes: list[str] | None = None) -> Path:
+    """Write the folder OUT (model.safetensors, config.json, README.md = `card`) for an encoder or a
+    fine-tuned classifier: built beside OUT and renamed into place, so OUT is whole or absent. An existing
+    OUT is replaced only when it is an earlier export (nothing but those three files)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - {WEIGHTS, CONFIG, CARD}):
+        raise ConfigError(f"{out}: exists and is not an exported model folder; pass a new folder")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        meta = {"timm_args": json.dumps(timm_args(model)), "format": "pt"}
+        (tmp / WEIGHTS).write_bytes(save(timm_state_dict(model), metadata=meta))
+        (tmp / CONFIG).write_text(json.dumps(timm_config(model, crop_pct, classes), indent=1) + "\n")
+        (tmp / CARD).write_text(card)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except OSError as e:  # named by the folder the user asked for
+        raise OSError(e.errno, e.strerror, str(out)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _timm():
+    import timm  # a runtime dependency, imported where it is used: `mapet` starts faster without it
+
+    return timm
 
 
 def load_timm(path: Path) -> VisionTransformer:
-    """The encoder in a safetensors file with timm ViT key names: `mapet export`'s output, or a timm ViT's
-    state dict. Geometry comes from the tensor shapes (width, patch size, grid, depth, MLP ratio); the head
+    """The encoder in a `mapet export` folder, or in a safetensors file with timm ViT key names (its
+    model.safetensors, or a timm ViT's state dict). Geometry comes from the tensor shapes (width, patch size, grid, depth, MLP ratio); the head
     count from the `timm_args` metadata, else width / 64 (every ViT-T/S/B/L/H). A model without LayerScale
     gets gammas of one (the same function), one without q/k/v biases gets zero biases. The classifier
     (`head.*`) is dropped; any other key timm's plain ViT does not have (register tokens, a pooling norm, a
     relative position bias) is refused, rather than silently left out."""
     path = Path(path)
+    if path.is_dir():  # an exported folder
+        path = path / WEIGHTS
     try:
         with safe_open(str(path), "pt") as f:
             meta, s = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}

@@ -90,18 +90,14 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     assert "--layer-decay 0.0: must be in [1e-3, 1]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
-    # the fine-tuned classifier exports to timm whole: same logits from timm's VisionTransformer
+    # the fine-tuned classifier exports to timm whole: same logits, its class names
     timm = pytest.importorskip("timm")
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from pretrain.finetune import classifier_of
 
-    assert main(["export", str(ft / "last.pt"), str(tmp_path / "ft.safetensors")]) == 0
-    with safe_open(str(tmp_path / "ft.safetensors"), "pt") as f:
-        args = json.loads(f.metadata()["timm_args"])
-    ref = timm.models.vision_transformer.VisionTransformer(**args).eval()
-    ref.load_state_dict(load_file(str(tmp_path / "ft.safetensors")), strict=True)
+    assert main(["export", str(ft / "last.pt"), str(tmp_path / "ft-timm")]) == 0
+    ref = timm.create_model(f"local-dir:{tmp_path / 'ft-timm'}", pretrained=True).eval()
+    assert ref.pretrained_cfg["label_names"] == ["cool", "warm"]
     ours = classifier_of(torch.load(ft / "last.pt", weights_only=True))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -8,8 +8,8 @@ import torch
 
 from cli.mapet import main
 from pretrain.checkpoint import load_checkpoint
-from pretrain.evaluate import load_vit
-from pretrain.export import export
+from pretrain.data import IMAGENET_MEAN
+from pretrain.evaluate import default_crop_pct, load_vit
 from tests.runs import eval_args, pretrained_run, separable_folder
 from tokenkit.errors import StoreError
 
@@ -19,41 +19,44 @@ def run(tmp_path_factory, photos, codebook_path):
     return pretrained_run(tmp_path_factory.mktemp("evalrun"), photos, codebook_path)
 
 
-def test_export_loads_into_timm_and_matches(run, tmp_path):
+def test_export_folder_is_a_timm_model(run, tmp_path, capsys):
+    """`mapet export RUN/last.pt DIR`: timm.create_model("local-dir:DIR", pretrained=True) builds it with our
+    weights, its pooled output is the features k-NN and the linear probe judge, timm's data config is ours,
+    and the folder has a model card; k-NN reads the folder too."""
     timm = pytest.importorskip("timm")
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
+    out = tmp_path / "new" / "mapet-micro"  # its parent is created
+    assert main(["export", str(run), str(out)]) == 0
+    assert f"timm.create_model('local-dir:{out}', pretrained=True)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     enc = load_vit(str(run))
-    path = export(enc, tmp_path / "enc.safetensors")
-    with safe_open(str(path), "pt") as f:
-        args = json.loads(f.metadata()["timm_args"])
-    ref = timm.models.vision_transformer.VisionTransformer(**args)
-    missing, unexpected = ref.load_state_dict(load_file(str(path)), strict=True)
-    assert not missing and not unexpected
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(ref.forward_features(x), enc.forward_features(x), rtol=1e-5, atol=1e-5)
-    cli_out = tmp_path / "new" / "folder" / "cli.safetensors"  # its folder is created
-    assert main(["export", str(run), str(cli_out)]) == 0
-    assert load_file(str(cli_out)).keys() == load_file(str(path)).keys()
+        torch.testing.assert_close(
+            model(x), enc.forward_head(enc.forward_features(x), "avg"), rtol=1e-5, atol=1e-5
+        )
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["input_size"] == (3, 64, 64) and data["interpolation"] == "bicubic"
+    assert data["mean"] == pytest.approx(IMAGENET_MEAN) and data["crop_pct"] == default_crop_pct(64)
+    card = (out / "README.md").read_text()
+    assert "pre-trained with MaPeT" in card and "K = 16" in card and f"local-dir:{out}" in card
+    back = load_vit(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x), enc.forward_features(x), rtol=1e-6, atol=1e-6)
+    assert main(["export", str(run), str(out)]) == 0  # an earlier export is replaced
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(run), str(out)]) == 2  # a folder holding anything else is not
+    assert "not an exported model folder" in capsys.readouterr().err and (out / "notes.txt").exists()
 
 
 def test_export_to_an_unwritable_path_is_a_one_line_error(run, tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    assert main(["export", str(run), str(tmp_path / "file" / "enc.safetensors")]) == 1
+    assert main(["export", str(run), str(tmp_path / "file" / "enc")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mapet: error: ") and str(tmp_path / "file") in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-
-
-def test_exported_encoder_loads_back_for_evaluation(run, tmp_path):
-    enc = load_vit(str(run))
-    back = load_vit(str(export(enc, tmp_path / "enc.safetensors")))
-    assert back.cfg.heads == enc.cfg.heads and back.cfg.grid == enc.cfg.grid
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(back.forward_features(x), enc.forward_features(x), rtol=1e-6, atol=1e-6)
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_a_timm_vit_is_judged_by_the_same_protocol(tmp_path, capsys):

@@ -114,7 +114,7 @@ def test_damaged_files_are_one_line(world, tmp_path, capsys, content):
             ["knn", "--checkpoint", str(bad_st), "--train", world["photos"], "--val", world["photos"]],
         ),
         (mapet_main, ["validate", "--checkpoint", str(bad), "--val", world["photos"]]),
-        (mapet_main, ["export", str(bad), str(tmp_path / "e.safetensors")]),
+        (mapet_main, ["export", str(bad), str(tmp_path / "e")]),
         (tokenkit_main, ["inspect", str(bad_st)]),
         (tokenkit_main, ["encode", str(bad_st), f"{world['photos']}/even/astronaut.jpg"]),
         (tokenkit_main, ["tokenize", world["photos"], str(bad_st), str(tmp_path / "t")]),
