@@ -15,7 +15,17 @@ from pathlib import Path
 
 import click
 
-from cli.runtime import Dist, init_distributed, run_cli, with_options
+from cli.runtime import (
+    BLR,
+    Dist,
+    config_option,
+    init_distributed,
+    learning_rate,
+    run_cli,
+    version_option,
+    warn,
+    with_options,
+)
 from pretrain.checkpoint import FINETUNE_KIND, KIND, load_checkpoint
 from pretrain.evaluate import (
     ProbeConfig,
@@ -85,6 +95,7 @@ COMPILE = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@version_option("mapet")
 def cli():
     """MaPeT and BEiT pre-training of ViTs on cached visual tokens, and their evaluation."""
 
@@ -105,7 +116,14 @@ def cli():
     help="Per rank and micro-step.",
 )
 @ACCUM_STEPS
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    default=TrainConfig.lr,
+    show_default=True,
+    help=f"Peak learning rate (the paper's, for a global batch of {TrainConfig.LR_BATCH}).",
+)
+@BLR
 @click.option("--min-lr", type=float, default=TrainConfig.min_lr, show_default=True)
 @click.option("--warmup-epochs", type=float, default=TrainConfig.warmup_epochs, show_default=True)
 @click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
@@ -149,15 +167,28 @@ def cli():
 @click.option("--keep", type=int, default=TrainConfig.keep, show_default=True, help="Checkpoints kept.")
 @click.option("--log-every", type=int, default=TrainConfig.log_every, show_default=True)
 @click.option("--source-root", type=str, default=None, help="Image folder, when it moved since tokenize.")
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Start from the weights of this pre-training checkpoint (same objective, ViT and K) with a new "
+    "schedule: how to extend a finished run (docs/pipeline.md).",
+)
 @resume_option("RUN")
+@config_option(TrainConfig)
 @click.option("--quiet", is_flag=True)
-def pretrain(tokens, out, resume, quiet, **kw):
+@click.pass_context
+def pretrain(ctx, tokens, out, resume, quiet, **kw):
     """Pre-train a ViT with the MaPeT (or BEiT) objective on the cached targets of a token store.
 
     On SIGTERM (preemption) it trains on to the next logged step, checkpoints it and exits 143."""
     dist = init_distributed()
+    notes = learning_rate(ctx, kw, dist.world, TrainConfig.LR_BATCH)
     kw["device"] = dist.device(kw["device"])
     cfg = TrainConfig(tokens=str(tokens), out=str(out), **kw)
+    cfg.validate()
+    for note in notes:
+        warn("mapet", note)
     with OutputLock(Path(out)) if dist.rank == 0 else nullcontext():  # one writer per run folder
         last = run_pretrain(cfg, resume == "auto", dist.rank, dist.world, dist.barrier, not quiet)
     if dist.rank == 0:
@@ -343,7 +374,14 @@ def linprobe(pool, l2, max_iter, **kw):
     help="Per rank and micro-step.",
 )
 @ACCUM_STEPS
-@click.option("--lr", type=float, default=FinetuneConfig.lr, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    default=FinetuneConfig.lr,
+    show_default=True,
+    help=f"Peak learning rate (tuned for a global batch of {FinetuneConfig.LR_BATCH}).",
+)
+@BLR
 @click.option(
     "--min-lr",
     type=float,
@@ -398,16 +436,21 @@ def linprobe(pool, l2, max_iter, **kw):
 @GRAD_CHECKPOINTING
 @COMPILE
 @resume_option("OUT")
+@config_option(FinetuneConfig)
 @click.option("--quiet", is_flag=True)
-def finetune(checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):
+@click.pass_context
+def finetune(ctx, checkpoint, train_dir, val_dir, out, model, image_size, patch_size, resume, quiet, **kw):
     """Fine-tune the encoder end to end (avg pooling + fc_norm, layer-wise lr decay); torchrun for DDP.
 
     On SIGTERM (preemption) it trains on to the next optimizer step (under torchrun: the next multiple of 10,
     where the ranks agree), checkpoints it and exits 143."""
     dist = init_distributed()
+    notes = learning_rate(ctx, kw, dist.world, FinetuneConfig.LR_BATCH)
     kw["device"] = dist.device(kw["device"])
     cfg = FinetuneConfig(**kw)
     cfg.validate()  # before the encoder and the image lists are loaded
+    for note in notes:
+        warn("mapet", note)
     enc = load_vit(checkpoint, model, image_size, patch_size, kw["seed"])
     with OutputLock(Path(out)) if dist.rank == 0 else nullcontext():  # one writer per run folder
         res = run_finetune(

@@ -7,14 +7,17 @@ rank, world and a barrier as arguments.
 from __future__ import annotations
 
 import errno
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from tokenkit.device import pick_device
-from tokenkit.errors import TokenkitError
+from tokenkit.errors import ConfigError, TokenkitError, require
 from tokenkit.stopsignal import Stopped
 
 
@@ -112,3 +115,88 @@ def with_options(options: list):
         return f
 
     return apply
+
+
+def warn(prog: str, message: str) -> None:
+    """One warning line on stderr, from rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"{prog}: warning: {message}", err=True)
+
+
+def read_config_file(path: Path) -> dict:
+    """A YAML or JSON mapping of option names (dashes or underscores) to values."""
+    import yaml  # a dependency; imported here, where it is used
+
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--config {path}: not a readable JSON / YAML file ({why})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: holds no mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def learning_rate(ctx: click.Context, kw: dict, world: int, lr_batch: int) -> list[str]:
+    """Resolve --blr into kw["lr"] (blr x global batch / 256, MAE's and BEiT's rule). Returns the warnings to
+    print once the settings are checked: the default lr meeting a global batch other than the `lr_batch` it
+    was tuned for, warmup not shorter than the run."""
+    batch = kw["batch_size"] * kw["accum_steps"] * world
+    given = ctx.get_parameter_source("lr") in (ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP)
+    blr, warnings = kw.pop("blr"), []
+    if blr is not None:
+        require((("--blr", blr, 1e-12 <= blr <= 10, "in [1e-12, 10]"),))
+        if given:
+            raise ConfigError("--blr with --lr: pass one of them")
+        kw["lr"] = blr * batch / 256
+    elif not given and batch != lr_batch:
+        warnings.append(f"--lr {kw['lr']:g} is tuned for a global batch of {lr_batch}, this run's is {batch}; pass "
+                        f"--blr {kw['lr'] * 256 / lr_batch:g} to scale it (lr = blr x batch / 256) or --lr to keep it")  # fmt: skip
+    if kw["warmup_epochs"] >= kw["epochs"]:
+        warnings.append(f"--warmup-epochs {kw['warmup_epochs']:g} is not shorter than --epochs {kw['epochs']}: "
+                        "the learning rate never reaches its peak")  # fmt: skip
+    return warnings
+
+
+BLR = click.option(
+    "--blr",
+    type=float,
+    default=None,
+    help="Base learning rate per 256 images: lr = blr x global batch / 256 (instead of --lr).",
+)
+
+
+def config_option(config_cls):
+    """--config FILE: the command's option values from a YAML or JSON file, a run's own config.json
+    included; flags given on the command line override it. A key that is no option of the command is refused,
+    unless it is a field of `config_cls` holding its default (a config.json records every field)."""
+    defaults = {f.name: f.default for f in fields(config_cls)}
+
+    def load(ctx: click.Context, param, value):
+        if value is None:
+            return None
+        data = read_config_file(value)
+        names = {p.name for p in ctx.command.params}
+        if bad := [k for k in data if k not in names and not (k in defaults and _same(data[k], defaults[k]))]:
+            raise ConfigError(f"--config {value}: {bad[0]} is not an option of this command")
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if k in names}}
+        return value
+
+    return click.option(
+        "--config",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        is_eager=True,
+        expose_value=False,
+        callback=load,
+        help="YAML or JSON file of option values (a run's config.json too); flags override it.",
+    )
+
+
+def _same(a, b) -> bool:
+    return list(a) == list(b) if isinstance(a, list | tuple) and isinstance(b, list | tuple) else a == b
+
+
+def version_option(prog: str):
+    """--version: the installed package's version, under the command's name."""
+    return click.version_option(package_name="tokenkit-mapet", prog_name=prog, message="%(prog)s %(version)s")

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from cli.runtime import apply_preset, init_distributed, run_cli, with_options
+from cli.runtime import apply_preset, init_distributed, run_cli, version_option, warn, with_options
 from tokenkit.codebook import Codebook, build_codebook, read_header
 from tokenkit.device import PRECISIONS
 from tokenkit.encoders import resolve_spec
@@ -47,8 +47,14 @@ from tokenkit.views import ViewConfig, center_box
 PATH = click.Path(path_type=Path)
 EXISTING = click.Path(exists=True, path_type=Path)
 
+PRESET_HELP = "A named recipe; flags given override it. " + "; ".join(
+    f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+    for name, values in PRESETS.items()
+)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@version_option("tokenkit")
 def cli():
     """Visual tokenizers (k-means over CLIP, timm or HOG features; VQ-KD; DALL-E) and the offline token cache."""
 
@@ -98,9 +104,7 @@ def job_options(config):
 @cli.command()
 @click.argument("images", type=str)
 @click.argument("out", type=PATH)
-@click.option(
-    "--preset", type=click.Choice(list(PRESETS)), default=None, help="A named recipe (mapet-kclip)."
-)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help=PRESET_HELP)
 @click.option(
     "--model",
     default="ViT-B-16",
@@ -177,6 +181,10 @@ def features(ctx, images, out, preset, **kw):
     )
     kw["device"] = dist.device(kw["device"])
     cfg = FeaturesConfig(**{f.name: kw[f.name] for f in fields(FeaturesConfig)})
+    cfg.validate()
+    if spec.family in ("clip", "timm") and spec.pretrained == "none":
+        warn("tokenkit", f"--model {spec.model} with random weights (--pretrained none): its codes say little "
+             "beyond colour; pass --pretrained openai, hub or a checkpoint for real features")  # fmt: skip
     extract_features(
         images, out, spec, cfg, kw["resume"], dist.rank, dist.world, dist.barrier, not kw["quiet"]
     )
@@ -187,7 +195,7 @@ def features(ctx, images, out, preset, **kw):
 @cli.command()
 @click.argument("features_store", metavar="FEATURES", type=EXISTING)
 @click.argument("out", type=PATH)
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help=PRESET_HELP)
 @click.option("--k", type=int, default=KMeansConfig.k, show_default=True, help="Codebook size K.")
 @click.option("--niter", type=int, default=KMeansConfig.niter, show_default=True)
 @click.option(

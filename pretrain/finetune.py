@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,10 @@ from tokenkit.views import keyed_rng
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    LR_BATCH: ClassVar[int] = (
+        64  # the global batch the default lr is tuned for (one process, the default batch)
+    )
+
     epochs: int = 100
     batch_size: int = 64  # per rank and micro-step; global batch = batch_size * world * accum_steps
     accum_steps: int = 1

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pretrain.beit import BEiT, default_num_masked
-from pretrain.checkpoint import KIND
+from pretrain.checkpoint import KIND, load_checkpoint
 from pretrain.data import EpochSampler, SampleDraws, StoreDataset, StreamDataset, to_input
 from pretrain.mapet import MaPeT
 from pretrain.optim import adamw, lr_at, param_groups, set_lr
@@ -48,6 +49,8 @@ from tokenkit.store import TokenStore, verify
 class TrainConfig:
     """Defaults: the paper's recipe (AdamW 1.5e-3 at global batch 2048, wd 0.05, 10 warmup epochs, cosine to
     1e-5, clip 3.0, drop path 0.1, 300 epochs)."""
+
+    LR_BATCH: ClassVar[int] = 2048  # the global batch the default lr is the paper's for
 
     tokens: str
     out: str
@@ -80,6 +83,7 @@ class TrainConfig:
     keep: int = 2
     log_every: int = 10
     source_root: str | None = None
+    init_from: str | None = None  # a pre-training checkpoint whose weights start this run (a new schedule)
 
     def vit(self) -> ViTConfig:
         if self.model not in PRESETS:
@@ -210,6 +214,8 @@ def pretrain(
     vit = cfg.vit()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     net = build_model(cfg, vit, data.store.k).to(run.device)
+    if cfg.init_from is not None and run.ckpt is None:
+        net.load_state_dict(initial_weights(cfg, vit, data.store.k))
     opt = adamw(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     if run.ckpt is not None:
         net.load_state_dict(run.ckpt["model"])
@@ -254,6 +260,20 @@ def pretrain(
                 raise stop.checkpointed(f"at step {step}", run.out / "last.pt")
     log.close()
     return run.out / "last.pt"
+
+
+def initial_weights(cfg: TrainConfig, vit: ViTConfig, k: int) -> dict:
+    """The weights of cfg.init_from, a finished (or any) pre-training checkpoint of the same objective, ViT
+    and K: the run starts a new schedule (fresh optimizer moments, warmup, cosine) from them."""
+    ckpt = load_checkpoint(Path(cfg.init_from))
+    theirs = {k_: v for k_, v in ckpt["vit"].items() if k_ != "drop_path"}
+    ours = {k_: v for k_, v in asdict(vit).items() if k_ != "drop_path"}
+    if ckpt["objective"] != cfg.objective or theirs != ours or ckpt["store"]["k"] != k:
+        raise ConfigError(
+            f"--init-from {cfg.init_from}: its objective, ViT or K differs from this run's; start from a "
+            "checkpoint of the same --objective, --model, --image-size, --patch-size and K"
+        )
+    return ckpt["model"]
 
 
 def forward(model: nn.Module, batch, device: torch.device, compile_mode: str | None):

@@ -21,6 +21,7 @@ def test_cli_chain_end_to_end(tmp_path, photos, capsys):
     enc = ["--model", "tokenkit-tiny-rn", "--pretrained", "none", "--grid", "3"]
     rc, out, err = run(["features", photos, feat, *enc, "--workers", "0", "--quiet"], capsys)
     assert rc == 0, err
+    assert "warning: --model tokenkit-tiny-rn with random weights (--pretrained none)" in err  # one loud line
     rc, out, err = run(
         ["codebook", feat, cb, "--k", "8", "--niter", "5", "--nredo", "2", "--backend", "torch"], capsys
     )
