@@ -4,6 +4,7 @@ mapet pretrain --tokens STORE --out RUN --model mapet_small --objective mapet|be
 torchrun --nproc_per_node 8 -m cli.mapet pretrain ...
 mapet knn | linprobe | finetune --checkpoint RUN/last.pt --train DIR --val DIR
 mapet validate --checkpoint FT/last.pt --val DIR
+mapet report RUN [RUN ...] --out DIR   # curves, results, McNemar verdicts, token maps
 mapet export RUN/last.pt DIR   # a folder timm loads: timm.create_model('local-dir:DIR', pretrained=True)
 """
 
@@ -44,6 +45,7 @@ from pretrain.export import export as export_model
 from pretrain.finetune import FinetuneConfig, classifier_of, validate_classifier
 from pretrain.finetune import finetune as run_finetune
 from pretrain.model_card import model_card
+from pretrain.report import report as write_report
 from pretrain.run import COMPILE_MODES
 from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
@@ -519,6 +521,18 @@ def export(checkpoint, out):
         crop_pct = ckpt["config"].get("crop_pct") or default_crop_pct(size)
     export_model(model, out, model_card(ckpt, checkpoint, out), crop_pct, classes)
     click.echo(f"wrote {out}: timm.create_model('local-dir:{out}', pretrained=True)")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Report folder (report.md, PNGs)."
+)
+def report(runs, out):
+    """One page about RUNS (pre-training and fine-tuning folders): curves from their metrics.jsonl, every
+    evaluation result beside their checkpoints with McNemar verdicts between runs on the same images, and the
+    codebook usage and token maps of the token stores they read."""
+    click.echo(f"report: {write_report(list(runs), out)}")
 
 
 def main(argv: list[str] | None = None) -> int:

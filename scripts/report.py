@@ -3,8 +3,9 @@
     python scripts/report.py RUN               # the quickstart's report
     python scripts/report.py RUN --tokenizers  # scripts/compare_tokenizers.sh's table: RUN/tokenizers.md
 
-Reads what the quickstart's commands wrote: RUN/tokens (store), RUN/pretrain-{mapet,beit}/metrics.jsonl and
-RUN/eval/*.json (k-NN, linear probe, and `mapet validate` of each fine-tuned encoder). Figures: pre-training
+The figures and McNemar verdicts are `mapet report`'s (pretrain/report.py); this script lays them out for
+the quickstart's folder. Reads what the quickstart's commands wrote: RUN/tokens (store),
+RUN/pretrain-{mapet,beit}/metrics.jsonl and RUN/eval/*.json (k-NN, linear probe, and `mapet validate` of each fine-tuned encoder). Figures: pre-training
 loss and token accuracy of both objectives, codebook usage, and a grid of images with their token maps.
 """
 
@@ -14,102 +15,23 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pretrain.evaluate import mcnemar  # noqa: E402
-from tokenkit.quality import label_quality  # noqa: E402
-from tokenkit.render import token_overlay  # noqa: E402
-from tokenkit.store import TokenStore  # noqa: E402
-from tokenkit.tokenizer import describe  # noqa: E402
-from tokenkit.views import render_view  # noqa: E402
+from pretrain.report import (
+    compared,
+    frequency_baseline,
+    last_epoch,
+    majority,
+    pretrain_curves,
+    read_metrics,
+    token_grid,
+    usage_plot,
+)
+from tokenkit.quality import label_quality
+from tokenkit.store import TokenStore
+from tokenkit.tokenizer import describe
 
 ENCODERS = ("random", "beit", "mapet")
 TASKS = {"type": "cell type (mono / poly)", "defect": "defect class (4 levels)"}
 EVALS = {"knn": "k-NN", "linprobe": "linear probe"}
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def frequency_baseline(usage: dict) -> tuple[float, float]:
-    """(cross-entropy in nats, top-1) of predicting every token from the codes' frequencies alone, ignoring
-    the image, from the store's codebook usage: the entropy is log(perplexity), the top-1 the largest
-    cluster's share. What a pre-training that learned nothing from the visible patches would reach."""
-    return float(np.log(usage["perplexity"])), float(usage["largest_cluster_share"])
-
-
-def last_epoch(m: list[dict]) -> tuple[float, float]:
-    """Mean loss and token top-1 over the logged steps of the run's last epoch (single steps are noisy)."""
-    last = [r for r in m if r["epoch"] == m[-1]["epoch"]]
-    return float(np.mean([r["loss"] for r in last])), float(np.mean([r["token_acc"] for r in last]))
-
-
-def curves(run: Path, out: Path, baseline: tuple[float, float]) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for obj in ("mapet", "beit"):
-        m = read_metrics(run / f"pretrain-{obj}" / "metrics.jsonl")
-        steps = [r["step"] for r in m]
-        axes[0].plot(steps, [r["loss"] for r in m], label=obj)
-        axes[1].plot(steps, [100 * r["token_acc"] for r in m], label=obj)
-    axes[0].axhline(baseline[0], color="gray", linestyle="--", label="code frequencies alone")
-    axes[1].axhline(100 * baseline[1], color="gray", linestyle="--", label="code frequencies alone")
-    axes[0].set(xlabel="step", ylabel="cross-entropy", title="pre-training loss")
-    axes[1].set(xlabel="step", ylabel="token top-1 (%)", title="token accuracy on predicted patches")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def usage(store: TokenStore, out: Path) -> dict:
-    counts = np.sort(np.asarray(store.manifest["code_counts"]))[::-1]
-    st = store.stats()["codebook_usage"]
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.bar(np.arange(len(counts)), counts / counts.sum() * 100, width=1.0)
-    ax.set(
-        xlabel="code (sorted by frequency)",
-        ylabel="share of tokens (%)",
-        title=f"codebook usage: {st['used_codes']}/{len(counts)} used, perplexity {st['perplexity']:.1f}",
-    )
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return st
-
-
-def token_grid(store: TokenStore, out: Path, n: int = 8, size: int = 160) -> None:
-    picks = np.linspace(0, len(store) - 1, n).astype(int)
-    sheet = Image.new("RGB", (n * (size + 4) + 4, 2 * (size + 4) + 4), (255, 255, 255))
-    block = store.read(picks)
-    for j, pos in enumerate(picks):
-        view = render_view(store.image(int(pos)), block["views"][j, 0], size)
-        sheet.paste(view, (4 + j * (size + 4), 4))
-        sheet.paste(token_overlay(view, block["tokens"][j, 0], labels=False), (4 + j * (size + 4), size + 8))
-    sheet.save(out)
-
-
-def compared(a: dict, b: dict, name_a: str, name_b: str) -> str:
-    """`name_a` against `name_b` on the same val images: "beats", "falls below" or "is level with", called
-    by McNemar's exact test at p < 0.05 on the two evaluations' per-image answers (evaluations written before
-    the JSON held them are compared by top-1 alone)."""
-    d = 100 * (a["top1"] - b["top1"])
-    if "predictions" not in a or "predictions" not in b:
-        return f"{name_a} {d:+.1f} points against {name_b} (no per-image answers to test)"
-    right = [np.equal(r["predictions"], r["labels"]) for r in (a, b)]
-    only_a, only_b, p = mcnemar(*right)
-    verdict = "is level with" if p >= 0.05 else "beats" if d > 0 else "falls below"
-    return (
-        f"{name_a} {verdict} {name_b} ({d:+.1f} points: {only_a} images right only for {name_a}, {only_b} only "
-        f"for {name_b}; McNemar p = {p:.2g})"
-    )
 
 
 def verdicts(results: dict) -> list[str]:
@@ -122,11 +44,6 @@ def verdicts(results: dict) -> list[str]:
             parts = [compared(results[task, enc, ev], base, enc, "random init") for enc in ("mapet", "beit")]
             out.append(f"- {desc}, {name}: " + "; ".join(parts) + ".")
     return out
-
-
-def majority(labels: list[int]) -> float:
-    """The share of the most common label: what a classifier that learned nothing reaches."""
-    return float(np.bincount(labels).max() / max(len(labels), 1))
 
 
 def finetune_section(ft: dict, cfg: dict, labelled: int, unlabelled: int) -> list[str]:
@@ -212,12 +129,11 @@ def main() -> None:
         tokenizer_table(run)
         return
     store = TokenStore.open(run / "tokens")
-    st = usage(store, run / "codebook_usage.png")
+    st = usage_plot(store, run / "codebook_usage.png")
     baseline = frequency_baseline(st)
-    curves(run, run / "pretrain_curves.png", baseline)
-    learned = {
-        obj: last_epoch(read_metrics(run / f"pretrain-{obj}" / "metrics.jsonl")) for obj in ("mapet", "beit")
-    }
+    pre = {obj: read_metrics(run / f"pretrain-{obj}" / "metrics.jsonl") for obj in ("mapet", "beit")}
+    pretrain_curves(pre, run / "pretrain_curves.png", baseline)
+    learned = {obj: last_epoch(m) for obj, m in pre.items()}
     token_grid(store, run / "token_maps.png")
     results = {
         (task, enc, ev): json.loads((run / "eval" / f"{ev}-{enc}-{task}.json").read_text())
