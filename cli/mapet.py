@@ -28,6 +28,7 @@ from cli.runtime import (
     with_options,
 )
 from pretrain.checkpoint import FINETUNE_KIND, KIND, load_checkpoint
+from pretrain.dashboards import parse_log_to
 from pretrain.evaluate import (
     ProbeConfig,
     default_crop_pct,
@@ -93,6 +94,15 @@ COMPILE = click.option(
     default=None,
     help="torch.compile the training step, in this mode (--compile alone: default; reduce-overhead: CUDA "
     "graphs, for small per-GPU batches, one process without --accum-steps). May change on resume.",
+)
+
+
+LOG_TO = click.option(
+    "--log-to",
+    type=str,
+    default=None,
+    help="Mirror metrics.jsonl to dashboards: tensorboard (RUN/tensorboard), wandb, or both comma-separated "
+    "(optional installs; docs/pipeline.md). May change on resume.",
 )
 
 
@@ -176,6 +186,7 @@ def cli():
     help="Start from the weights of this pre-training checkpoint (same objective, ViT and K) with a new "
     "schedule: how to extend a finished run (docs/pipeline.md).",
 )
+@LOG_TO
 @resume_option("RUN")
 @config_option(TrainConfig)
 @click.option("--quiet", is_flag=True)
@@ -186,6 +197,7 @@ def pretrain(ctx, tokens, out, resume, quiet, **kw):
     On SIGTERM (preemption) it trains on to the next logged step, checkpoints it and exits 143."""
     dist = init_distributed()
     notes = learning_rate(ctx, kw, dist.world, TrainConfig.LR_BATCH)
+    kw["log_to"] = parse_log_to(kw["log_to"])
     kw["device"] = dist.device(kw["device"])
     cfg = TrainConfig(tokens=str(tokens), out=str(out), **kw)
     cfg.validate()
@@ -437,6 +449,7 @@ def linprobe(pool, l2, max_iter, **kw):
 @click.option("--keep", type=int, default=FinetuneConfig.keep, show_default=True, help="Checkpoints kept.")
 @GRAD_CHECKPOINTING
 @COMPILE
+@LOG_TO
 @resume_option("OUT")
 @config_option(FinetuneConfig)
 @click.option("--quiet", is_flag=True)
@@ -448,6 +461,7 @@ def finetune(ctx, checkpoint, train_dir, val_dir, out, model, image_size, patch_
     where the ranks agree), checkpoints it and exits 143."""
     dist = init_distributed()
     notes = learning_rate(ctx, kw, dist.world, FinetuneConfig.LR_BATCH)
+    kw["log_to"] = parse_log_to(kw["log_to"])
     kw["device"] = dist.device(kw["device"])
     cfg = FinetuneConfig(**kw)
     cfg.validate()  # before the encoder and the image lists are loaded

@@ -180,7 +180,9 @@ def config_option(config_cls):
         names = {p.name for p in ctx.command.params}
         if bad := [k for k in data if k not in names and not (k in defaults and _same(data[k], defaults[k]))]:
             raise ConfigError(f"--config {value}: {bad[0]} is not an option of this command")
-        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in data.items() if k in names}}
+        params = {p.name: p for p in ctx.command.params}
+        given = {k: _as_option(v, params[k]) for k, v in data.items() if k in params}
+        ctx.default_map = {**(ctx.default_map or {}), **given}
         return value
 
     return click.option(
@@ -191,6 +193,14 @@ def config_option(config_cls):
         callback=load,
         help="YAML or JSON file of option values (a run's config.json too); flags override it.",
     )
+
+
+def _as_option(value, param: click.Parameter):
+    """A config file's value as its option takes it: a list for a one-value option (a recorded --log-to) is
+    its comma-separated spelling."""
+    if isinstance(value, list) and param.nargs == 1 and not getattr(param, "multiple", False):
+        return ",".join(str(v) for v in value)
+    return value
 
 
 def _same(a, b) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pretrain.checkpoint import FINETUNE_KIND
+from pretrain.dashboards import Dashboards, check_dashboards
 from pretrain.data import IMAGENET_MEAN, EpochSampler, to_input
 from pretrain.evaluate import CenterCropDataset, count_readable, default_crop_pct, in_classes
 from pretrain.optim import adamw, layer_decay_groups, lr_at, set_lr
@@ -76,8 +78,10 @@ class FinetuneConfig:
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     grad_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
     compile: str | None = None  # a torch.compile mode for the training step (pretrain.run.COMPILE_MODES)
+    log_to: tuple[str, ...] = ()  # dashboards mirroring metrics.jsonl (pretrain.dashboards)
 
     def validate(self) -> None:
+        check_dashboards(self.log_to)
         require(
             (
                 *loop_checks(self),
@@ -294,7 +298,16 @@ def validate_classifier(
 
 
 # settings that may change on resume; batch_size and accum_steps with the ranks keep their product (check_split)
-RESUME_FREE = ("workers", "device", "grad_checkpointing", "compile", "batch_size", "accum_steps", "keep")
+RESUME_FREE = (
+    "workers",
+    "device",
+    "grad_checkpointing",
+    "compile",
+    "batch_size",
+    "accum_steps",
+    "keep",
+    "log_to",
+)
 STOP_EVERY = 10  # optimizer steps between the ranks' checks for a SIGTERM under torchrun (one all-reduce)
 
 
@@ -342,7 +355,8 @@ def finetune(
     run.start()
     state = {"vit": asdict(encoder.cfg), "num_classes": num_classes, "classes": list(train.classes),
              "config": asdict(cfg)}  # fmt: skip
-    with StopSignal() as stop:
+    dashboards = Dashboards(cfg.log_to, run.out, asdict(cfg), start, rank)
+    with StopSignal() as stop, closing(dashboards):
         for epoch in range(start, cfg.epochs):
             skip = in_epoch["steps"] if epoch == start else 0  # the steps a SIGTERM's checkpoint holds
             carried = in_epoch["step_loss_sum"] if skip and rank == 0 else 0.0
@@ -354,6 +368,7 @@ def finetune(
                 raise run.stopped(stop, f"in epoch {epoch} at step {taken} of {data.steps}")
             history.append(evaluate_epoch(net, data, run, epoch, loss_total / data.steps))
             save_rank0(run, (state, net, opt, epoch, history), step, metrics=True)
+            dashboards.log(history[-1], epoch, "finetune")
             if stopping and epoch < cfg.epochs - 1:
                 raise run.stopped(stop, f"after epoch {epoch}")
     result = {"top1": history[-1]["val_top1"], "top5": history[-1]["val_top5"],

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from pretrain.beit import BEiT, default_num_masked
 from pretrain.checkpoint import KIND, load_checkpoint
+from pretrain.dashboards import Dashboards, check_dashboards
 from pretrain.data import EpochSampler, SampleDraws, StoreDataset, StreamDataset, to_input
 from pretrain.mapet import MaPeT
 from pretrain.optim import adamw, lr_at, param_groups, set_lr
@@ -84,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     source_root: str | None = None
     init_from: str | None = None  # a pre-training checkpoint whose weights start this run (a new schedule)
+    log_to: tuple[str, ...] = ()  # dashboards mirroring metrics.jsonl (pretrain.dashboards)
 
     def vit(self) -> ViTConfig:
         if self.model not in PRESETS:
@@ -128,6 +130,7 @@ class TrainConfig:
             )
         )
         compile_checks(self)
+        check_dashboards(self.log_to)
         if self.attn_backend not in ("auto", "sdpa", "flex"):
             raise ConfigError(f"--attn-backend {self.attn_backend}: choose auto, sdpa or flex")
         if self.compile and self.attn_backend == "flex":
@@ -152,6 +155,7 @@ class TrainConfig:
 RESUME_FREE = {
     "tokens",
     "out",
+    "log_to",
     "workers",
     "device",
     "batch_size",  # with accum_steps and the ranks: only their product counts (run.check_split)
@@ -432,6 +436,7 @@ class MetricsLog:
                     run.out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode()
                 )
             truncate_metrics(self.path, step)  # a killed run may have logged past its last checkpoint
+        self.dashboards = Dashboards(cfg.log_to, run.out, asdict(cfg), step, run.rank)
         self.bar = tqdm(total=last, initial=step, unit="step", disable=not run.progress, desc=cfg.objective)
         self.t0 = self.t_log = time.perf_counter()
         self.seen, self.waited = (
@@ -459,12 +464,14 @@ class MetricsLog:
                "img_per_s": ips, "data_wait": wait}  # fmt: skip
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        self.dashboards.log(rec, step, "pretrain")
         self.bar.set_postfix(
             loss=f"{loss:.4f}", acc=f"{acc:.3f}", ips=f"{ips:.1f}", wait=f"{100 * wait:.0f}%"
         )
 
     def close(self) -> None:
         self.bar.close()
+        self.dashboards.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -368,7 +368,7 @@ def test_a_bad_training_image_in_a_loader_worker_is_one_line_naming_the_file(tmp
     data = separable_folder(tmp_path / "data", n_per_class=3)
     bad = data / "train" / "cool" / "cool_1.png"
     bad.write_bytes(b"not a png")
-    args = ft_args(data, tmp_path / "ft", "--epochs", "1", "--workers", "2", "--batch-size", "2")
+    args = ft_args(data, tmp_path / "ft", "--epochs", "2", "--workers", "2", "--batch-size", "2")
     r = subprocess.run([sys.executable, "-m", "cli.mapet", *args], cwd=ROOT, capture_output=True, timeout=120)
     err = r.stderr.decode().strip()
     assert r.returncode == 2, err[-2000:]
