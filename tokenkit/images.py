@@ -25,6 +25,7 @@ from braceexpand import braceexpand
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tokenkit.errors import ImageError, SourceError
+from tokenkit.remote import fetch_all, is_url
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
 MAX_CLASSES = 2**20  # a .cls label beyond this is a damaged shard, not a class (label counts are arrays)
@@ -225,6 +226,9 @@ def list_folder(root: Path) -> SampleIndex:
 
 
 def expand_tars(spec: str) -> list[str]:
+    """The local tar paths of a path or brace pattern; URLs (tokenkit.remote) are fetched into the shard cache."""
+    if is_url(spec):
+        return fetch_all(list(braceexpand(spec)))
     paths = [str(Path(p).resolve()) for p in braceexpand(spec)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -306,9 +310,9 @@ def list_tars(spec: str) -> SampleIndex:
 
 
 def list_source(spec: str | Path) -> SampleIndex:
-    """A folder path, or one tar path / brace pattern of tar paths."""
+    """A folder path, or one tar path / brace pattern of tar paths, local or URLs (tokenkit.remote)."""
     s = str(spec)
-    if s.endswith(".tar") or "{" in s:
+    if s.endswith(".tar") or "{" in s or is_url(s):
         return list_tars(s)
     return list_folder(Path(s))
 

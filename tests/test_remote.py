@@ -1,0 +1,77 @@
+"""IMAGES as URLs (tokenkit/remote.py): shards served over HTTP from 127.0.0.1 and through `pipe:cat` give
+the store the same local files give; a URL that cannot be fetched is one line, and leaves nothing cached."""
+
+import functools
+import http.server
+import io
+import threading
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from cli.tokenkit import main
+from tests.tars import make_tar
+from tokenkit.remote import cache_dir
+
+
+@pytest.fixture
+def shards(tmp_path, photos, monkeypatch):
+    """The test photos in two tar shards, and a local HTTP server over their folder."""
+    monkeypatch.setenv("TOKENKIT_SHARD_CACHE", str(tmp_path / "cache"))
+    files = sorted(photos.rglob("*.jpg"))
+    root = tmp_path / "served"
+    root.mkdir()
+    for s in range(2):
+        members = []
+        for i, f in enumerate(files[s::2]):
+            buf = io.BytesIO()
+            Image.open(f).save(buf, "JPEG", quality=90)
+            members += [(f"s{s}_{i:03d}.jpg", buf.getvalue()), (f"s{s}_{i:03d}.cls", str(i % 2).encode())]
+        make_tar(root / f"shard-{s:06d}.tar", members)
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def arrays(store) -> dict:
+    g = zarr.open_group(str(store), mode="r")
+    return {k: np.asarray(g[k][...]) for k in ("tokens", "views", "labels", "keys", "crc32")}
+
+
+def test_http_and_pipe_shards_give_the_local_files_store(shards, tmp_path, codebook_path, capsys):
+    root, url = shards
+    common = [str(codebook_path), "--views", "2", "--workers", "0", "--quiet"]
+    stores = {
+        "local": str(root / "shard-{000000..000001}.tar"),
+        "http": url + "/shard-{000000..000001}.tar",
+        "pipe": f"pipe:cat {root}/shard-{{000000..000001}}.tar",
+    }
+    got = {}
+    for name, images in stores.items():
+        assert main(["tokenize", images, *common[:1], str(tmp_path / name), *common[1:]]) == 0, (
+            capsys.readouterr()
+        )
+        got[name] = arrays(tmp_path / name)
+    for name in ("http", "pipe"):
+        for k, v in got["local"].items():
+            assert np.array_equal(got[name][k], v), (name, k)
+    assert len(list(cache_dir().glob("*-shard-00000?.tar"))) == 4  # http and pipe, two shards each
+    assert main(["verify", str(tmp_path / "http")]) == 0
+
+
+def test_a_url_that_cannot_be_fetched_is_one_line(shards, tmp_path, codebook_path, capsys):
+    _, url = shards
+    for images in (url + "/missing.tar", "pipe:false"):
+        assert main(["tokenize", images, str(codebook_path), str(tmp_path / "t"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{images}: could not be fetched" in err and len(err.strip().splitlines()) == 1, err
+    assert not cache_dir().exists() or not any(cache_dir().iterdir())  # no partial shard kept

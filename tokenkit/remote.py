@@ -1,0 +1,89 @@
+"""Image shards where they live: IMAGES given as URLs, as webdataset opens them.
+
+`pipe:CMD` (the shard is CMD's output), `http(s)://` (through curl, as webdataset does) and, with fsspec
+installed, any scheme fsspec knows (`s3://`, `gs://`, ...). Every tool here reads a sample's bytes by their
+offset in its tar (the index a token store keeps, the images the trainer re-renders), which a stream cannot
+give, so each shard is fetched once into a local shard cache and read from there: TOKENKIT_SHARD_CACHE, by
+default ~/.cache/tokenkit/shards, a file per URL named by the URL's sha256. A fetch is written beside its
+place and renamed into it, so the cache holds whole shards only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tokenkit.errors import SourceError
+
+URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def is_url(spec: str) -> bool:
+    return bool(URL.match(spec)) and not spec.startswith("file://")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKENKIT_SHARD_CACHE") or Path.home() / ".cache" / "tokenkit" / "shards")
+
+
+def cached_path(url: str) -> Path:
+    """Where the shard of `url` is kept: its URL's sha256 and the name it ends with."""
+    tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1].rsplit(" ", 1)[-1])[-60:]
+    return cache_dir() / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{tail or 'shard'}"
+
+
+def open_url(url: str):
+    """A binary stream of the URL: webdataset's opener for pipe: and http(s), fsspec for the other schemes."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("pipe", "http", "https"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    try:
+        import fsspec
+    except ImportError as e:
+        raise SourceError(
+            f"{url}: {scheme}:// URLs are read through fsspec; pip install fsspec (and s3fs for s3)"
+        ) from e
+    try:
+        return fsspec.open(url, "rb").open()
+    except (ImportError, ValueError) as e:  # no fsspec implementation of the scheme
+        raise SourceError(f"{url}: no reader for {scheme}:// ({e}); install its fsspec package") from e
+
+
+def fetch(url: str) -> Path:
+    """The local copy of the shard at `url`, fetched unless the cache holds it."""
+    dest = cached_path(url)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            src = open_url(url)
+            try:
+                shutil.copyfileobj(src, out, 1 << 20)
+            finally:
+                src.close()  # webdataset's pipes raise here when their command failed
+        if tmp.stat().st_size == 0:
+            raise OSError("nothing was received")
+        os.replace(tmp, dest)
+    except SourceError:
+        raise
+    except Exception as e:  # curl's, the pipe command's or fsspec's failure, whatever its type
+        why = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{url}: could not be fetched ({why}); check the URL") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def fetch_all(urls: list[str], progress: bool = True) -> list[str]:
+    """Local copies of every shard, in order."""
+    bar = tqdm(urls, desc="fetch shards", unit="shard", disable=not progress or len(urls) < 2, leave=False)
+    return [str(fetch(u)) for u in bar]
