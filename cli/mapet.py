@@ -52,7 +52,7 @@ from pretrain.train import TrainConfig
 from pretrain.train import pretrain as run_pretrain
 from pretrain.vit import PRESETS
 from tokenkit.device import PRECISIONS
-from tokenkit.errors import MAX_BATCH, MAX_WORKERS, require, seed_check
+from tokenkit.errors import MAX_BATCH, MAX_WORKERS, ConfigError, require, seed_check
 from tokenkit.journal import atomic_write_json
 from tokenkit.lock import OutputLock
 
@@ -60,14 +60,24 @@ EXISTING = click.Path(exists=True, path_type=Path)
 
 
 def resume_option(folder: str):
-    """--resume auto|no for a job that checkpoints into FOLDER/last.pt."""
+    """--resume auto|no|CHECKPOINT for a job that checkpoints into FOLDER/last.pt."""
     return click.option(
         "--resume",
-        type=click.Choice(["auto", "no"]),
         default="no",
         show_default=True,
-        help=f"auto: continue {folder}/last.pt when it exists.",
+        callback=lambda ctx, param, v: resume_target(v),
+        help=f"auto: continue {folder}/last.pt when it exists; a checkpoint file: continue from it (an earlier "
+        f"ckpt-*.pt of {folder} goes back to its step).",
     )
+
+
+def resume_target(value: str) -> bool | Path:
+    """auto -> True, no -> False, anything else: the checkpoint file to continue from."""
+    if value in ("auto", "no"):
+        return value == "auto"
+    if not Path(value).is_file():
+        raise ConfigError(f"--resume {value}: pass auto, no or a checkpoint file")
+    return Path(value)
 
 
 GRAD_CHECKPOINTING = click.option(
@@ -204,7 +214,7 @@ def pretrain(ctx, tokens, out, resume, quiet, **kw):
     for note in notes:
         warn("mapet", note)
     with OutputLock(Path(out)) if dist.rank == 0 else nullcontext():  # one writer per run folder
-        last = run_pretrain(cfg, resume == "auto", dist.rank, dist.world, dist.barrier, not quiet)
+        last = run_pretrain(cfg, resume, dist.rank, dist.world, dist.barrier, not quiet)
     if dist.rank == 0:
         click.echo(f"checkpoint: {last}")
 
@@ -247,7 +257,7 @@ encoder_options = with_options(
         click.option("--workers", type=int, default=2, show_default=True),
         click.option("--device", default="auto", show_default=True),
         click.option(
-            "--out",
+            "--result",
             "out_json",
             type=click.Path(path_type=Path),
             default=None,
@@ -475,7 +485,7 @@ def finetune(ctx, checkpoint, train_dir, val_dir, out, model, image_size, patch_
             out,
             cfg,
             not quiet,
-            resume == "auto",
+            resume,
             dist.rank,
             dist.world,
             dist.barrier,
@@ -494,7 +504,7 @@ def finetune(ctx, checkpoint, train_dir, val_dir, out, model, image_size, patch_
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option(
-    "--out",
+    "--result",
     "out_json",
     type=click.Path(path_type=Path),
     default=None,

@@ -318,7 +318,7 @@ def finetune(
     out: Path,
     cfg: FinetuneConfig = FinetuneConfig(),
     progress: bool = True,
-    resume: bool = False,
+    resume: bool | Path = False,
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,

@@ -104,17 +104,25 @@ class Run:
         if self.ckpt is not None and "scaler" in self.ckpt:
             self.scaler.load_state_dict(self.ckpt["scaler"])
 
-    def _resumable(self, resume: bool, free) -> dict | None:
-        """The checkpoint this launch goes on from: refused when settings that change the numbers differ."""
+    def _resumable(self, resume: bool | Path, free) -> dict | None:
+        """The checkpoint this launch goes on from (resume: True for OUT/last.pt, or a checkpoint file): refused
+        when settings that change the numbers differ."""
         last = self.out / "last.pt"
-        if not last.exists():
+        if isinstance(resume, Path):
+            last = resume
+        elif not last.exists():
             return None
-        if not resume:
+        elif not resume:
             what = "fine-tuning run" if self.kind == FINETUNE_KIND else "run"
             raise ConfigError(
                 f"{self.out}: holds a {what}; pass --resume auto to continue it or choose another --out"
             )
         ckpt = load_checkpoint(last, kind=self.kind)
+        if later := [p.name for p in sorted(self.out.glob("ckpt-*.pt")) if int(p.stem[5:]) > ckpt["step"]]:
+            raise ConfigError(
+                f"--resume {last}: {self.out} holds checkpoints past its step {ckpt['step']} ({later[-1]}); move "
+                "them out of the run folder to go back to that step"
+            )
         if diff := settings_diff(ckpt["config"], asdict(self.cfg), free):
             raise ConfigError(
                 f"{last}: the run was trained with other settings ({diff}); resume with the same flags"

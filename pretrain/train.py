@@ -201,7 +201,7 @@ def compiled(objective: Objective, device: torch.device, mode: str | None = None
 
 def pretrain(
     cfg: TrainConfig,
-    resume: bool = False,
+    resume: bool | Path = False,
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,

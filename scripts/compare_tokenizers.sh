@@ -34,12 +34,12 @@ for T in pixels clip; do
     --lr 1e-3 --warmup-epochs $WARMUP --workers 2 --log-every 5 --resume auto --quiet && touch '$D/pretrain-mapet/done'"
   for TASK in type defect; do
     stage "$T linprobe $TASK" "$D/eval/linprobe-$TASK.json" mapet linprobe --checkpoint "$D/pretrain-mapet/last.pt" \
-      --train "$ELPV/$TASK/train" --val "$ELPV/$TASK/val" --crop-pct 1.0 --workers 2 --out "$D/eval/linprobe-$TASK.json" --quiet
+      --train "$ELPV/$TASK/train" --val "$ELPV/$TASK/val" --crop-pct 1.0 --workers 2 --result "$D/eval/linprobe-$TASK.json" --quiet
   done
   stage "$T finetune" "$D/eval/finetune-type.json" bash -c "mapet finetune --checkpoint '$D/pretrain-mapet/last.pt' \
     --train '$ELPV/type/train-10pct' --val '$ELPV/type/val' --out '$D/finetune' --epochs $FT_EPOCHS \
     --warmup-epochs 2 --batch-size $FT_BATCH --crop-pct 1.0 --workers 2 --resume auto --quiet && \
     mapet validate --checkpoint '$D/finetune/last.pt' --val '$ELPV/type/val' --crop-pct 1.0 --workers 2 \
-    --out '$D/eval/finetune-type.json' --quiet"
+    --result '$D/eval/finetune-type.json' --quiet"
 done
 python scripts/report.py "$RUN" --tokenizers

@@ -59,7 +59,7 @@ for TASK in type defect; do
     for EVAL in knn linprobe; do
       OUT="$RUN/eval/$EVAL-$ENCODER-$TASK.json"
       stage "$EVAL $ENCODER $TASK" "$OUT" mapet "$EVAL" --checkpoint "$CK" --model $MODEL \
-        --train "$ELPV/$TASK/train" --val "$ELPV/$TASK/val" --crop-pct 1.0 --workers 2 --out "$OUT" --quiet
+        --train "$ELPV/$TASK/train" --val "$ELPV/$TASK/val" --crop-pct 1.0 --workers 2 --result "$OUT" --quiet
     done
   done
 done
@@ -74,7 +74,7 @@ for ENCODER in random beit mapet; do
     --train '$ELPV/type/train-10pct' --val '$ELPV/type/val' --out '$RUN/finetune-$ENCODER' --epochs $FT_EPOCHS \
     --warmup-epochs 2 --batch-size $FT_BATCH --crop-pct 1.0 --workers 2 --resume auto --quiet && \
     mapet validate --checkpoint '$RUN/finetune-$ENCODER/last.pt' --val '$ELPV/type/val' --crop-pct 1.0 \
-    --workers 2 --out '$OUT' --quiet"
+    --workers 2 --result '$OUT' --quiet"
 done
 echo "total: $((SECONDS - T0)) s" >> "$RUN/timings.txt"
 python scripts/report.py "$RUN"

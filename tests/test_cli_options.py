@@ -120,3 +120,29 @@ def test_init_from_extends_a_finished_run_with_a_new_schedule(store, tmp_path, c
     assert (
         rc == 2 and "--init-from" in err and "same --objective" in err and len(err.strip().splitlines()) == 1
     )
+
+
+def test_resume_from_an_earlier_checkpoint_goes_back_to_its_step(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["pretrain", "--tokens", store, "--out", run, *SMALL, "--lr", "1e-3", "--epochs", 2]
+    rc, err = pretrain(capsys, *argv)
+    assert rc == 0, err
+    assert sorted(p.name for p in run.glob("ckpt-*.pt")) == ["ckpt-00000003.pt", "ckpt-00000006.pt"]
+    rc, err = pretrain(capsys, *argv, "--resume", run / "ckpt-00000003.pt")
+    assert rc == 2 and "holds checkpoints past its step 3 (ckpt-00000006.pt)" in err
+    (run / "ckpt-00000006.pt").rename(tmp_path / "first-end.pt")
+    rc, err = pretrain(capsys, *argv, "--resume", run / "ckpt-00000003.pt")
+    assert rc == 0, err
+    again, first = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "first-end.pt")
+    assert again["step"] == 6 and [json.loads(x)["step"] for x in config_lines(run)] == [
+        1,
+        6,
+    ]  # cut back, then on
+    for k, v in first["model"].items():
+        assert torch.equal(again["model"][k], v), k  # keyed draws: the same steps again
+    rc, err = pretrain(capsys, *argv, "--resume", tmp_path / "nothing.pt")
+    assert rc == 2 and "--resume" in err and "pass auto, no or a checkpoint file" in err
+
+
+def config_lines(run):
+    return (run / "metrics.jsonl").read_text().splitlines()

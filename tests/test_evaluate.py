@@ -51,21 +51,21 @@ def test_knn_and_linprobe_on_separable_features():
 def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     data = separable_folder(tmp_path / "data")
     common = eval_args(data)
-    assert main(["knn", *common, "--out", str(tmp_path / "knn.json")]) == 0
+    assert main(["knn", *common, "--result", str(tmp_path / "knn.json")]) == 0
     knn = json.loads((tmp_path / "knn.json").read_text())
     assert knn["top1"] > 0.9 and knn["n_val"] == 24 and knn["majority_baseline"] == 0.5
     assert knn["k"] == 20 and knn["image_size"] == 64
     # each val image's label and answer, in val order: the top-1 is theirs
     assert len(knn["predictions"]) == len(knn["labels"]) == 24
     assert np.mean(np.equal(knn["predictions"], knn["labels"])) == pytest.approx(knn["top1"])
-    assert main(["knn", *common, "--k", "100", "--out", str(tmp_path / "all.json")]) == 0
+    assert main(["knn", *common, "--k", "100", "--result", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["k"] == 24  # the k used: every training image
     for bad, msg in (
         (["knn", "--k", "0"], "--k 0: must be in [1, 10^6]"),
         (["linprobe", "--l2", "-1"], "--l2 -1.0"),
     ):
         assert main([*bad, *common]) == 2 and msg in capsys.readouterr().err
-    assert main(["linprobe", *common, "--out", str(tmp_path / "lp.json")]) == 0
+    assert main(["linprobe", *common, "--result", str(tmp_path / "lp.json")]) == 0
     lp = json.loads((tmp_path / "lp.json").read_text())
     assert lp["top1"] > 0.9 and lp["labels"] == knn["labels"]
     assert np.mean(np.equal(lp["predictions"], lp["labels"])) == pytest.approx(lp["top1"])
@@ -125,8 +125,8 @@ def test_knn_linprobe_finetune_and_validate_read_tar_shards_as_they_read_folders
     train, val = (_as_tar_shards(data / split, tmp_path / "wds") for split in ("train", "val"))
     shards = ["--train", train, "--val", val]  # given last, they replace _eval_args' folders
     for cmd in ("knn", "linprobe"):
-        assert main([cmd, *eval_args(data), "--out", str(tmp_path / f"{cmd}-dir.json")]) == 0
-        assert main([cmd, *eval_args(data), *shards, "--out", str(tmp_path / f"{cmd}-tar.json")]) == 0
+        assert main([cmd, *eval_args(data), "--result", str(tmp_path / f"{cmd}-dir.json")]) == 0
+        assert main([cmd, *eval_args(data), *shards, "--result", str(tmp_path / f"{cmd}-tar.json")]) == 0
         a, b = (json.loads((tmp_path / f"{cmd}-{k}.json").read_text()) for k in ("dir", "tar"))
         assert b["n_val"] == a["n_val"] == 24 and b["top1"] == a["top1"] > 0.9, cmd
     missing = str(tmp_path / "wds" / "nope-{0..1}.tar")
@@ -194,7 +194,7 @@ def test_val_classes_are_matched_to_train_classes_by_name(tmp_path, capsys):
     train, val = labelled_pair(data / "train", data / "val")
     assert train.classes == val.classes == ("cool", "warm") and set(val.labels.tolist()) == {1}
     out = tmp_path / "knn.json"
-    assert main(["knn", *eval_args(data), "--out", str(out)]) == 0
+    assert main(["knn", *eval_args(data), "--result", str(out)]) == 0
     assert json.loads(out.read_text())["top1"] > 0.9
     shutil.copytree(data / "val" / "warm", data / "val" / "hot")
     assert main(["knn", *eval_args(data)]) == 2

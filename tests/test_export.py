@@ -37,7 +37,7 @@ def test_export_folder_is_a_timm_model(run, tmp_path, capsys):
             model(x), enc.forward_head(enc.forward_features(x), "avg"), rtol=1e-5, atol=1e-5
         )
     data = timm.data.resolve_data_config({}, model=model)
-    assert data["input_size"] == (3, 64, 64) and data["interpolation"] == "bicubic"
+    assert tuple(data["input_size"]) == (3, 64, 64) and data["interpolation"] == "bicubic"
     assert data["mean"] == pytest.approx(IMAGENET_MEAN) and data["crop_pct"] == default_crop_pct(64)
     card = (out / "README.md").read_text()
     assert "pre-trained with MaPeT" in card and "K = 16" in card and f"local-dir:{out}" in card
@@ -78,7 +78,7 @@ def test_a_timm_vit_is_judged_by_the_same_protocol(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features(x), ref.forward_features(x), rtol=1e-5, atol=1e-5)
     data = separable_folder(tmp_path / "data")
-    assert main(["knn", *eval_args(data, path), "--out", str(tmp_path / "knn.json")]) == 0
+    assert main(["knn", *eval_args(data, path), "--result", str(tmp_path / "knn.json")]) == 0
     assert json.loads((tmp_path / "knn.json").read_text())["top1"] > 0.75
     regs = ViT(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, reg_tokens=4)
     save_file(regs.state_dict(), str(tmp_path / "regs.safetensors"))

@@ -350,7 +350,16 @@ def test_validate_matches_val_classes_to_the_fine_tuned_ones_by_name(tmp_path, c
     warm = float((pred[y == 1] == 1).float().mean())
     shutil.rmtree(data / "val" / "cool")
     out = tmp_path / "warm.json"
-    args = ["validate", "--checkpoint", str(ft / "last.pt"), "--workers", "0", "--quiet", "--out", str(out)]
+    args = [
+        "validate",
+        "--checkpoint",
+        str(ft / "last.pt"),
+        "--workers",
+        "0",
+        "--quiet",
+        "--result",
+        str(out),
+    ]
     assert main([*args, "--val", str(data / "val")]) == 0
     got = json.loads(out.read_text())
     assert got["n_val"] == 12 and got["top1"] == pytest.approx(warm)

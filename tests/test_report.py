@@ -14,7 +14,7 @@ def test_report_of_any_runs(tmp_path, photos, codebook_path, capsys):
     assert main(["knn", *eval_args(data, run / "last.pt")]) == 0  # knn-data.json beside the checkpoint
     other = tmp_path / "b" / "run"  # a second run of the same name: named by its parent in the report
     other.mkdir(parents=True)
-    assert main(["knn", *eval_args(data), "--out", str(other / "knn-data.json")]) == 0
+    assert main(["knn", *eval_args(data), "--result", str(other / "knn-data.json")]) == 0
     assert main(["report", str(run), str(other), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| a/run | 3 |" in md  # pre-training: 12 photos / batch 4 = 3 steps
