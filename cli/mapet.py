@@ -5,6 +5,7 @@ torchrun --nproc_per_node 8 -m cli.mapet pretrain ...
 mapet knn | linprobe | finetune --checkpoint RUN/last.pt --train DIR --val DIR
 mapet validate --checkpoint FT/last.pt --val DIR
 mapet report RUN [RUN ...] --out DIR   # curves, results, McNemar verdicts, token maps
+mapet import-official vit_standard_small_patch16_224_KCLIP.tar DIR   # released weights, judged alike
 mapet export RUN/last.pt DIR   # a folder timm loads: timm.create_model('local-dir:DIR', pretrained=True)
 """
 
@@ -46,6 +47,8 @@ from pretrain.export import export as export_model
 from pretrain.finetune import FinetuneConfig, classifier_of, validate_classifier
 from pretrain.finetune import finetune as run_finetune
 from pretrain.model_card import model_card
+from pretrain.official import RULES as LAYOUTS
+from pretrain.official import classifier_checkpoint, import_official
 from pretrain.report import report as write_report
 from pretrain.run import COMPILE_MODES
 from pretrain.train import TrainConfig
@@ -497,7 +500,12 @@ def finetune(ctx, checkpoint, train_dir, val_dir, out, model, image_size, patch_
 
 
 @cli.command("validate")
-@click.option("--checkpoint", required=True, type=EXISTING, help="OUT/last.pt of 'mapet finetune'.")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=EXISTING,
+    help="OUT/last.pt of 'mapet finetune', or a classifier folder ('mapet export', 'mapet import-official').",
+)
 @click.option("--val", "val_dir", required=True, help=LABELLED_HELP)
 @click.option("--crop-pct", type=float, default=None, help=CROP_PCT_HELP)
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -515,7 +523,8 @@ def validate_command(checkpoint, val_dir, crop_pct, batch_size, workers, device,
     """Top-1 / top-5 of a fine-tuned classifier on a labelled folder or store (no training)."""
     require(loader_checks(batch_size, workers, crop_pct))
     device = Dist().device(device)
-    ckpt = load_checkpoint(checkpoint, kind=FINETUNE_KIND)
+    path = Path(checkpoint)
+    ckpt = classifier_checkpoint(path) if path.is_dir() else load_checkpoint(path, kind=FINETUNE_KIND)
     res = validate_classifier(
         ckpt, labelled_source(val_dir), crop_pct, batch_size, workers, device, not quiet, str(checkpoint)
     )
@@ -557,6 +566,23 @@ def report(runs, out):
     evaluation result beside their checkpoints with McNemar verdicts between runs on the same images, and the
     codebook usage and token maps of the token stores they read."""
     click.echo(f"report: {write_report(list(runs), out)}")
+
+
+@cli.command("import-official")
+@click.argument("checkpoint", type=EXISTING)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--layout",
+    type=click.Choice(list(LAYOUTS)),
+    default=None,
+    help="The checkpoint's key names (default: read from them): mapet (aimagelab/MaPeT's released "
+    "classifiers), beit (BEiT, BEiT v2), mae, timm.",
+)
+def import_official_command(checkpoint, out, layout):
+    """Write a checkpoint released by another codebase as the model folder OUT ('mapet export' writes the
+    same): timm loads it, knn / linprobe / finetune read an encoder, validate scores a classifier."""
+    out, layout = import_official(checkpoint, out, layout)
+    click.echo(f"wrote {out} ({layout} layout): timm.create_model('local-dir:{out}', pretrained=True)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,8 +152,9 @@ def _timm():
 
 def load_timm(path: Path) -> VisionTransformer:
     """The encoder in a `mapet export` folder, or in a safetensors file with timm ViT key names (its
-    model.safetensors, or a timm ViT's state dict). Geometry comes from the tensor shapes (width, patch size, grid, depth, MLP ratio); the head
-    count from the `timm_args` metadata, else width / 64 (every ViT-T/S/B/L/H). A model without LayerScale
+    model.safetensors, or a timm ViT's state dict). Geometry comes from the tensor shapes (width, patch size,
+    grid, depth, MLP ratio); the head count from the `timm_args` metadata, else width / 64 (every
+    ViT-T/S/B/L/H). A model without LayerScale
     gets gammas of one (the same function), one without q/k/v biases gets zero biases. The classifier
     (`head.*`) is dropped; any other key timm's plain ViT does not have (register tokens, a pooling norm, a
     relative position bias) is refused, rather than silently left out."""
@@ -167,6 +168,13 @@ def load_timm(path: Path) -> VisionTransformer:
         raise StoreError(
             f"{path}: not a readable safetensors file ({e}); pass a 'mapet export' output"
         ) from e
+    return vit_from_timm(s, json.loads(meta.get("timm_args", "{}")), path)
+
+
+def vit_from_timm(s: dict[str, torch.Tensor], args: dict, path: Path) -> VisionTransformer:
+    """Our encoder from a state dict under timm's ViT names (load_timm); args: timm arguments known (the head
+    count); path: the file, for errors."""
+    s = dict(s)
     need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight")
     if missing := [k for k in need if k not in s]:
         raise StoreError(
@@ -178,7 +186,6 @@ def load_timm(path: Path) -> VisionTransformer:
             f"{path}: keys a plain timm ViT does not have: {', '.join(extra[:4])}{' ...' * (len(extra) > 4)}; "
             "not supported"
         )
-    args = json.loads(meta.get("timm_args", "{}"))
     D, p = s["cls_token"].shape[-1], s["patch_embed.proj.weight"].shape[-1]
     n = s["pos_embed"].shape[1] - 1
     G, depth = math.isqrt(n), 1 + max(int(k.split(".")[1]) for k in s if k.startswith("blocks."))

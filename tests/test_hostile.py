@@ -115,6 +115,7 @@ def test_damaged_files_are_one_line(world, tmp_path, capsys, content):
         ),
         (mapet_main, ["validate", "--checkpoint", str(bad), "--val", world["photos"]]),
         (mapet_main, ["export", str(bad), str(tmp_path / "e")]),
+        (mapet_main, ["import-official", str(bad), str(tmp_path / "imported")]),
         (tokenkit_main, ["inspect", str(bad_st)]),
         (tokenkit_main, ["encode", str(bad_st), f"{world['photos']}/even/astronaut.jpg"]),
         (tokenkit_main, ["tokenize", world["photos"], str(bad_st), str(tmp_path / "t")]),
