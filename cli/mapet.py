@@ -126,7 +126,13 @@ def cli():
 
 
 @cli.command()
-@click.option("--tokens", required=True, type=EXISTING, help="Token store written by 'tokenkit tokenize'.")
+@click.option(
+    "--tokens",
+    required=True,
+    type=str,
+    help="Token store written by 'tokenkit tokenize': a folder, or its URL (mirrored read-only, checked file by "
+    "file against its manifest: docs/pipeline.md).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
 @click.option("--model", type=click.Choice(list(PRESETS)), default=TrainConfig.model, show_default=True)
 @click.option(

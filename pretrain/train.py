@@ -347,7 +347,7 @@ class RunData:
     def verify(self) -> None:
         """Checksums, values, counts, tokenizer: before step 0, each rank its share of the shards; every rank
         refuses on any rank's finding."""
-        problems = verify(self.cfg.tokens, self.part, self.rank, self.world)
+        problems = verify(self.store.root, self.part, self.rank, self.world)
         if self.world > 1:
             found = [None] * self.world
             torch.distributed.all_gather_object(found, problems)
@@ -384,7 +384,7 @@ class RunData:
         )
         if self.wds:
             ds = StreamDataset(
-                cfg.tokens, vit.image_size, cfg.batch_size, self.batches, draws, self.rank, self.world, cfg.seed,
+                self.store.root, vit.image_size, cfg.batch_size, self.batches, draws, self.rank, self.world, cfg.seed,
                 cfg.jitter,
             )  # fmt: skip
             return ds, None

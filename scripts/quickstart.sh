@@ -78,4 +78,6 @@ for ENCODER in random beit mapet; do
 done
 echo "total: $((SECONDS - T0)) s" >> "$RUN/timings.txt"
 python scripts/report.py "$RUN"
+# the same runs on `mapet report`'s general page (any runs: curves, results, verdicts, token maps)
+mapet report "$RUN"/pretrain-{mapet,beit} "$RUN"/finetune-{random,beit,mapet} --out "$RUN/runs" >/dev/null
 echo "[quickstart] done in $((SECONDS - T0)) s: report $RUN/report.md"

@@ -54,6 +54,8 @@ def test_quickstart_on_a_tiny_slice(tmp_path):
         assert re.search(rf"^\| {obj} \| \d+\.\d+ \| \d+\.\d% \|$", report, re.M), report
     for png in ("pretrain_curves.png", "codebook_usage.png", "token_maps.png"):
         assert (run / png).stat().st_size > 1000
+    runs_page = (run / "runs" / "report.md").read_text()  # `mapet report` of the same runs
+    assert "| pretrain-mapet |" in runs_page and "| finetune-mapet | `result.json` |" in runs_page
     assert "done in" in out
     # re-running reuses every stage
     r = subprocess.run(

@@ -4,6 +4,7 @@ the store the same local files give; a URL that cannot be fetched is one line, a
 import functools
 import http.server
 import io
+import json
 import threading
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import zarr
 from PIL import Image
 
+from cli.mapet import main as mapet_main
 from cli.tokenkit import main
 from tests.tars import make_tar
 from tokenkit.remote import cache_dir
@@ -75,3 +77,49 @@ def test_a_url_that_cannot_be_fetched_is_one_line(shards, tmp_path, codebook_pat
         err = capsys.readouterr().err
         assert f"{images}: could not be fetched" in err and len(err.strip().splitlines()) == 1, err
     assert not cache_dir().exists() or not any(cache_dir().iterdir())  # no partial shard kept
+
+
+def test_training_reads_a_token_store_from_its_url(tmp_path, photos, codebook_path, monkeypatch, capsys):
+    """`mapet pretrain --tokens http://...`: the store is mirrored, each file checked against its manifest,
+    and the run equals the one on the local folder; a file changed on the server is refused in one line."""
+    from tests.runs import training_store
+
+    monkeypatch.setenv("TOKENKIT_SHARD_CACHE", str(tmp_path / "cache"))
+    store = training_store(tmp_path / "served" / "tokens", photos, codebook_path)
+    handler = functools.partial(QuietHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tokens"
+    small = ["--model", "mapet_micro", "--image-size", "64", "--batch-size", "4", "--epochs", "1", "--lr", "1e-3",
+             "--warmup-epochs", "0.5", "--workers", "0", "--log-every", "1", "--quiet"]  # fmt: skip
+    try:
+        for name, tokens in (("local", str(store)), ("remote", url)):
+            assert mapet_main(["pretrain", "--tokens", tokens, "--out", str(tmp_path / name), *small]) == 0
+        lines = [(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in ("local", "remote")]
+        assert [json.loads(x)["loss"] for x in lines[0]] == [json.loads(x)["loss"] for x in lines[1]]
+        chunk = next((store / "tokens" / "c").rglob("*"))
+        while chunk.is_dir():
+            chunk = next(chunk.iterdir())
+        chunk.write_bytes(chunk.read_bytes()[::-1])  # the server's copy changes; a new machine mirrors it
+        monkeypatch.setenv("TOKENKIT_SHARD_CACHE", str(tmp_path / "cache2"))
+        assert mapet_main(["pretrain", "--tokens", url, "--out", str(tmp_path / "again"), *small]) == 2
+        err = capsys.readouterr().err
+        assert "its sha256 is not the manifest's" in err and len(err.strip().splitlines()) == 1
+    finally:
+        server.shutdown()
+
+
+def test_other_schemes_are_read_through_fsspec(shards, tmp_path, codebook_path):
+    """A scheme webdataset has no opener for goes through fsspec: here its in-memory filesystem, standing in
+    for s3:// or gs:// (whose packages this machine has no service for)."""
+    fsspec = pytest.importorskip("fsspec")
+    root, _ = shards
+    fs = fsspec.filesystem("memory")
+    for s in range(2):
+        fs.pipe(f"/shards/shard-{s:06d}.tar", (root / f"shard-{s:06d}.tar").read_bytes())
+    common = [str(codebook_path), "--views", "2", "--workers", "0", "--quiet"]
+    for name, images in (("local", str(root / "shard-{000000..000001}.tar")),
+                         ("memory", "memory://shards/shard-{000000..000001}.tar")):  # fmt: skip
+        assert main(["tokenize", images, common[0], str(tmp_path / name), *common[1:]]) == 0
+    for k, v in arrays(tmp_path / "local").items():
+        assert np.array_equal(arrays(tmp_path / "memory")[k], v), k

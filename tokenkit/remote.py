@@ -5,12 +5,15 @@ installed, any scheme fsspec knows (`s3://`, `gs://`, ...). Every tool here read
 offset in its tar (the index a token store keeps, the images the trainer re-renders), which a stream cannot
 give, so each shard is fetched once into a local shard cache and read from there: TOKENKIT_SHARD_CACHE, by
 default ~/.cache/tokenkit/shards, a file per URL named by the URL's sha256. A fetch is written beside its
-place and renamed into it, so the cache holds whole shards only.
+place and renamed into it, so the cache holds whole shards only. A token store given as a URL (`mapet
+pretrain --tokens https://...`) is mirrored the same way, file by file, each file checked against the sha256
+its manifest records.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -19,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tokenkit.errors import SourceError
+from tokenkit.journal import sha256_file
 
 URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
 
@@ -59,8 +63,13 @@ def open_url(url: str):
 def fetch(url: str) -> Path:
     """The local copy of the shard at `url`, fetched unless the cache holds it."""
     dest = cached_path(url)
-    if dest.is_file():
-        return dest
+    if not dest.is_file():
+        download(url, dest)
+    return dest
+
+
+def download(url: str, dest: Path) -> None:
+    """The bytes at `url` into `dest`, written beside it and renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
@@ -80,10 +89,50 @@ def fetch(url: str) -> Path:
         raise SourceError(f"{url}: could not be fetched ({why}); check the URL") from e
     finally:
         tmp.unlink(missing_ok=True)
-    return dest
+
+
+def mirror_store(url: str, progress: bool = True) -> Path:  # progress: a bar on a terminal
+    """A token or features store at a URL (http(s)://, or a scheme fsspec knows), mirrored read-only into the
+    cache (TOKENKIT_SHARD_CACHE/stores): its manifest, then every file the manifest checksums, each checked
+    against its sha256 as it arrives; files already mirrored with the right checksum are kept."""
+    base = url.rstrip("/")
+    local = cache_dir() / "stores" / cached_path(base).name
+    download(base + "/manifest.json", local / "manifest.json")  # the remote's current manifest, every time
+    try:
+        m = json.loads((local / "manifest.json").read_text())
+        files = dict(m.get("metadata", {}))
+        files |= {rel: sha for shard in m["shards"] for rel, sha in shard["sha256"].items() if sha}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SourceError(f"{base}/manifest.json: not a tokenkit store's manifest ({e})") from e
+    if "tokenizer" in m:
+        files.setdefault("tokenizer.safetensors", None)  # checked by its id when the store opens
+    bar = tqdm(
+        sorted(files.items()),
+        desc="mirror store",
+        unit="file",
+        disable=None if progress else True,
+        leave=False,
+    )
+    for rel, sha in bar:
+        dest = local / rel
+        if dest.is_file() and (sha is None or sha256_file(dest) == sha):
+            continue
+        download(f"{base}/{rel}", dest)
+        if sha is not None and sha256_file(dest) != sha:
+            dest.unlink()
+            raise SourceError(
+                f"{base}/{rel}: its sha256 is not the manifest's; the remote store is damaged or changed"
+            )
+    return local
 
 
 def fetch_all(urls: list[str], progress: bool = True) -> list[str]:
     """Local copies of every shard, in order."""
-    bar = tqdm(urls, desc="fetch shards", unit="shard", disable=not progress or len(urls) < 2, leave=False)
+    bar = tqdm(
+        urls,
+        desc="fetch shards",
+        unit="shard",
+        disable=None if progress and len(urls) > 1 else True,
+        leave=False,
+    )
     return [str(fetch(u)) for u in bar]

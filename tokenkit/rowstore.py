@@ -20,6 +20,7 @@ from zarr.codecs import ZstdCodec
 
 from tokenkit.errors import StoreError
 from tokenkit.journal import check_format_version, read_json, sha256_file
+from tokenkit.remote import is_url, mirror_store
 
 CHUNK_ROWS = 64  # rows per inner chunk: the unit a random read decodes
 STATUS_OK, STATUS_SKIPPED = 0, 1
@@ -97,8 +98,9 @@ class RowStore:
             self.group = zarr.open_group(str(self.root), mode="r")
 
     @classmethod
-    def open(cls, root: Path):
-        root = Path(root)
+    def open(cls, root: Path | str):
+        """The store at `root`: a folder, or a URL mirrored read-only first (tokenkit.remote.mirror_store)."""
+        root = mirror_store(root) if isinstance(root, str) and is_url(root) else Path(root)
         mpath = root / "manifest.json"
         if not mpath.exists():
             if (root / "_job.json").exists():
