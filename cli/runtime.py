@@ -143,11 +143,12 @@ def learning_rate(ctx: click.Context, kw: dict, world: int, lr_batch: int) -> li
     print once the settings are checked: the default lr meeting a global batch other than the `lr_batch` it
     was tuned for, warmup not shorter than the run."""
     batch = kw["batch_size"] * kw["accum_steps"] * world
-    given = ctx.get_parameter_source("lr") in (ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP)
+    source = ctx.get_parameter_source("lr")
+    given = source in (ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP)
     blr, warnings = kw.pop("blr"), []
-    if blr is not None:
+    if blr is not None:  # --blr wins over an lr from a --config file, not over an --lr flag
         require((("--blr", blr, 1e-12 <= blr <= 10, "in [1e-12, 10]"),))
-        if given:
+        if source == ParameterSource.COMMANDLINE:
             raise ConfigError("--blr with --lr: pass one of them")
         kw["lr"] = blr * batch / 256
     elif not given and batch != lr_batch:
@@ -197,9 +198,11 @@ def config_option(config_cls):
 
 def _as_option(value, param: click.Parameter):
     """A config file's value as its option takes it: a list for a one-value option (a recorded --log-to) is
-    its comma-separated spelling."""
+    its comma-separated spelling; a device cuda:N is auto (each rank's own GPU)."""
     if isinstance(value, list) and param.nargs == 1 and not getattr(param, "multiple", False):
         return ",".join(str(v) for v in value)
+    if param.name == "device" and str(value).startswith("cuda:"):
+        return "auto"  # a run's config.json records rank 0's GPU; each rank of a new launch takes its own
     return value
 
 

@@ -43,14 +43,19 @@ def save_checkpoint(run: Path, ckpt: dict, keep: int = 2, kind: str = KIND) -> P
     torch.save({"format_version": FORMAT_VERSION, "kind": kind, **ckpt}, buf)
     path = run / f"ckpt-{ckpt['step']:08d}.pt"
     atomic_write_bytes(path, buf.getvalue())
-    tmp = run / f".last.pt.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.link(path, tmp)
-    os.replace(tmp, run / "last.pt")  # last.pt moves to the new checkpoint in one rename
-    fsync_dir(run)
+    point_last(run, path)
     for old in sorted(run.glob("ckpt-*.pt"))[:-keep]:
         old.unlink()
     return path
+
+
+def point_last(run: Path, path: Path) -> None:
+    """RUN/last.pt becomes (a hard link to) the checkpoint `path` in one rename."""
+    tmp = run / f".last.pt.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.link(path, tmp)
+    os.replace(tmp, run / "last.pt")
+    fsync_dir(run)
 
 
 def load_checkpoint(path: Path, map_location="cpu", kind: str | tuple[str, ...] = KIND) -> dict:

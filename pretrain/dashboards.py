@@ -10,6 +10,7 @@ Both are optional dependencies: `pip install tensorboard` / `pip install wandb`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from pathlib import Path
@@ -28,8 +29,12 @@ def parse_log_to(value: str | None) -> tuple[str, ...]:
 
 
 def check_dashboards(names) -> None:
+    """Each name a dashboard, its package installed: checked with the settings, before any work."""
     if bad := [n for n in names if n not in DASHBOARDS]:
         raise ConfigError(f"--log-to {bad[0]}: not one of {', '.join(DASHBOARDS)} (comma-separated)")
+    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if name in names and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--log-to {name}: install it first, pip install {module}")
 
 
 class Dashboards:
@@ -51,8 +56,14 @@ class Dashboards:
             except ImportError as e:
                 raise ConfigError("--log-to wandb: install it first, pip install wandb") from e
             project = os.environ.get("WANDB_PROJECT", "mapet")
-            self.wb = wandb.init(project=project, name=run.name, id=wandb_id(run), resume="allow", dir=str(run),
-                                 config=config)  # fmt: skip
+            try:
+                self.wb = wandb.init(project=project, name=run.name, id=wandb_id(run), resume="allow",
+                                     dir=str(run), config=config)  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - wandb raises its own kinds (no API key, no network, ...)
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise ConfigError(
+                    f"--log-to wandb: W&B did not start ({why}); log in, or set WANDB_MODE=offline"
+                ) from e
 
     def log(self, record: dict, step: int, prefix: str) -> None:
         """The record's numbers, as PREFIX/NAME at `step` (the step and epoch themselves are the x axis)."""

@@ -7,7 +7,7 @@ names; our separate q and kv linears become timm's fused qkv), `config.json` (th
 mean, std, crop_pct, interpolation) and a `README.md` model card. An encoder becomes timm's ViT with no
 head, average pooling of the final-normed patch tokens (the features k-NN and the linear probe judge); a
 fine-tuned classifier (`mapet finetune`'s OUT/last.pt) becomes the same ViT with fc_norm and its head,
-logits and all. `load_timm` reads such a folder back, or the state dict of any plain timm ViT with a class
+logits and all. `load_timm` reads an encoder folder back, or the state dict of any plain timm ViT with a class
 token (MAE's, DeiT's, an AugReg ViT's, saved as safetensors), so that k-NN, the linear probe and fine-tuning
 judge encoders from other codebases by the same protocol.
 """
@@ -32,6 +32,7 @@ from tokenkit.errors import ConfigError, StoreError
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"  # an exported folder's files
 TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}  # timm's names by width
+HEADS = {1280: 16}  # widths whose ViTs do not have 64-wide heads (ViT-H/14: 16 of 80)
 # per block: the layers whose weight and bias carry over unchanged (the same names as timm's)
 _SAME = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2")
 # every key of timm's plain VisionTransformer (class token, learned positions, no pooling norm); head.* is dropped
@@ -39,6 +40,12 @@ _TIMM_KEY = re.compile(
     r"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|head\..*"
     r"|blocks\.\d+\.((norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)|ls[12]\.gamma)"
 )
+
+
+def _shape(s: dict, key: str, path: Path) -> tuple:
+    if key not in s:
+        raise StoreError(f"{path}: no {key}; not a complete timm ViT state dict")
+    return tuple(s[key].shape)
 
 
 def _split(model: nn.Module) -> tuple[VisionTransformer, nn.Module | None]:
@@ -153,8 +160,8 @@ def _timm():
 def load_timm(path: Path) -> VisionTransformer:
     """The encoder in a `mapet export` folder, or in a safetensors file with timm ViT key names (its
     model.safetensors, or a timm ViT's state dict). Geometry comes from the tensor shapes (width, patch size,
-    grid, depth, MLP ratio); the head count from the `timm_args` metadata, else width / 64 (every
-    ViT-T/S/B/L/H). A model without LayerScale
+    grid, depth, MLP ratio); the head count from the `timm_args` metadata, else width / 64 (ViT-T/S/B/L;
+    16 for ViT-H's 1280). A model without LayerScale
     gets gammas of one (the same function), one without q/k/v biases gets zero biases. The classifier
     (`head.*`) is dropped; any other key timm's plain ViT does not have (register tokens, a pooling norm, a
     relative position bias) is refused, rather than silently left out."""
@@ -196,8 +203,8 @@ def vit_from_timm(s: dict[str, torch.Tensor], args: dict, path: Path) -> VisionT
         patch_size=p,
         dim=D,
         depth=depth,
-        heads=args.get("num_heads", max(1, D // 64)),
-        mlp_ratio=s["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        heads=args.get("num_heads", HEADS.get(D, max(1, D // 64))),
+        mlp_ratio=_shape(s, "blocks.0.mlp.fc1.weight", path)[0] / D,
         layer_scale=1.0,
         drop_path=0.0,
     )

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pretrain.evaluate import default_crop_pct
@@ -43,6 +44,7 @@ RULES = {
     "mae": [(r"^(decoder_.*|mask_token)$", "")],
     "timm": [],
 }
+CROP_PCT = {"mapet": 0.9}  # the evaluation crop a layout's own code validates with (MaPeT's timm config)
 CONTAINERS = ("state_dict_ema", "state_dict", "model", "module")  # where codebases keep the weights, in order
 
 
@@ -88,9 +90,9 @@ def to_timm(state: dict, layout: str, path: Path) -> dict[str, torch.Tensor]:
         if key:
             out[key] = value
     if layout == "mapet":
-        _fuse_q_kv(out)
+        _paired(_fuse_q_kv, out, path)
     if layout == "beit":
-        _beit_biases(out)
+        _paired(_beit_biases, out, path)
     return out
 
 
@@ -111,17 +113,25 @@ def _beit_biases(s: dict) -> None:
         s[b + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
 
 
-def classifier_from_timm(s: dict[str, torch.Tensor], path: Path) -> Classifier:
-    """Our classifier (average pooling, fc_norm, head) from a timm-named classifier state dict."""
+def _paired(fix, s: dict, path: Path) -> None:
+    try:
+        fix(s)
+    except KeyError as e:
+        raise StoreError(f"{path}: has no {e.args[0]} beside its pair; not a complete checkpoint") from e
+
+
+def classifier_from_timm(s: dict[str, torch.Tensor], path: Path, args: dict | None = None) -> Classifier:
+    """Our classifier (average pooling, fc_norm, head) from a timm-named classifier state dict; args: timm
+    arguments known (the head count)."""
     enc = {k: v for k, v in s.items() if not k.startswith(("fc_norm.", "head."))}
-    D = s["cls_token"].shape[-1]
-    enc["norm.weight"], enc["norm.bias"] = (
-        torch.ones(D),
-        torch.zeros(D),
-    )  # the classifier drops the final norm
-    net = Classifier(vit_from_timm(enc, {}, path), s["head.weight"].shape[0])
-    net.fc_norm.load_state_dict({"weight": s["fc_norm.weight"], "bias": s["fc_norm.bias"]})
-    net.head.load_state_dict({"weight": s["head.weight"], "bias": s["head.bias"]})
+    try:
+        D = s["cls_token"].shape[-1]
+        enc["norm.weight"], enc["norm.bias"] = torch.ones(D), torch.zeros(D)  # the classifier drops it
+        net = Classifier(vit_from_timm(enc, args or {}, path), s["head.weight"].shape[0])
+        net.fc_norm.load_state_dict({"weight": s["fc_norm.weight"], "bias": s["fc_norm.bias"]})
+        net.head.load_state_dict({"weight": s["head.weight"], "bias": s["head.bias"]})
+    except (KeyError, RuntimeError) as e:
+        raise StoreError(f"{path}: not a complete classifier ({str(e).splitlines()[0][:120]})") from e
     return net.eval()
 
 
@@ -144,7 +154,7 @@ def import_official(path: Path, out: Path, layout: str | None = None) -> tuple[P
     size = model.encoder.cfg.image_size if isinstance(model, Classifier) else model.cfg.image_size
     card = (f"# {Path(out).name}\n\n{what}, imported by `mapet import-official` from `{path}` ({layout} layout: "
             "its key names mapped onto timm's ViT).\n")  # fmt: skip
-    return export(model, out, card, default_crop_pct(size)), layout
+    return export(model, out, card, CROP_PCT.get(layout) or default_crop_pct(size)), layout
 
 
 def classifier_checkpoint(folder: Path) -> dict:
@@ -154,10 +164,10 @@ def classifier_checkpoint(folder: Path) -> dict:
     try:
         s = load_file(str(folder / WEIGHTS))
         cfg = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise StoreError(f"{folder}: not a readable model folder ({e}); pass a 'mapet export' folder") from e
     if not is_classifier(s):
         raise StoreError(f"{folder}: holds an encoder, not a classifier; validate a fine-tuned model")
-    net = classifier_from_timm(s, folder)
+    net = classifier_from_timm(s, folder, cfg.get("model_args") if isinstance(cfg, dict) else None)
     return {"vit": asdict(net.encoder.cfg), "num_classes": net.head.out_features,
-            "classes": cfg.get("label_names", []), "model": net.state_dict()}  # fmt: skip
+            "classes": cfg.get("label_names") or [], "model": net.state_dict()}  # fmt: skip

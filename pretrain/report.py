@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pretrain.evaluate import mcnemar
-from tokenkit.errors import ConfigError, StoreError
+from tokenkit.errors import ConfigError, ImageError, SourceError, StoreError
 from tokenkit.journal import atomic_write_bytes
 from tokenkit.render import token_overlay
 from tokenkit.store import TokenStore
@@ -39,10 +39,16 @@ def _plt():
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl ([] when there is none)."""
+    """The records of a metrics.jsonl ([] when there is none; a line a running run is writing is left out)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def frequency_baseline(usage: dict) -> tuple[float, float]:
@@ -253,7 +259,11 @@ def _tokenizers(stores: dict[str, TokenStore], out: Path) -> list[str]:
     lines = []
     for i, (path, store) in enumerate(stores.items()):
         st = usage_plot(store, out / f"codebook_usage_{i}.png")
-        token_grid(store, out / f"token_maps_{i}.png")
+        try:
+            token_grid(store, out / f"token_maps_{i}.png")
+            maps = f"![token maps](token_maps_{i}.png)"
+        except (StoreError, SourceError, ImageError) as e:  # the images moved since: the rest still reports
+            maps = f"(no token maps: {e})"
         lines += [
             f"## Token store `{path}`",
             "",
@@ -263,7 +273,7 @@ def _tokenizers(stores: dict[str, TokenStore], out: Path) -> list[str]:
             "",
             f"![usage](codebook_usage_{i}.png)",
             "",
-            f"![token maps](token_maps_{i}.png)",
+            maps,
             "",
         ]
     return lines

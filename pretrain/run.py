@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pretrain.checkpoint import FINETUNE_KIND, load_checkpoint, save_checkpoint
+from pretrain.checkpoint import FINETUNE_KIND, load_checkpoint, point_last, save_checkpoint
 from tokenkit.device import autocast, pick_device, resolve_precision
 from tokenkit.errors import MAX_BATCH, MAX_WORKERS, ConfigError, seed_check
 from tokenkit.stopsignal import Stopped, StopSignal
@@ -97,6 +97,7 @@ class Run:
         self.rank, self.world, barrier = dist
         self.barrier = barrier or (torch.distributed.barrier if self.world > 1 else lambda: None)
         self.progress = progress and self.rank == 0
+        self.resume_from = resume if isinstance(resume, Path) else None
         self.ckpt = self._resumable(resume, free)
         self.device = pick_device(cfg.device)
         self.precision = resolve_precision(self.device, cfg.precision)
@@ -109,6 +110,11 @@ class Run:
         when settings that change the numbers differ."""
         last = self.out / "last.pt"
         if isinstance(resume, Path):
+            if last.exists() and resume.resolve().parent != self.out.resolve():
+                raise ConfigError(
+                    f"--resume {resume}: {self.out} holds another run; resume one of its own checkpoints or "
+                    "choose another --out"
+                )
             last = resume
         elif not last.exists():
             return None
@@ -142,6 +148,8 @@ class Run:
         if self.rank == 0:
             for tmp in self.out.glob(".*.tmp-*"):
                 tmp.unlink()
+            if self.resume_from is not None and self.resume_from.resolve().parent == self.out.resolve():
+                point_last(self.out, self.resume_from)  # a run killed before its next save resumes from here
 
     def autocast(self):
         return autocast(self.device, self.precision)

@@ -42,6 +42,7 @@ from pretrain.run import Run, compile_checks, loop_checks
 from pretrain.vit import PRESETS, ViTConfig, size_checks
 from tokenkit.errors import ConfigError, DivergedError, StoreError, require
 from tokenkit.journal import atomic_write_bytes
+from tokenkit.remote import is_url
 from tokenkit.stopsignal import StopSignal, ignore_sigterm, worker_batches
 from tokenkit.store import TokenStore, verify
 
@@ -249,6 +250,7 @@ def pretrain(
             (loss, acc), stopping = run.agree([loss_sum, acc_sum], stop)
             loss, acc = loss / (cfg.accum_steps * world), acc / (cfg.accum_steps * world)
             if not math.isfinite(loss):  # checked before any checkpoint could keep the weights
+                log.close()
                 raise DivergedError(
                     f"step {step}: loss is {loss}; {run.out}/last.pt, the last checkpoint, holds the weights "
                     "from before; start again with a lower --lr (another --out), or check the store"
@@ -306,7 +308,12 @@ class RunData:
 
     def __init__(self, cfg: TrainConfig, run: Run):
         self.cfg, self.rank, self.world = cfg, run.rank, run.world
+        remote = is_url(cfg.tokens)
+        if remote and run.rank != 0:
+            run.barrier()  # rank 0 mirrors a store given as a URL first; the others then find it mirrored
         self.store = store = TokenStore.open(cfg.tokens)
+        if remote and run.rank == 0:
+            run.barrier()
         if cfg.data == "zarr" and not store.has_zarr:
             raise ConfigError(
                 f"--data zarr: {cfg.tokens} holds only webdataset shards; pass --data wds (or auto) or tokenize "

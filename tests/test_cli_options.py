@@ -140,6 +140,12 @@ def test_resume_from_an_earlier_checkpoint_goes_back_to_its_step(store, tmp_path
     ]  # cut back, then on
     for k, v in first["model"].items():
         assert torch.equal(again["model"][k], v), k  # keyed draws: the same steps again
+    other = tmp_path / "other"  # another run's checkpoint is not resumed into this run's folder
+    rc, err = pretrain(
+        capsys, "pretrain", "--tokens", store, "--out", other, *SMALL, "--lr", "1e-3", "--max-steps", 1
+    )
+    rc, err = pretrain(capsys, *argv, "--resume", other / "last.pt")
+    assert rc == 2 and "holds another run" in err
     rc, err = pretrain(capsys, *argv, "--resume", tmp_path / "nothing.pt")
     assert rc == 2 and "--resume" in err and "pass auto, no or a checkpoint file" in err
 

@@ -204,7 +204,8 @@ def test_an_error_in_a_loader_worker_ends_the_process(tmp_path, photos, codebook
     last = store.read([len(store) - 1])["locators"][0]  # not the first image: a worker meets it
     Image.open(src / last).save(src / last, "JPEG", quality=50)
     args = ["pretrain", "--tokens", str(tokens), "--out", str(tmp_path / "run"), "--model", "mapet_micro",
-            "--image-size", "64", "--batch-size", "2", "--epochs", "1", "--workers", "2", "--quiet"]  # fmt: skip
+            "--image-size", "64", "--batch-size", "2", "--epochs", "1", "--lr", "1e-3", "--warmup-epochs", "0.5",
+            "--workers", "2", "--quiet"]  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "cli.mapet", *args], capture_output=True, timeout=120)
     err = r.stderr.decode().strip()
     assert r.returncode == 2 and f"'{last}' changed since it was tokenized" in err, err[-2000:]

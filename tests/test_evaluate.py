@@ -102,6 +102,20 @@ def test_cli_knn_linprobe_finetune_on_separable_images(tmp_path, capsys):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ref(x), ours(x), rtol=1e-5, atol=1e-5)
+    answers = []  # mapet validate gives the folder the checkpoint's answers (4 heads of 32: read, not guessed)
+    for name, ck in (("pt", ft / "last.pt"), ("folder", tmp_path / "ft-timm")):
+        val = [
+            "--val",
+            str(data / "val"),
+            "--workers",
+            "0",
+            "--quiet",
+            "--result",
+            str(tmp_path / f"v-{name}.json"),
+        ]
+        assert main(["validate", "--checkpoint", str(ck), *val]) == 0
+        answers.append(json.loads((tmp_path / f"v-{name}.json").read_text())["predictions"])
+    assert answers[0] == answers[1]
 
 
 def _as_tar_shards(folder, out, shards=2):

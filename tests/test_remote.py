@@ -123,3 +123,25 @@ def test_other_schemes_are_read_through_fsspec(shards, tmp_path, codebook_path):
         assert main(["tokenize", images, common[0], str(tmp_path / name), *common[1:]]) == 0
     for k, v in arrays(tmp_path / "local").items():
         assert np.array_equal(arrays(tmp_path / "memory")[k], v), k
+
+
+def test_a_store_manifest_naming_files_outside_the_store_is_refused(tmp_path, monkeypatch):
+    """A served manifest is data from elsewhere: a file name that climbs out of the mirror is refused."""
+    from tokenkit.errors import SourceError
+    from tokenkit.store import TokenStore
+
+    monkeypatch.setenv("TOKENKIT_SHARD_CACHE", str(tmp_path / "cache"))
+    served = tmp_path / "served" / "evil"
+    served.mkdir(parents=True)
+    (served / "manifest.json").write_text(json.dumps({"metadata": {"../../outside": "0" * 64}, "shards": []}))
+    handler = functools.partial(QuietHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SourceError, match="lists a file outside the store"):
+            TokenStore.open(f"http://127.0.0.1:{server.server_address[1]}/evil")
+        with pytest.raises(SourceError, match="a store is read file by file"):
+            TokenStore.open(f"pipe:cat {served}")
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "outside").exists()

@@ -25,6 +25,7 @@ from tokenkit.errors import SourceError
 from tokenkit.journal import sha256_file
 
 URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")  # a store's relative file names
 
 
 def is_url(spec: str) -> bool:
@@ -93,19 +94,27 @@ def download(url: str, dest: Path) -> None:
 
 def mirror_store(url: str, progress: bool = True) -> Path:  # progress: a bar on a terminal
     """A token or features store at a URL (http(s)://, or a scheme fsspec knows), mirrored read-only into the
-    cache (TOKENKIT_SHARD_CACHE/stores): its manifest, then every file the manifest checksums, each checked
-    against its sha256 as it arrives; files already mirrored with the right checksum are kept."""
+    cache (TOKENKIT_SHARD_CACHE/stores, a folder per URL and manifest: a store that changed on its server is
+    mirrored afresh, never over files a run may be reading): its manifest, then every file the manifest
+    checksums, each checked against its sha256 as it arrives; files already mirrored are kept."""
+    if url.startswith("pipe:"):
+        raise SourceError(f"{url}: a store is read file by file; pass its http(s):// or fsspec URL")
     base = url.rstrip("/")
-    local = cache_dir() / "stores" / cached_path(base).name
-    download(base + "/manifest.json", local / "manifest.json")  # the remote's current manifest, every time
+    staged = cache_dir() / "stores" / f".{cached_path(base).name}.manifest-{os.getpid()}"
+    download(base + "/manifest.json", staged)  # the remote's current manifest, every time
+    local = cache_dir() / "stores" / f"{cached_path(base).name}-{sha256_file(staged)[:12]}"
+    local.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, local / "manifest.json")
     try:
         m = json.loads((local / "manifest.json").read_text())
         files = dict(m.get("metadata", {}))
         files |= {rel: sha for shard in m["shards"] for rel, sha in shard["sha256"].items() if sha}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SourceError(f"{base}/manifest.json: not a tokenkit store's manifest ({e})") from e
+    if bad := [rel for rel in files if not SAFE_NAME.fullmatch(rel) or ".." in rel.split("/")]:
+        raise SourceError(f"{base}/manifest.json: lists a file outside the store ({bad[0][:80]}); refused")
     if "tokenizer" in m:
-        files.setdefault("tokenizer.safetensors", None)  # checked by its id when the store opens
+        files.setdefault("tokenizer.safetensors", None)  # no checksum of its own: fetched each time
     bar = tqdm(
         sorted(files.items()),
         desc="mirror store",
@@ -115,7 +124,7 @@ def mirror_store(url: str, progress: bool = True) -> Path:  # progress: a bar on
     )
     for rel, sha in bar:
         dest = local / rel
-        if dest.is_file() and (sha is None or sha256_file(dest) == sha):
+        if sha is not None and dest.is_file() and sha256_file(dest) == sha:
             continue
         download(f"{base}/{rel}", dest)
         if sha is not None and sha256_file(dest) != sha:
