@@ -550,7 +550,8 @@ def export(checkpoint, out):
     """Write CHECKPOINT as the folder OUT that timm loads, timm.create_model("local-dir:OUT",
     pretrained=True): model.safetensors (timm ViT key names), config.json (architecture, model_args,
     pretrained_cfg) and a README.md model card. A pre-training run's encoder (no head, average pooling) or a
-    fine-tuned classifier (fc_norm and its head). knn, linprobe and finetune read an encoder folder, validate a classifier folder."""
+    fine-tuned classifier (fc_norm and its head). knn, linprobe and finetune read an encoder folder, validate
+    a classifier folder."""
     ckpt = load_checkpoint(checkpoint, kind=(KIND, FINETUNE_KIND))
     size = ckpt["vit"]["image_size"]
     if ckpt["kind"] == KIND:

@@ -18,6 +18,7 @@ from click.core import ParameterSource
 
 from tokenkit.device import pick_device
 from tokenkit.errors import ConfigError, TokenkitError, require
+from tokenkit.remote import use_cache_dir
 from tokenkit.stopsignal import Stopped
 
 
@@ -56,6 +57,7 @@ def init_distributed() -> Dist:
 def run_cli(group: click.Group, prog: str, argv: list[str] | None, resume: str = "--resume") -> int:
     """Run a click group; library errors become `prog: error: ...` on stderr and exit status 2. resume: the
     flag that continues this CLI's jobs, named when a full disk stops one."""
+    use_cache_dir(os.environ.get("TOKENKIT_SHARD_CACHE"))  # where URLs' shards are kept (tokenkit.remote)
     try:
         rv = group.main(args=argv, prog_name=prog, standalone_mode=False)
         return rv if isinstance(rv, int) else 0

@@ -4,14 +4,14 @@ RUN/metrics.jsonl stays the record (a resume truncates it to its checkpoint, `ma
 dashboard receives each record as it is written, on rank 0: TensorBoard event files in RUN/tensorboard (a
 resumed run purges the events past its checkpoint's step, so the curve continues where the run does), and a
 Weights & Biases run whose id is kept in RUN/wandb-id, so that a resume continues the same W&B run (set
-WANDB_MODE=offline to write it locally, WANDB_PROJECT to name the project; W&B drops steps it already holds).
+WANDB_MODE=offline to write it locally, WANDB_PROJECT to name the project, as W&B reads them; W&B drops
+steps it already holds).
 Both are optional dependencies: `pip install tensorboard` / `pip install wandb`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import secrets
 from pathlib import Path
 
@@ -55,9 +55,8 @@ class Dashboards:
                 import wandb
             except ImportError as e:
                 raise ConfigError("--log-to wandb: install it first, pip install wandb") from e
-            project = os.environ.get("WANDB_PROJECT", "mapet")
-            try:
-                self.wb = wandb.init(project=project, name=run.name, id=wandb_id(run), resume="allow",
+            try:  # the project: W&B's own WANDB_PROJECT, else its default
+                self.wb = wandb.init(name=run.name, id=wandb_id(run), resume="allow",
                                      dir=str(run), config=config)  # fmt: skip
             except Exception as e:  # noqa: BLE001 - wandb raises its own kinds (no API key, no network, ...)
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

@@ -130,7 +130,7 @@ def test_a_store_manifest_naming_files_outside_the_store_is_refused(tmp_path, mo
     from tokenkit.errors import SourceError
     from tokenkit.store import TokenStore
 
-    monkeypatch.setenv("TOKENKIT_SHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("tokenkit.remote._CACHE", {"dir": tmp_path / "cache"})
     served = tmp_path / "served" / "evil"
     served.mkdir(parents=True)
     (served / "manifest.json").write_text(json.dumps({"metadata": {"../../outside": "0" * 64}, "shards": []}))

@@ -3,8 +3,8 @@
 `pipe:CMD` (the shard is CMD's output), `http(s)://` (through curl, as webdataset does) and, with fsspec
 installed, any scheme fsspec knows (`s3://`, `gs://`, ...). Every tool here reads a sample's bytes by their
 offset in its tar (the index a token store keeps, the images the trainer re-renders), which a stream cannot
-give, so each shard is fetched once into a local shard cache and read from there: TOKENKIT_SHARD_CACHE, by
-default ~/.cache/tokenkit/shards, a file per URL named by the URL's sha256. A fetch is written beside its
+give, so each shard is fetched once into a local shard cache and read from there (`use_cache_dir`; the CLIs
+pass TOKENKIT_SHARD_CACHE; by default ~/.cache/tokenkit/shards), a file per URL named by the URL's sha256. A fetch is written beside its
 place and renamed into it, so the cache holds whole shards only. A token store given as a URL (`mapet
 pretrain --tokens https://...`) is mirrored the same way, file by file, each file checked against the sha256
 its manifest records.
@@ -32,8 +32,17 @@ def is_url(spec: str) -> bool:
     return bool(URL.match(spec)) and not spec.startswith("file://")
 
 
+_CACHE: dict[str, Path | None] = {"dir": None}
+
+
+def use_cache_dir(path: str | Path | None) -> None:
+    """Keep fetched shards and mirrored stores in `path` (None: the default); the CLIs pass
+    TOKENKIT_SHARD_CACHE."""
+    _CACHE["dir"] = Path(path) if path else None
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("TOKENKIT_SHARD_CACHE") or Path.home() / ".cache" / "tokenkit" / "shards")
+    return _CACHE["dir"] or Path.home() / ".cache" / "tokenkit" / "shards"
 
 
 def cached_path(url: str) -> Path:
