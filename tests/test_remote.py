@@ -5,6 +5,7 @@ import functools
 import http.server
 import io
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -67,7 +68,11 @@ def test_http_and_pipe_shards_give_the_local_files_store(shards, tmp_path, codeb
         for k, v in got["local"].items():
             assert np.array_equal(got[name][k], v), (name, k)
     assert len(list(cache_dir().glob("*-shard-00000?.tar"))) == 4  # http and pipe, two shards each
-    assert main(["verify", str(tmp_path / "http")]) == 0
+    source = json.loads((tmp_path / "http" / "manifest.json").read_text())["source"]
+    assert source["tars"][0] == url + "/shard-000000.tar"  # the store names its shards' URLs...
+    shutil.rmtree(cache_dir())  # ... so another machine, or an emptied cache, fetches them again
+    assert main(["verify", str(tmp_path / "http"), "--sources"]) == 0, capsys.readouterr()
+    assert len(list(cache_dir().glob("*-shard-00000?.tar"))) == 2
 
 
 def test_a_url_that_cannot_be_fetched_is_one_line(shards, tmp_path, codebook_path, capsys):

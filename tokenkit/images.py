@@ -25,7 +25,7 @@ from braceexpand import braceexpand
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tokenkit.errors import ImageError, SourceError
-from tokenkit.remote import fetch_all, is_url
+from tokenkit.remote import fetch, fetch_all, is_url
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
 MAX_CLASSES = 2**20  # a .cls label beyond this is a damaged shard, not a class (label counts are arrays)
@@ -72,7 +72,8 @@ class StrArray(Sequence[str]):
 
 @dataclass(frozen=True)
 class SampleIndex:
-    """The listed samples of a source. `root` is the folder, or `tars` the shard paths (absolute). Keys and
+    """The listed samples of a source. `root` is the folder, or `tars` the shards (absolute paths, or URLs
+    read through the shard cache: tokenkit.remote). Keys and
     locators are StrArrays: shared, not copied, by forked loader workers."""
 
     kind: str  # "folder" | "tars"
@@ -118,7 +119,9 @@ def read_locator(kind: str, root: str, tars: tuple[str, ...] | list[str], locato
     if kind == "folder":
         return (Path(root) / locator).read_bytes()
     t, offset, size = (int(x) for x in locator.split(":")[:3])
-    with open(tars[t], "rb") as f:
+    with open(
+        fetch(tars[t]) if is_url(tars[t]) else tars[t], "rb"
+    ) as f:  # a URL: its cached copy, fetched once
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
@@ -226,9 +229,9 @@ def list_folder(root: Path) -> SampleIndex:
 
 
 def expand_tars(spec: str) -> list[str]:
-    """The local tar paths of a path or brace pattern; URLs (tokenkit.remote) are fetched into the shard cache."""
+    """The tars of a path or brace pattern: absolute local paths, or URLs as given (tokenkit.remote)."""
     if is_url(spec):
-        return fetch_all(list(braceexpand(spec)))
+        return list(braceexpand(spec))
     paths = [str(Path(p).resolve()) for p in braceexpand(spec)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -245,7 +248,9 @@ def list_tars(spec: str) -> SampleIndex:
     """
     tars = expand_tars(spec)
     keys, labels, locators, seen = [], [], [], {}
-    for t, path in enumerate(tars):
+    local = fetch_all(tars) if is_url(spec) else tars  # a URL's shard is read from its cached copy
+    for t, path in enumerate(local):
+        name = tars[t]  # the shard as the user named it, in messages
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         order: list[str] = []
         try:
@@ -253,14 +258,14 @@ def list_tars(spec: str) -> SampleIndex:
                 for m in tf:
                     if not m.isfile():
                         continue
-                    key, ext = member_key(m.name, path)
+                    key, ext = member_key(m.name, name)
                     if not ext:
                         continue
                     if key not in groups:
                         groups[key] = {}
                         order.append(key)
                     if ext in groups[key]:
-                        raise SourceError(f"{path}: duplicate member '{m.name}' (key '{key}'); fix the shard")
+                        raise SourceError(f"{name}: duplicate member '{m.name}' (key '{key}'); fix the shard")
                     groups[key][ext.lower()] = m
                 cls_vals = {}
                 for key in order:
@@ -271,15 +276,15 @@ def list_tars(spec: str) -> SampleIndex:
                             cls_vals[key] = int(raw)
                         except ValueError as e:
                             raise SourceError(
-                                f"{path}: '{m.name}' holds '{raw[:40]}', not an integer label"
+                                f"{name}: '{m.name}' holds '{raw[:40]}', not an integer label"
                             ) from e
                         if not 0 <= cls_vals[key] < MAX_CLASSES:  # labels index arrays: bounded, not negative
                             raise SourceError(
-                                f"{path}: '{m.name}' holds label {raw[:40]}; labels must be in [0, {MAX_CLASSES}), "
+                                f"{name}: '{m.name}' holds label {raw[:40]}; labels must be in [0, {MAX_CLASSES}), "
                                 "fix the shard"
                             )
         except tarfile.TarError as e:
-            raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from e
+            raise SourceError(f"{name}: not a readable tar ({e}); re-create the shard") from e
         for key in order:
             img = next((m for e, m in groups[key].items() if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
             if img is None:
@@ -288,10 +293,10 @@ def list_tars(spec: str) -> SampleIndex:
                 other, where = seen[key.lower()]
                 what = "also appears" if other == key else f"differs only in case from '{other}'"
                 raise SourceError(
-                    f"{path}: key '{key}' {what} in {where}; keys must be unique (also on case-insensitive file "
+                    f"{name}: key '{key}' {what} in {where}; keys must be unique (also on case-insensitive file "
                     "systems): rename one"
                 )
-            seen[key.lower()] = (key, path)
+            seen[key.lower()] = (key, name)
             keys.append(key)
             labels.append(cls_vals.get(key, -1))
             locators.append(f"{t}:{img.offset_data}:{img.size}:{img.name.rsplit('.', 1)[-1].lower()}")

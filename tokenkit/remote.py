@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def fetch(url: str) -> Path:
 def download(url: str, dest: Path) -> None:
     """The bytes at `url` into `dest`, written beside it and renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")  # threads fetch at once
     try:
         with open(tmp, "wb") as out:
             src = open_url(url)
