@@ -36,7 +36,7 @@ for T in pixels clip; do
     stage "$T linprobe $TASK" "$D/eval/linprobe-$TASK.json" mapet linprobe --checkpoint "$D/pretrain-mapet/last.pt" \
       --train "$ELPV/$TASK/train" --val "$ELPV/$TASK/val" --crop-pct 1.0 --workers 2 --result "$D/eval/linprobe-$TASK.json" --quiet
   done
-  stage "$T finetune" "$D/eval/finetune-type.json" bash -c "mapet finetune --checkpoint '$D/pretrain-mapet/last.pt' \
+  stage "$T finetune" "$D/eval/finetune-type.json" bash -c "mapet finetune --lr 1e-3 --checkpoint '$D/pretrain-mapet/last.pt' \
     --train '$ELPV/type/train-10pct' --val '$ELPV/type/val' --out '$D/finetune' --epochs $FT_EPOCHS \
     --warmup-epochs 2 --batch-size $FT_BATCH --crop-pct 1.0 --workers 2 --resume auto --quiet && \
     mapet validate --checkpoint '$D/finetune/last.pt' --val '$ELPV/type/val' --crop-pct 1.0 --workers 2 \

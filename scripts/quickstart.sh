@@ -64,13 +64,13 @@ for TASK in type defect; do
   done
 done
 # fine-tuning with few labels: random init (scratch), BEiT- and MaPeT-pretrained, one recipe (BEiT's: layer
-# decay 0.65, drop path 0.1, label smoothing 0.1; 2 warmup epochs) on the 10% of the training images whose
+# decay 0.65, drop path 0.1, label smoothing 0.1; lr 1e-3 at batch 16, 2 warmup epochs) on the 10% of the images whose
 # cell type is kept, then `mapet validate` for every val image's answer
 for ENCODER in random beit mapet; do
   CK=random
   [ "$ENCODER" = random ] || CK="$RUN/pretrain-$ENCODER/last.pt"
   OUT="$RUN/eval/finetune-$ENCODER-type.json"
-  stage "finetune $ENCODER type" "$OUT" bash -c "mapet finetune --checkpoint '$CK' --model $MODEL \
+  stage "finetune $ENCODER type" "$OUT" bash -c "mapet finetune --checkpoint '$CK' --model $MODEL --lr 1e-3 \
     --train '$ELPV/type/train-10pct' --val '$ELPV/type/val' --out '$RUN/finetune-$ENCODER' --epochs $FT_EPOCHS \
     --warmup-epochs 2 --batch-size $FT_BATCH --crop-pct 1.0 --workers 2 --resume auto --quiet && \
     mapet validate --checkpoint '$RUN/finetune-$ENCODER/last.pt' --val '$ELPV/type/val' --crop-pct 1.0 \
